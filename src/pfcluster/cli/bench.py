@@ -1,0 +1,40 @@
+"""`pfcluster bench`: measured figures as one JSON object per run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+def write_json(path: str | None, figures: dict[str, object]) -> None:
+    text = json.dumps(figures, indent=2, sort_keys=True)
+    if path:
+        Path(path).write_text(text + "\n")
+    click.echo(text)
+
+
+@click.group()
+def bench() -> None:
+    """Benchmarks that print figures (engine, sync)."""
+
+
+@bench.command("engine")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write figures here")
+@click.option("--quick", is_flag=True, help="smaller sizes (for tests)")
+def bench_engine(json_path: str | None, quick: bool) -> None:
+    """pf engine: fast path, rule evaluation, state inserts, bytes per state."""
+    from pfcluster.bench.engine import run
+
+    write_json(json_path, run(quick=quick))
+
+
+@bench.command("sync")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write figures here")
+@click.option("--quick", is_flag=True, help="smaller sizes (for tests)")
+def bench_sync(json_path: str | None, quick: bool) -> None:
+    """pfsync: codec rates, bulk transfer, split-path overhead v5 vs v4."""
+    from pfcluster.bench.sync import run
+
+    write_json(json_path, run(quick=quick))
