@@ -1,0 +1,669 @@
+"""pf_test: state lookup first, then the ruleset, then state creation.
+
+`Filter.test(direction, ifname, pkt, now)` is the whole data-plane decision for one
+packet on one interface. A router calls it twice per forwarded packet (in on the input
+interface, out on the output interface), exactly as pf runs on OpenBSD.
+
+The filter tells a listener (the pfsync engine) about every state insert, every accepted
+packet on a state (an update) and every removal; it never does I/O itself.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Protocol
+
+from pfcluster.packet import Packet, build_tcp_ack, build_tcp_rst, build_icmp_unreach
+from pfcluster.pf import tcp as tcpmod
+from pfcluster.pf.constants import (
+    AF_INET,
+    DIR_NAMES,
+    IPPROTO_ICMP,
+    IPPROTO_ICMPV6,
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    PF_IN,
+    PF_WSCALE_MASK,
+    PFRES_BADSTATE,
+    PFRES_MATCH,
+    PFRES_MAXSTATES,
+    PFRES_NAMES,
+    PFRES_STATEINS,
+    PFSTATE_NOSYNC,
+    PFSTATE_SLOPPY,
+    PFTM,
+    PFTM_MAX,
+    PFUDPS_MULTIPLE,
+    PFUDPS_SINGLE,
+    PROTO_NAMES,
+    TH_ACK,
+    TH_RST,
+    TH_SYN,
+    TCPS,
+    flags_str,
+)
+from pfcluster.pf.ruleset import Rule, Ruleset
+from pfcluster.pf.state import (
+    State,
+    StateTable,
+    format_state_line,
+    format_state_verbose,
+    new_creatorid,
+    state_expires,
+    state_to_dict,
+)
+
+PASS = "pass"
+BLOCK = "block"
+
+ESTABLISHED = int(TCPS.ESTABLISHED)
+FIN_WAIT_2 = int(TCPS.FIN_WAIT_2)
+
+# ICMP query types that open a state, and the replies that answer them (pf_icmp_mapping).
+ICMP4_QUERIES = {8: 0, 13: 14, 15: 16, 17: 18}
+ICMP4_REPLIES = frozenset(ICMP4_QUERIES.values())
+ICMP4_ERRORS = frozenset((3, 4, 5, 11, 12))
+ICMP6_QUERIES = {128: 129}
+ICMP6_REPLIES = frozenset(ICMP6_QUERIES.values())
+ICMP6_ERRORS = frozenset((1, 2, 3, 4))
+
+TM_UDP_FIRST = int(PFTM.UDP_FIRST_PACKET)
+TM_UDP_SINGLE = int(PFTM.UDP_SINGLE)
+TM_UDP_MULTIPLE = int(PFTM.UDP_MULTIPLE)
+TM_ICMP_FIRST = int(PFTM.ICMP_FIRST_PACKET)
+TM_ICMP_ERROR = int(PFTM.ICMP_ERROR_REPLY)
+TM_OTHER_FIRST = int(PFTM.OTHER_FIRST_PACKET)
+TM_OTHER_SINGLE = int(PFTM.OTHER_SINGLE)
+TM_OTHER_MULTIPLE = int(PFTM.OTHER_MULTIPLE)
+
+
+class Verdict:
+    """The decision for one packet on one interface."""
+
+    __slots__ = ("action", "log", "new_state", "reason", "reply", "rule", "state")
+
+    def __init__(
+        self,
+        action: str,
+        reason: str,
+        rule: Rule | None = None,
+        state: State | None = None,
+        new_state: bool = False,
+        reply: bytes | None = None,
+        log: list[str] | None = None,
+    ) -> None:
+        self.action = action
+        self.reason = reason
+        self.rule = rule
+        self.state = state
+        self.new_state = new_state
+        self.reply = reply
+        self.log = log if log is not None else []
+
+    @property
+    def passed(self) -> bool:
+        return self.action == PASS
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "action": self.action,
+            "reason": self.reason,
+            "rule": self.rule.nr if self.rule is not None else None,
+            "state": f"{self.state.id:016x}" if self.state is not None else None,
+        }
+
+    def __repr__(self) -> str:
+        return f"<Verdict {self.action} {self.reason} rule={self.to_dict()['rule']}>"
+
+
+SKIPPED = Verdict(PASS, "skip")
+
+
+class StateListener(Protocol):
+    """What pfsync hears from pf (pfsync_insert_state / _update_state / _delete_state)."""
+
+    def state_inserted(self, st: State, now: float) -> None: ...
+
+    def state_updated(self, st: State, now: float) -> None: ...
+
+    def state_removed(self, st: State, now: float) -> None: ...
+
+
+class Filter:
+    """pf for one host: the ruleset, the state table and the counters."""
+
+    def __init__(self, ruleset: Ruleset, hostid: int | None = None, now: float = 0.0) -> None:
+        self.ruleset = ruleset
+        self.creatorid = hostid or ruleset.hostid or new_creatorid()
+        self.states = StateTable()
+        self.listener: StateListener | None = None
+        self.counters = [0] * len(PFRES_NAMES)
+        self.extra: dict[str, int] = {
+            "challenge-ack": 0,
+            "state-reuse": 0,
+            "loose-match": 0,
+            "bad-icmp": 0,
+            "passed-in": 0,
+            "passed-out": 0,
+            "blocked-in": 0,
+            "blocked-out": 0,
+        }
+        self.started = now
+        self.wall_started = time.time()
+        # pf starts its id counter at the boot time in the high 32 bits.
+        self._next_id = (int(time.time()) & 0xFFFFFFFF) << 32
+        self._last_purge = now
+        self.log_enabled = True
+        self._apply_ruleset(ruleset)
+
+    # -- configuration ------------------------------------------------------------
+    def _apply_ruleset(self, ruleset: Ruleset) -> None:
+        self.ruleset = ruleset
+        self.timeouts = list(ruleset.timeouts)
+        self.skip_ifaces = frozenset(ruleset.skip_ifaces)
+        self.limit_states = ruleset.limit_states
+        floor = min(t for i, t in enumerate(self.timeouts[: PFTM.FRAG]))
+        for r in ruleset.rules:
+            if r.timeouts:
+                vals = [v for k, v in r.timeouts.items() if k < PFTM.FRAG]
+                if vals:
+                    floor = min(floor, *vals)
+        self._expiry_floor = float(max(0, floor))
+        self._adaptive_start = self.timeouts[PFTM.ADAPTIVE_START]
+
+    def load(self, ruleset: Ruleset) -> None:
+        """Swap in a new ruleset; states keep pointing at their old rules, as in pf."""
+        self._apply_ruleset(ruleset)
+
+    def next_state_id(self) -> int:
+        self._next_id = (self._next_id + 1) & 0xFFFFFFFFFFFFFFFF
+        return self._next_id
+
+    # -- the packet path ------------------------------------------------------------
+    def test(self, direction: int, ifname: str, pkt: Packet, now: float) -> Verdict:
+        if ifname in self.skip_ifaces:
+            return SKIPPED
+        proto = pkt.proto
+        if not pkt.frag_off:
+            if proto == IPPROTO_TCP or proto == IPPROTO_UDP:
+                if direction == PF_IN:
+                    key = (pkt.af, proto, pkt.src, pkt.dst, pkt.sport, pkt.dport)
+                else:
+                    key = (pkt.af, proto, pkt.dst, pkt.src, pkt.dport, pkt.sport)
+                st = self._lookup(key, now)
+                if st is not None:
+                    if proto == IPPROTO_TCP:
+                        v = self._test_tcp_state(st, direction, ifname, pkt, now)
+                    else:
+                        v = self._test_udp_state(st, direction, pkt, now, TM_UDP_SINGLE, TM_UDP_MULTIPLE)
+                    if v is not None:
+                        return v
+            elif proto == IPPROTO_ICMP or proto == IPPROTO_ICMPV6:
+                v = self._test_icmp(direction, pkt, now)
+                if v is not None:
+                    return v
+            else:
+                if direction == PF_IN:
+                    key = (pkt.af, proto, pkt.src, pkt.dst, 0, 0)
+                else:
+                    key = (pkt.af, proto, pkt.dst, pkt.src, 0, 0)
+                st = self._lookup(key, now)
+                if st is not None:
+                    v = self._test_udp_state(st, direction, pkt, now, TM_OTHER_SINGLE, TM_OTHER_MULTIPLE)
+                    if v is not None:
+                        return v
+        return self._test_rules(direction, ifname, pkt, now)
+
+    def _lookup(self, key: tuple, now: float) -> State | None:
+        st = self.states.get(key)
+        if st is None:
+            return None
+        if now - st.expire >= self._expiry_floor or len(self.states) > self._adaptive_start:
+            if state_expires(st, self.timeouts, len(self.states)) <= now:
+                self.remove_state(st, now)
+                return None
+        return st
+
+    def _count_pass(self, st: State, direction: int, pkt: Packet, now: float) -> None:
+        if direction == st.direction:
+            st.packets0 += 1
+            st.bytes0 += pkt.ip_len
+        else:
+            st.packets1 += 1
+            st.bytes1 += pkt.ip_len
+        rule = st.rule
+        if rule is not None:
+            rule.packets += 1
+            rule.bytes += pkt.ip_len
+        if direction == PF_IN:
+            self.extra["passed-in"] += 1
+        else:
+            self.extra["passed-out"] += 1
+        listener = self.listener
+        if listener is not None:
+            listener.state_updated(st, now)
+
+    def _block(self, direction: int, reason: int, rule: Rule | None = None, state: State | None = None,
+               reply: bytes | None = None, log: list[str] | None = None) -> Verdict:
+        self.counters[reason] += 1
+        if direction == PF_IN:
+            self.extra["blocked-in"] += 1
+        else:
+            self.extra["blocked-out"] += 1
+        return Verdict(BLOCK, PFRES_NAMES[reason], rule, state, False, reply, log)
+
+    def _test_tcp_state(self, st: State, direction: int, ifname: str, pkt: Packet, now: float) -> Verdict | None:
+        flags = pkt.tcp_flags
+        if flags & (TH_SYN | TH_ACK) == TH_SYN:
+            if st.src.state >= FIN_WAIT_2 and st.dst.state >= FIN_WAIT_2:
+                # Port reuse: the old connection is gone; the SYN meets the rules afresh.
+                log = []
+                if self.log_enabled:
+                    log.append(f"pf: state reuse {print_state(st)}{print_flags(flags)}")
+                self.extra["state-reuse"] += 1
+                self.remove_state(st, now)
+                v = self._test_rules(direction, ifname, pkt, now)
+                v.log[:0] = log
+                return v
+            if st.src.state >= ESTABLISHED and st.dst.state >= ESTABLISHED:
+                # A SYN on a live connection: answer with a challenge ACK, drop the SYN.
+                fwd = direction == st.direction
+                src, dst = (st.src, st.dst) if fwd else (st.dst, st.src)
+                self.extra["challenge-ack"] += 1
+                reply = build_tcp_ack(pkt, dst.seqlo, src.seqlo)
+                return Verdict(BLOCK, "challenge-ack", st.rule, st, False, reply)
+        fwd = direction == st.direction
+        if st.state_flags & PFSTATE_SLOPPY:
+            res: int | tcpmod.TrackFailure = tcpmod.track_sloppy(st, pkt, fwd, now)
+        else:
+            res = tcpmod.track_full(st, pkt, fwd, now)
+        if res.__class__ is int:
+            if res == tcpmod.TRACK_LOOSE:
+                self.extra["loose-match"] += 1
+            self._count_pass(st, direction, pkt, now)
+            return Verdict(PASS, "state", st.rule, st)
+        assert isinstance(res, tcpmod.TrackFailure)
+        if not res.checks:
+            reply = None if flags & TH_RST else build_tcp_rst(pkt)
+            return self._block(direction, PFRES_BADSTATE, st.rule, st, reply)
+        log: list[str] = []
+        if self.log_enabled:
+            log = bad_state_lines(st, pkt, direction, res)
+        return self._block(direction, PFRES_BADSTATE, st.rule, st, None, log)
+
+    def _test_udp_state(self, st: State, direction: int, pkt: Packet, now: float,
+                        tm_single: int, tm_multiple: int) -> Verdict:
+        if direction == st.direction:
+            src, dst = st.src, st.dst
+        else:
+            src, dst = st.dst, st.src
+        if src.state < PFUDPS_SINGLE:
+            src.state = PFUDPS_SINGLE
+        if dst.state == PFUDPS_SINGLE:
+            dst.state = PFUDPS_MULTIPLE
+        st.expire = now
+        st.timeout = tm_multiple if (src.state == PFUDPS_MULTIPLE and dst.state == PFUDPS_MULTIPLE) else tm_single
+        self._count_pass(st, direction, pkt, now)
+        return Verdict(PASS, "state", st.rule, st)
+
+    def _test_icmp(self, direction: int, pkt: Packet, now: float) -> Verdict | None:
+        v6 = pkt.proto == IPPROTO_ICMPV6
+        itype = pkt.icmp_type
+        errors = ICMP6_ERRORS if v6 else ICMP4_ERRORS
+        if itype in errors:
+            return self._test_icmp_error(direction, pkt, now)
+        queries = ICMP6_QUERIES if v6 else ICMP4_QUERIES
+        replies = ICMP6_REPLIES if v6 else ICMP4_REPLIES
+        if (itype in queries or itype in replies) and pkt.icmp_id >= 0:
+            if direction == PF_IN:
+                key = (pkt.af, pkt.proto, pkt.src, pkt.dst, pkt.icmp_id, pkt.icmp_id)
+            else:
+                key = (pkt.af, pkt.proto, pkt.dst, pkt.src, pkt.icmp_id, pkt.icmp_id)
+            st = self._lookup(key, now)
+            if st is not None:
+                st.expire = now
+                st.timeout = TM_ICMP_ERROR
+                self._count_pass(st, direction, pkt, now)
+                return Verdict(PASS, "state", st.rule, st)
+        return None
+
+    def _test_icmp_error(self, direction: int, pkt: Packet, now: float) -> Verdict | None:
+        inner = pkt.inner
+        if inner is None or inner.frag_off:
+            return None
+        iproto = inner.proto
+        # The quoted packet travelled the other way: build its key as if it went out
+        # (or in) on this interface in the opposite direction.
+        rev_in = direction != PF_IN
+        if iproto in (IPPROTO_TCP, IPPROTO_UDP):
+            if rev_in:
+                key = (inner.af, iproto, inner.src, inner.dst, inner.sport, inner.dport)
+            else:
+                key = (inner.af, iproto, inner.dst, inner.src, inner.dport, inner.sport)
+        elif iproto in (IPPROTO_ICMP, IPPROTO_ICMPV6) and inner.icmp_id >= 0:
+            if rev_in:
+                key = (inner.af, iproto, inner.src, inner.dst, inner.icmp_id, inner.icmp_id)
+            else:
+                key = (inner.af, iproto, inner.dst, inner.src, inner.icmp_id, inner.icmp_id)
+        else:
+            if rev_in:
+                key = (inner.af, iproto, inner.src, inner.dst, 0, 0)
+            else:
+                key = (inner.af, iproto, inner.dst, inner.src, 0, 0)
+        st = self._lookup(key, now)
+        if st is None:
+            return None
+        if pkt.dst != inner.src:
+            self.extra["bad-icmp"] += 1
+            log = [f"pf: BAD ICMP {pkt.icmp_type}:{pkt.icmp_code} outer dst: {_addr(pkt.af, pkt.dst)} inner src: {_addr(inner.af, inner.src)}"] if self.log_enabled else []
+            return self._block(direction, PFRES_BADSTATE, st.rule, st, None, log)
+        if iproto == IPPROTO_TCP and not (st.state_flags & PFSTATE_SLOPPY):
+            # The quoted segment left in the opposite direction to this error.
+            if direction == st.direction:
+                src, dst = st.dst, st.src
+            else:
+                src, dst = st.src, st.dst
+            dws = dst.wscale & PF_WSCALE_MASK if (src.wscale and dst.wscale) else 0
+            seq = (inner.seq - src.seqdiff) & tcpmod.M32
+            if not (tcpmod.sdiff(src.seqhi, seq) >= 0 and tcpmod.sdiff(seq, src.seqlo - (dst.max_win << dws)) >= 0):
+                self.extra["bad-icmp"] += 1
+                log = [f"pf: BAD ICMP {pkt.icmp_type}:{pkt.icmp_code} {print_state(st)} seq={seq}"] if self.log_enabled else []
+                return self._block(direction, PFRES_BADSTATE, st.rule, st, None, log)
+        self._count_pass(st, direction, pkt, now)
+        return Verdict(PASS, "state", st.rule, st)
+
+    def _test_rules(self, direction: int, ifname: str, pkt: Packet, now: float) -> Verdict:
+        rule = self.ruleset.evaluate(pkt, direction, ifname)
+        self.counters[PFRES_MATCH] += 1
+        if rule is None:
+            # pf's default rule: pass, no state.
+            if direction == PF_IN:
+                self.extra["passed-in"] += 1
+            else:
+                self.extra["passed-out"] += 1
+            return Verdict(PASS, "match")
+        rule.packets += 1
+        rule.bytes += pkt.ip_len
+        log = [self._rule_log_line(rule, direction, ifname, pkt)] if rule.log and self.log_enabled else []
+        if rule.action != PASS:
+            reply = self._block_reply(rule, pkt)
+            if direction == PF_IN:
+                self.extra["blocked-in"] += 1
+            else:
+                self.extra["blocked-out"] += 1
+            return Verdict(BLOCK, "match", rule, None, False, reply, log)
+        if not rule.keep_state or pkt.frag_off:
+            if direction == PF_IN:
+                self.extra["passed-in"] += 1
+            else:
+                self.extra["passed-out"] += 1
+            return Verdict(PASS, "match", rule, None, False, None, log)
+        proto = pkt.proto
+        if proto == IPPROTO_ICMP or proto == IPPROTO_ICMPV6:
+            queries = ICMP6_QUERIES if proto == IPPROTO_ICMPV6 else ICMP4_QUERIES
+            if pkt.icmp_type not in queries or pkt.icmp_id < 0:
+                # Replies and errors never open a state.
+                return Verdict(PASS, "match", rule, None, False, None, log)
+        if len(self.states) >= self.limit_states or (rule.max_states and rule.states_cur >= rule.max_states):
+            return self._block(direction, PFRES_MAXSTATES, rule, None, None, log)
+        st = self._create_state(rule, direction, pkt, now)
+        if st is None:
+            return self._block(direction, PFRES_STATEINS, rule, None, None, log)
+        if direction == PF_IN:
+            self.extra["passed-in"] += 1
+        else:
+            self.extra["passed-out"] += 1
+        return Verdict(PASS, "match", rule, st, True, None, log)
+
+    def _create_state(self, rule: Rule, direction: int, pkt: Packet, now: float) -> State | None:
+        proto = pkt.proto
+        if proto == IPPROTO_TCP or proto == IPPROTO_UDP:
+            sp, dp = pkt.sport, pkt.dport
+        elif proto == IPPROTO_ICMP or proto == IPPROTO_ICMPV6:
+            sp = dp = pkt.icmp_id
+        else:
+            sp = dp = 0
+        if direction == PF_IN:
+            key = (pkt.af, proto, pkt.src, pkt.dst, sp, dp)
+        else:
+            key = (pkt.af, proto, pkt.dst, pkt.src, dp, sp)
+        st = State(key, direction, self.creatorid, self.next_state_id(), now, rule)
+        if proto == IPPROTO_TCP:
+            tcpmod.init_src_peer(st, pkt)
+        elif proto == IPPROTO_UDP:
+            st.src.state = PFUDPS_SINGLE
+            st.timeout = TM_UDP_FIRST
+        elif proto == IPPROTO_ICMP or proto == IPPROTO_ICMPV6:
+            st.timeout = TM_ICMP_FIRST
+        else:
+            st.src.state = PFUDPS_SINGLE
+            st.timeout = TM_OTHER_FIRST
+        if rule.no_sync:
+            st.state_flags |= PFSTATE_NOSYNC
+        if rule.sloppy:
+            st.state_flags |= PFSTATE_SLOPPY
+        st.log = 1 if rule.log else 0
+        st.packets0 = 1
+        st.bytes0 = pkt.ip_len
+        if not self.states.insert(st):
+            return None
+        rule.states_cur += 1
+        rule.states_tot += 1
+        if self.listener is not None:
+            self.listener.state_inserted(st, now)
+        return st
+
+    def _block_reply(self, rule: Rule, pkt: Packet) -> bytes | None:
+        mode = rule.return_mode
+        if mode is None:
+            mode = "return" if self.ruleset.block_policy == "return" else "drop"
+        if mode == "drop":
+            return None
+        is_tcp = pkt.proto == IPPROTO_TCP
+        if mode in ("return", "return-rst") and is_tcp:
+            if pkt.tcp_flags & TH_RST:
+                return None
+            return build_tcp_rst(pkt)
+        if mode in ("return", "return-icmp") and not is_tcp or mode == "return-icmp":
+            if pkt.proto in (IPPROTO_ICMP, IPPROTO_ICMPV6) and pkt.inner is not None:
+                return None  # never answer an error with an error
+            return build_icmp_unreach(pkt)
+        return None
+
+    def _rule_log_line(self, rule: Rule, direction: int, ifname: str, pkt: Packet) -> str:
+        action = "pass" if rule.action == PASS else "block"
+        return (
+            f"rule {rule.nr}/(match) {action} {DIR_NAMES.get(direction, '?')} on {ifname}: "
+            f"{_addr(pkt.af, pkt.src)}.{pkt.sport} > {_addr(pkt.af, pkt.dst)}.{pkt.dport}: "
+            f"{PROTO_NAMES.get(pkt.proto, pkt.proto)}"
+        )
+
+    # -- state management (used by purge, ctl and pfsync) ---------------------------
+    def remove_state(self, st: State, now: float, notify: bool = True) -> bool:
+        if not self.states.remove(st):
+            return False
+        if st.rule is not None:
+            st.rule.states_cur -= 1
+        if notify and self.listener is not None:
+            self.listener.state_removed(st, now)
+        return True
+
+    def import_state(self, st: State, rule_nr: int, now: float, bind_rule: bool = False) -> bool:
+        """Insert a state learned from a peer. Its rule is bound only if the rulesets agree."""
+        st.rule = None
+        if bind_rule and 0 <= rule_nr < len(self.ruleset.rules):
+            st.rule = self.ruleset.rules[rule_nr]
+        if not self.states.insert(st):
+            return False
+        if st.rule is not None:
+            st.rule.states_cur += 1
+        return True
+
+    def expire(self, now: float, full: bool = False) -> int:
+        """Purge a slice of the table, so the whole table is walked once per `interval`."""
+        n = len(self.states)
+        interval = max(1, self.timeouts[PFTM.INTERVAL])
+        elapsed = max(0.0, now - self._last_purge)
+        self._last_purge = now
+        if full:
+            count = n + 1
+        else:
+            count = max(1024, math.ceil(n * elapsed / interval))
+        removed = 0
+        timeouts = self.timeouts
+        for st in self.states.next_purge_slice(count):
+            if st.linked and state_expires(st, timeouts, n) <= now:
+                if self.remove_state(st, now):
+                    removed += 1
+        return removed
+
+    def next_deadline(self, now: float) -> float:
+        return self._last_purge + 1.0
+
+    def flush_states(self, now: float, notify: bool = True) -> int:
+        count = 0
+        for st in self.states:
+            if self.remove_state(st, now, notify=notify):
+                count += 1
+        return count
+
+    def kill_states(self, now: float, host: str | None = None, host2: str | None = None,
+                    state_id: str | None = None) -> int:
+        """pfctl -k host [-k host] / -k id: remove matching states, returning the count."""
+        import ipaddress
+
+        def addr_of(text: str) -> bytes:
+            return ipaddress.ip_address(text).packed
+
+        count = 0
+        want_id = want_creator = None
+        if state_id is not None:
+            part = state_id.split("/")
+            want_id = int(part[0], 16)
+            want_creator = int(part[1], 16) if len(part) > 1 else None
+        h1 = addr_of(host) if host else None
+        h2 = addr_of(host2) if host2 else None
+        for st in self.states:
+            if want_id is not None:
+                if st.id != want_id or (want_creator is not None and st.creatorid != want_creator):
+                    continue
+            else:
+                a0, a1 = st.key[2], st.key[3]
+                # slot 0 holds the source of an inbound state, slot 1 of an outbound one
+                srcaddr, dstaddr = (a0, a1) if st.direction == PF_IN else (a1, a0)
+                if h1 is not None and h1 != srcaddr and (h2 is not None or h1 != dstaddr):
+                    continue
+                if h2 is not None and h2 != dstaddr:
+                    continue
+            if self.remove_state(st, now):
+                count += 1
+        return count
+
+    # -- pfctl-style views --------------------------------------------------------------
+    def format_states(self, now: float, verbose: bool = False) -> list[str]:
+        out: list[str] = []
+        n = len(self.states)
+        for st in self.states:
+            if verbose:
+                out.extend(format_state_verbose(st, now, self.timeouts, n))
+            else:
+                out.append(format_state_line(st))
+        return out
+
+    def states_json(self, now: float) -> list[dict[str, Any]]:
+        n = len(self.states)
+        return [state_to_dict(st, now, self.timeouts, n) for st in self.states]
+
+    def counters_dict(self, now: float) -> dict[str, Any]:
+        t = self.states
+        return {
+            "hostid": f"{self.creatorid:08x}",
+            "running_seconds": round(now - self.started, 3),
+            "states": {
+                "current": len(t),
+                "searches": t.searches,
+                "inserts": t.inserts,
+                "removals": t.removals,
+                "limit": self.limit_states,
+            },
+            "counters": {name: self.counters[i] for i, name in enumerate(PFRES_NAMES)},
+            "packets": dict(self.extra),
+        }
+
+    def format_info(self, now: float) -> list[str]:
+        """pfctl -si."""
+        up = max(0, int(now - self.started))
+        d, rem = divmod(up, 86400)
+        h, rem = divmod(rem, 3600)
+        m, s = divmod(rem, 60)
+        secs = max(now - self.started, 1e-9)
+        lines = [
+            f"Status: Enabled for {d} days {h:02d}:{m:02d}:{s:02d}"
+            f"{'':14}Debug: {getattr(self.ruleset, 'debug', 'err') or 'err'}",
+            "",
+            f"Hostid:   0x{self.creatorid:08x}",
+            f"Checksum: 0x{self.ruleset.checksum.hex()}",
+            "",
+            f"{'State Table':<29}{'Total':>14}{'Rate':>17}",
+        ]
+        t = self.states
+        rows = [("current entries", len(t), None), ("searches", t.searches, t.searches / secs),
+                ("inserts", t.inserts, t.inserts / secs), ("removals", t.removals, t.removals / secs)]
+        for name, total, rate in rows:
+            r = f"{rate:.1f}/s" if rate is not None else ""
+            lines.append(f"  {name:<27}{total:>14}{r:>17}")
+        lines.append("Counters")
+        for i, name in enumerate(PFRES_NAMES):
+            lines.append(f"  {name:<27}{self.counters[i]:>14}{self.counters[i] / secs:>15.1f}/s")
+        return lines
+
+
+def _addr(af: int, raw: bytes) -> str:
+    import socket
+
+    return socket.inet_ntop(af, raw)
+
+
+def print_host(af: int, raw: bytes, port: int) -> str:
+    a = _addr(af, raw)
+    if af == AF_INET:
+        return f"{a}:{port}" if port else a
+    return f"{a}[{port}]" if port else a
+
+
+def print_state(st: State) -> str:
+    """Modern pf_print_state: proto, direction, wire key, stack key, peers, states, rule."""
+    af, proto, a0, a1, p0, p1 = st.key
+    name = {IPPROTO_TCP: "TCP", IPPROTO_UDP: "UDP", IPPROTO_ICMP: "ICMP", IPPROTO_ICMPV6: "ICMPv6"}.get(proto, str(proto))
+    out = [name]
+    if st.direction == PF_IN:
+        out.append(" in")
+    elif st.direction == 2:
+        out.append(" out")
+    out.append(f" wire: (0) {print_host(af, a0, p0)} {print_host(af, a1, p1)}")
+    out.append(" stack: (0) -")
+    if proto == IPPROTO_TCP:
+        out.append(" " + tcpmod.format_tcp_peers(st))
+    out.append(f" {st.src.state}:{st.dst.state}")
+    if st.rule is not None:
+        out.append(f" @{st.rule.nr}")
+    return "".join(out)
+
+
+def print_flags(flags: int) -> str:
+    return (" " + flags_str(flags)) if flags else ""
+
+
+def bad_state_lines(st: State, pkt: Packet, direction: int, fail: tcpmod.TrackFailure) -> list[str]:
+    """The two lines pf logs for a packet that failed the window test."""
+    first = (
+        f"pf: BAD state: {print_state(st)}{print_flags(pkt.tcp_flags)}"
+        f" seq={fail.seq} ({fail.orig_seq}) ack={fail.ack} len={fail.p_len} ackskew={fail.ackskew}"
+        f" pkts={st.packets0}:{st.packets1}"
+        f" dir={'in' if direction == PF_IN else 'out'},{'fwd' if direction == st.direction else 'rev'}"
+    )
+    return [first, f"pf: State failure on: {fail.checks}"]
+
+
+__all__ = ["BLOCK", "PASS", "Filter", "StateListener", "Verdict", "PFSTATE_NOSYNC", "PFTM_MAX"]
