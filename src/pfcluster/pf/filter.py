@@ -14,7 +14,7 @@ import math
 import time
 from typing import Any, Protocol
 
-from pfcluster.packet import Packet, build_tcp_ack, build_tcp_rst, build_icmp_unreach
+from pfcluster.packet import Packet, build_icmp_unreach, build_tcp_ack, build_tcp_rst
 from pfcluster.pf import tcp as tcpmod
 from pfcluster.pf.constants import (
     AF_INET,
@@ -37,10 +37,10 @@ from pfcluster.pf.constants import (
     PFUDPS_MULTIPLE,
     PFUDPS_SINGLE,
     PROTO_NAMES,
+    TCPS,
     TH_ACK,
     TH_RST,
     TH_SYN,
-    TCPS,
     flags_str,
 )
 from pfcluster.pf.ruleset import Rule, Ruleset
@@ -186,7 +186,7 @@ class Filter:
             return SKIPPED
         proto = pkt.proto
         if not pkt.frag_off:
-            if proto == IPPROTO_TCP or proto == IPPROTO_UDP:
+            if proto in (IPPROTO_TCP, IPPROTO_UDP):
                 if direction == PF_IN:
                     key = (pkt.af, proto, pkt.src, pkt.dst, pkt.sport, pkt.dport)
                 else:
@@ -199,7 +199,7 @@ class Filter:
                         v = self._test_udp_state(st, direction, pkt, now, TM_UDP_SINGLE, TM_UDP_MULTIPLE)
                     if v is not None:
                         return v
-            elif proto == IPPROTO_ICMP or proto == IPPROTO_ICMPV6:
+            elif proto in (IPPROTO_ICMP, IPPROTO_ICMPV6):
                 v = self._test_icmp(direction, pkt, now)
                 if v is not None:
                     return v
@@ -400,7 +400,7 @@ class Filter:
                 self.extra["passed-out"] += 1
             return Verdict(PASS, "match", rule, None, False, None, log)
         proto = pkt.proto
-        if proto == IPPROTO_ICMP or proto == IPPROTO_ICMPV6:
+        if proto in (IPPROTO_ICMP, IPPROTO_ICMPV6):
             queries = ICMP6_QUERIES if proto == IPPROTO_ICMPV6 else ICMP4_QUERIES
             if pkt.icmp_type not in queries or pkt.icmp_id < 0:
                 # Replies and errors never open a state.
@@ -418,9 +418,9 @@ class Filter:
 
     def _create_state(self, rule: Rule, direction: int, pkt: Packet, now: float) -> State | None:
         proto = pkt.proto
-        if proto == IPPROTO_TCP or proto == IPPROTO_UDP:
+        if proto in (IPPROTO_TCP, IPPROTO_UDP):
             sp, dp = pkt.sport, pkt.dport
-        elif proto == IPPROTO_ICMP or proto == IPPROTO_ICMPV6:
+        elif proto in (IPPROTO_ICMP, IPPROTO_ICMPV6):
             sp = dp = pkt.icmp_id
         else:
             sp = dp = 0
@@ -434,7 +434,7 @@ class Filter:
         elif proto == IPPROTO_UDP:
             st.src.state = PFUDPS_SINGLE
             st.timeout = TM_UDP_FIRST
-        elif proto == IPPROTO_ICMP or proto == IPPROTO_ICMPV6:
+        elif proto in (IPPROTO_ICMP, IPPROTO_ICMPV6):
             st.timeout = TM_ICMP_FIRST
         else:
             st.src.state = PFUDPS_SINGLE
@@ -465,7 +465,7 @@ class Filter:
             if pkt.tcp_flags & TH_RST:
                 return None
             return build_tcp_rst(pkt)
-        if mode in ("return", "return-icmp") and not is_tcp or mode == "return-icmp":
+        if (mode in ("return", "return-icmp") and not is_tcp) or mode == "return-icmp":
             if pkt.proto in (IPPROTO_ICMP, IPPROTO_ICMPV6) and pkt.inner is not None:
                 return None  # never answer an error with an error
             return build_icmp_unreach(pkt)
@@ -506,10 +506,7 @@ class Filter:
         interval = max(1, self.timeouts[PFTM.INTERVAL])
         elapsed = max(0.0, now - self._last_purge)
         self._last_purge = now
-        if full:
-            count = n + 1
-        else:
-            count = max(1024, math.ceil(n * elapsed / interval))
+        count = n + 1 if full else max(1024, math.ceil(n * elapsed / interval))
         removed = 0
         timeouts = self.timeouts
         for st in self.states.next_purge_slice(count):
@@ -666,4 +663,4 @@ def bad_state_lines(st: State, pkt: Packet, direction: int, fail: tcpmod.TrackFa
     return [first, f"pf: State failure on: {fail.checks}"]
 
 
-__all__ = ["BLOCK", "PASS", "Filter", "StateListener", "Verdict", "PFSTATE_NOSYNC", "PFTM_MAX"]
+__all__ = ["BLOCK", "PASS", "PFSTATE_NOSYNC", "PFTM_MAX", "Filter", "StateListener", "Verdict"]

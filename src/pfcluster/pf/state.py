@@ -88,6 +88,7 @@ class State:
         "log",
         "packets0",
         "packets1",
+        "pfsync_sent",
         "pfsync_time",
         "rule",
         "src",
@@ -127,6 +128,7 @@ class State:
         self.sync_state = SYNC_NONE
         self.sync_updates = 0
         self.pfsync_time = -math.inf
+        self.pfsync_sent = -math.inf
         self.linked = False
 
     # -- derived views -------------------------------------------------------------
@@ -195,7 +197,7 @@ def format_state_line(st: State) -> str:
 class StateTable:
     """States by key and by (creator id, id); a sliced purge walk."""
 
-    __slots__ = ("_by_id", "_by_key", "_scan", "_scan_pos", "removals", "inserts", "searches")
+    __slots__ = ("_by_id", "_by_key", "_scan", "_scan_pos", "inserts", "removals", "searches")
 
     def __init__(self) -> None:
         self._by_key: dict[StateKey, State] = {}

@@ -16,11 +16,11 @@ from pfcluster.pf.constants import (
     PFTM,
     TCP_MAX_WINSHIFT,
     TCP_MAXWIN,
+    TCPS,
     TH_ACK,
     TH_FIN,
     TH_RST,
     TH_SYN,
-    TCPS,
     flags_str,
 )
 
@@ -189,9 +189,7 @@ def track_full(st: State, pkt: Packet, fwd: bool, now: float) -> int | TrackFail
         if flags & TH_FIN:
             end = (end + 1) & M32
 
-    if not (flags & TH_ACK):
-        ack = dst.seqlo
-    elif (ack == 0 and (flags & (TH_ACK | TH_RST)) == (TH_ACK | TH_RST)) or dst.state < SYN_SENT:
+    if not (flags & TH_ACK) or (ack == 0 and (flags & (TH_ACK | TH_RST)) == (TH_ACK | TH_RST)) or dst.state < SYN_SENT:
         ack = dst.seqlo
 
     if seq == end:

@@ -75,7 +75,7 @@ V4_ACTION = {"INS": "INS", "UPD": "UPD", "UPD_C": "UPD_C", "DEL_C": "DEL_C", "UP
 # Drop reasons, named as pfsyncstats names them.
 STAT_NAMES = (
     "ipackets", "opackets", "obytes", "ibytes", "badif", "badttl", "hdrops", "badver",
-    "badlen", "badact", "badval", "badauth", "badstate", "badproto", "stale", "stale_merged",
+    "badlen", "badact", "badval", "badauth", "badstate", "badproto", "stale", "stale_echo",
     "updates_immediate", "split_immediate", "maxupd_sends", "pace_sends", "full_sends",
     "batch_sends", "ins_received", "upd_received", "updc_received", "del_received",
     "clr_received", "iack_received", "iack_sent", "ureq_sent", "ureq_received",
@@ -98,6 +98,7 @@ class EngineConfig:
         "defer_limit",
         "defer_timeout",
         "dialect",
+        "echo_holdoff",
         "maxupd",
         "mtu",
         "pace",
@@ -120,6 +121,7 @@ class EngineConfig:
         bulk_max_tries: int = 12,
         bulk_tick: float = 0.01,
         bulk_frames_per_tick: int = 4,
+        echo_holdoff: float = 0.1,
     ) -> None:
         if protocol not in ("v5", "v4"):
             raise ValueError(f"protocol must be v5 or v4, not {protocol!r}")
@@ -142,6 +144,7 @@ class EngineConfig:
         self.bulk_max_tries = bulk_max_tries
         self.bulk_tick = bulk_tick
         self.bulk_frames_per_tick = bulk_frames_per_tick
+        self.echo_holdoff = echo_holdoff
 
 
 class Deferral:
@@ -167,6 +170,7 @@ class Engine:
         self.bytes_by_action: dict[str, int] = {}
         if self.v4:
             self._size = {name: legacy.v4_message_size(V4_ACTION[name]) for name in V4_ACTION}
+            self._size["INS_ACK"] = 0  # v4 has no insert acknowledgement
             self._sub = 0
             self._minpkt = IP_HEADER + legacy.V4_HEADER_LEN
         else:
@@ -292,7 +296,7 @@ class Engine:
             return
         q = st.sync_state
         sync = False
-        if q == Q_UPD_C or q == Q_UPD or q == Q_INS:
+        if q in (Q_UPD_C, Q_UPD, Q_INS):
             st.sync_updates += 1
             if st.sync_updates >= self.config.maxupd:
                 sync = True
@@ -373,7 +377,7 @@ class Engine:
 
     def _update_state_req(self, st: State, now: float) -> None:
         q = st.sync_state
-        if q == Q_INS or q == Q_UPD or q == Q_DEL:
+        if q in (Q_INS, Q_UPD, Q_DEL):
             return
         if q != SYNC_NONE:
             self._q_del(st)
@@ -543,15 +547,17 @@ class Engine:
             if not queue:
                 continue
             msgs: list[Any] = []
-            if q == Q_INS or q == Q_UPD:
+            if q in (Q_INS, Q_UPD):
                 for st in queue:
                     rec = export_state(st, now, dialect, timeouts, nstates)
                     msgs.append(rec)
                     st.sync_state = SYNC_NONE
+                    st.pfsync_sent = now
             elif q == Q_UPD_C:
                 for st in queue:
                     msgs.append(self._upd_c(st, now, timeouts, nstates))
                     st.sync_state = SYNC_NONE
+                    st.pfsync_sent = now
             elif q == Q_IACK:
                 for st in queue:
                     msgs.append(wire.InsAck(st.id, st.creatorid))
@@ -759,9 +765,8 @@ class Engine:
             self._undefer(st, drop=True)
         if st.key[1] == IPPROTO_TCP:
             sync = _merge_tcp_peer(st.src, src) + _merge_tcp_peer(st.dst, dst)
-            if sync < 2:
-                st.expire = now
-                set_timeout_ladder(st, st.src, st.dst)
+            st.expire = now
+            set_timeout_ladder(st, st.src, st.dst)
         else:
             sync = 0
             for local, remote in ((st.src, src), (st.dst, dst)):
@@ -775,11 +780,16 @@ class Engine:
                     st.timeout = timeout
         st.pfsync_time = now
         if sync:
+            # The peer's copy is behind ours. If we sent this state recently, our update
+            # is on the wire and will catch the peer up; echoing again would only make
+            # the two firewalls answer each other's echoes for as long as traffic flows.
             self.counters["stale"] += 1
-            self.state_updated(st, now)
-            self._immediate = True
-        else:
-            self.counters["stale_merged"] += 0
+            if st.sync_state == SYNC_NONE:
+                self._q_ins(st, Q_UPD_C, now)
+                st.sync_updates = 0
+            if now - st.pfsync_sent >= self.config.echo_holdoff:
+                self.counters["stale_echo"] += 1
+                self._immediate = True
 
     def _in_ureq(self, msgs: list[Any], now: float) -> None:
         by_id = self.filter.states.by_id
@@ -850,35 +860,60 @@ class Engine:
 
 
 def _merge_tcp_peer(local: Any, remote: wire.StatePeer) -> int:
-    """The merge rule for one peer: 1 if ours is fresher (keep it), else take theirs.
+    """Merge one peer: take every part the remote knows better, keep every part we know
+    better, and return 1 if ours was fresher anywhere (so ours must go back).
 
-    Never moves a peer state or its window backwards: with equal states the window edges
-    only grow.
+    Each edge only grows: state, seqlo (what this end has sent) and seqhi (what the other
+    end allows) never move backwards. On a split path this matters: one firewall sees the
+    sender's data (seqlo) and the other the receiver's ACKs (seqhi) for the same peer, so
+    keeping or dropping a peer wholesale, as OpenBSD 4.5 did, loses half of it.
     """
     ls = local.state
     rs = remote.state
-    if (ls > rs and (ls < PF_TCPS_PROXY_SRC or rs >= PF_TCPS_PROXY_SRC)) or (
-        ls == rs and sdiff(local.seqlo, remote.seqlo) > 0
-    ):
-        return 1
-    if ls == rs and local.seqlo != 0:
-        local.seqlo = remote.seqlo
-        if sdiff(remote.seqhi, local.seqhi) > 0:
-            local.seqhi = remote.seqhi
-        if remote.max_win > local.max_win:
-            local.max_win = remote.max_win
-        if remote.wscale:
-            local.wscale = remote.wscale
-        if remote.seqdiff:
-            local.seqdiff = remote.seqdiff
-        if remote.mss:
-            local.mss = remote.mss
+    if ls >= PF_TCPS_PROXY_SRC or rs >= PF_TCPS_PROXY_SRC:
+        # synproxy states: trust the later phase only.
+        if ls > rs:
+            return 1
+        _copy_peer(local, remote)
         return 0
+    if local.seqlo == 0 and ls <= rs:
+        _copy_peer(local, remote)
+        return 0
+    if remote.seqlo == 0 and rs <= ls:
+        return 1 if (ls > rs or local.seqlo) else 0
+    stale = 0
+    if ls > rs:
+        stale = 1
+    elif rs > ls:
+        local.state = rs
+    d = sdiff(local.seqlo, remote.seqlo)
+    if d > 0:
+        stale = 1
+    elif d < 0:
+        local.seqlo = remote.seqlo
+    d = sdiff(local.seqhi, remote.seqhi)
+    if d > 0:
+        stale = 1
+    elif d < 0:
+        local.seqhi = remote.seqhi
+    if local.max_win > remote.max_win:
+        stale = 1
+    elif remote.max_win > local.max_win:
+        local.max_win = remote.max_win
+    if remote.wscale and not local.wscale:
+        local.wscale = remote.wscale
+    if remote.seqdiff and not local.seqdiff:
+        local.seqdiff = remote.seqdiff
+    if remote.mss and not local.mss:
+        local.mss = remote.mss
+    return stale
+
+
+def _copy_peer(local: Any, remote: wire.StatePeer) -> None:
     local.seqlo = remote.seqlo & M32
     local.seqhi = remote.seqhi & M32
     local.seqdiff = remote.seqdiff
     local.max_win = remote.max_win
     local.mss = remote.mss
-    local.state = rs
+    local.state = remote.state
     local.wscale = remote.wscale
-    return 0

@@ -1,0 +1,187 @@
+"""Packets per second through one `pfcluster daemon`, against the same topology whose
+NFQUEUE is drained by a consumer that accepts everything untouched (same run, same
+namespaces, same iptables chain), and the plain kernel for scale.
+
+client (198.51.100.2) — fw — server (203.0.113.2); fw also has a sync link to a peer
+namespace (192.0.2.0/24). GRO/GSO/TSO are off on every veth and the MTU is 1500, so each
+wire-sized packet is one queued packet. Packet rates are read from the firewall's own
+interface counters (packets it transmitted on both data interfaces = packets forwarded,
+both directions), throughput from iperf3's receiver side.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pfcluster.io.iptables import IptablesRules
+from pfcluster.lab.netns import Lab, offloads_off, sysctl
+from pfcluster.lab.netns import run as ns_run
+
+QUEUE = 0
+RULES = """\
+set skip on lo
+block all
+pass in proto tcp to port 5201
+pass out proto tcp to port 5201
+pass in proto udp to port 5201
+pass out proto udp to port 5201
+"""
+
+ACCEPT_ALL = r"""
+import signal, sys
+from netfilterqueue import NetfilterQueue
+q = NetfilterQueue()
+q.bind(int(sys.argv[1]), lambda p: p.accept(), max_len=4096)
+signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
+print("ready", flush=True)
+try:
+    q.run()
+finally:
+    q.unbind()
+"""
+
+CLIENT, FW, SERVER = "198.51.100.2", "198.51.100.1", "203.0.113.2"
+
+
+def _veth(a: str, a_if: str, b: str, b_if: str, a_cidr: str, b_cidr: str) -> None:
+    ns_run(a, ["ip", "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", b])
+    for ns, ifname, cidr in ((a, a_if, a_cidr), (b, b_if, b_cidr)):
+        ns_run(ns, ["ip", "addr", "add", cidr, "dev", ifname])
+        ns_run(ns, ["ip", "link", "set", ifname, "mtu", "1500", "up"])
+        offloads_off(ns, ifname)
+
+
+def _fw_tx_packets(lab: Lab, fw: str) -> int:
+    stats = lab.link_stats(fw)
+    return sum(stats.get(i, {}).get("tx_packets", 0) for i in ("eth0", "eth1"))
+
+
+def _wait_ready(path: Path, needle: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            if needle in path.read_text(errors="replace"):
+                return True
+        time.sleep(0.05)
+    return False
+
+
+def _iperf(lab: Lab, c: str, s: str, fw: str, seconds: float, udp: bool) -> dict[str, Any]:
+    """One bounded iperf3 run; pps from the firewall's transmit counters."""
+    server = lab.spawn("iperf3-s", s, ["iperf3", "-s", "-1", "-B", SERVER])
+    try:
+        time.sleep(0.3)
+        argv = ["iperf3", "-c", SERVER, "-t", str(int(seconds)), "-J", "--connect-timeout", "3000"]
+        if udp:
+            argv += ["-u", "-l", "64", "-b", "0"]
+        before = _fw_tx_packets(lab, fw)
+        t0 = time.monotonic()
+        proc = ns_run(c, argv, timeout=seconds + 20, check=False)
+        elapsed = time.monotonic() - t0
+        forwarded = _fw_tx_packets(lab, fw) - before
+    finally:
+        lab.stop(server, grace=2.0)
+    out: dict[str, Any] = {"forwarded_packets": forwarded, "seconds": round(elapsed, 3),
+                           "pps": round(forwarded / max(elapsed, 1e-9))}
+    try:
+        end = json.loads(proc.stdout)["end"]
+        if udp:
+            summ = end["sum"]
+            out["mbit_s"] = round(summ["bits_per_second"] / 1e6, 2)
+            out["udp_packets_sent"] = summ.get("packets")
+            out["udp_lost_percent"] = round(summ.get("lost_percent", 0.0), 2)
+            out["udp_received_pps"] = round(
+                (summ.get("packets", 0) - summ.get("lost_packets", 0)) / max(summ["seconds"], 1e-9))
+        else:
+            out["mbit_s"] = round(end["sum_received"]["bits_per_second"] / 1e6, 2)
+            out["retransmits"] = end["sum_sent"].get("retransmits")
+    except (ValueError, KeyError, TypeError):
+        out["error"] = (proc.stdout + proc.stderr)[-300:]
+    return out
+
+
+def _measure(lab: Lab, c: str, s: str, fw: str, seconds: float) -> dict[str, Any]:
+    return {"tcp": _iperf(lab, c, s, fw, seconds, udp=False),
+            "udp64": _iperf(lab, c, s, fw, seconds, udp=True)}
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_bench(seconds: float = 3.0, daemon_argv: Sequence[str] | None = None,
+              kernel_baseline: bool = True) -> dict[str, Any]:
+    """The three measurements in one lab; raises if the lab cannot be built."""
+    if daemon_argv is None:
+        daemon_argv = [sys.executable, "-m", "pfcluster.cli.main", "daemon"]
+    figures: dict[str, Any] = {"seconds": seconds, "mtu": 1500, "offloads": "gro/gso/tso off",
+                               "queue": QUEUE}
+    with Lab() as lab:
+        c, fw, s, p = (lab.add_ns(r) for r in ("bc", "bfw", "bs", "bp"))
+        sysctl(fw, {"net.ipv4.ip_forward": 1})
+        _veth(c, "eth0", fw, "eth0", f"{CLIENT}/24", f"{FW}/24")
+        _veth(fw, "eth1", s, "eth0", "203.0.113.1/24", f"{SERVER}/24")
+        _veth(fw, "sync0", p, "sync0", "192.0.2.1/24", "192.0.2.2/24")
+        ns_run(c, ["ip", "route", "replace", "default", "via", FW])
+        ns_run(s, ["ip", "route", "replace", "default", "via", "203.0.113.1"])
+
+        if kernel_baseline:
+            figures["kernel"] = _measure(lab, c, s, fw, seconds)
+
+        # (b) the same chain, drained by an accept-everything consumer
+        rules = IptablesRules(QUEUE, ["sync0", "lo"], prefix=["ip", "netns", "exec", fw])
+        consumer = lab.spawn("accept-all", fw, [sys.executable, "-c", ACCEPT_ALL, str(QUEUE)])
+        try:
+            assert consumer.log is not None
+            if not _wait_ready(consumer.log, "ready", 10):
+                raise RuntimeError("accept-all consumer did not start: " + lab.log_tail(consumer))
+            rules.install()
+            figures["accept_all"] = _measure(lab, c, s, fw, seconds)
+        finally:
+            rules.remove()
+            lab.stop(consumer)
+
+        # (a) through the daemon
+        conf = lab.path("pf.conf")
+        conf.write_text(RULES)
+        ctl = lab.path("ctl.sock")
+        daemon = lab.spawn("daemon", fw, [*daemon_argv, "--rules", str(conf), "--syncdev",
+                                          "sync0", "--control", str(ctl), "--queue", str(QUEUE)])
+        try:
+            assert daemon.log is not None
+            if not _wait_ready(daemon.log, "daemon up", 15):
+                raise RuntimeError("daemon did not start: " + lab.log_tail(daemon))
+            cpu0 = _cpu_seconds(daemon.popen.pid)
+            figures["daemon"] = _measure(lab, c, s, fw, seconds)
+            cpu1 = _cpu_seconds(daemon.popen.pid)
+            if cpu0 is not None and cpu1 is not None:
+                figures["daemon"]["cpu_seconds"] = round(cpu1 - cpu0, 2)
+            from pfcluster.io.control import request
+
+            with contextlib.suppress(Exception):
+                info = request(str(ctl), "info")["data"]
+                figures["daemon"]["dataplane"] = info.get("dataplane")
+        finally:
+            figures["daemon_exit"] = lab.stop(daemon, grace=10.0)
+    for proto in ("tcp", "udp64"):
+        a = figures.get("daemon", {}).get(proto, {}).get("pps")
+        b = figures.get("accept_all", {}).get(proto, {}).get("pps")
+        if a and b:
+            figures[f"{proto}_daemon_vs_accept_all"] = round(a / b, 3)
+    return figures
+
+
+def run(seconds: float = 3.0, **kwargs: Any) -> dict[str, Any]:
+    """Entry point for `pfcluster bench daemon`."""
+    return run_bench(seconds, **kwargs)

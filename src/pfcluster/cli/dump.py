@@ -1,0 +1,397 @@
+"""`pfcluster dump`: print the pfsync frames of a capture (or a live interface).
+
+Text output follows OpenBSD tcpdump's pfsync printer (``PFSYNCv5 len N``, one
+``act NAME count N`` line per section, messages with ``-v``, states in ``pfctl -ss -v``
+style); ``--json`` prints one object per frame per line with the keys DESIGN.md fixes.
+A frame that fails to decode prints what decoded plus the reason, then dumping goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import click
+
+from pfcluster.pf.constants import (
+    PF_OUT,
+    PF_WSCALE_MASK,
+    PFOTHERS_NAMES,
+    PFUDPS_NAMES,
+    PROTO_NAMES,
+    TCPS_NAMES,
+)
+from pfcluster.pfsync import legacy, wire
+from pfcluster.pfsync.pcap import (
+    LINKTYPE_ETHERNET,
+    PfsyncPacket,
+    iter_pfsync,
+    pfsync_from_record,
+)
+
+DIALECT_CHOICES = (*wire.DIALECTS, "v4", "auto")
+_V5_CANDIDATES = ("openbsd45", "freebsd1301", "freebsd1400")
+PFSYNC_FLAG_SRCNODE = 0x04
+PFSYNC_FLAG_NATSRCNODE = 0x08
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+class Decoded:
+    """One frame's decode result: the frame (maybe partial), the fatal error if any."""
+
+    __slots__ = ("dialect", "error", "frame")
+
+    def __init__(self, dialect: str, frame: Any, error: wire.WireError | None) -> None:
+        self.dialect = dialect
+        self.frame = frame
+        self.error = error
+
+
+def _try(payload: bytes, dialect: str) -> Decoded:
+    try:
+        if dialect == "v4":
+            return Decoded(dialect, legacy.decode_v4(payload), None)
+        return Decoded(dialect, wire.decode(payload, dialect), None)
+    except wire.WireError as e:
+        return Decoded(dialect, e.frame, e)
+
+
+def guess_dialect(payload: bytes, prefer: str | None = None) -> Decoded:
+    """Decode with the dialect the frame fits best: the version byte picks v4 / v5 /
+    openbsd6; among the v5 dialects the first whose sections tile the frame to its EOF
+    cleanly wins (EOF body size tells OpenBSD 4.5 from FreeBSD; action 13/14 or the
+    state size tells 1400 from 1301). A frame no dialect decodes cleanly is shown in
+    ``prefer`` (the dialect of the previous frames) when that is a v5 dialect."""
+    version = payload[0] if payload else -1
+    if version == 4:
+        return _try(payload, "v4")
+    if version == 6:
+        return _try(payload, "openbsd6")
+    if version != 5:
+        return _try(payload, "openbsd45")
+    results = [_try(payload, d) for d in _V5_CANDIDATES]
+    for r in results:
+        if r.error is None and not r.frame.errors:
+            return r
+    for r in results:
+        if r.error is None:
+            return r
+    for r in results:
+        if r.dialect == prefer:
+            return r
+
+    def score(r: Decoded) -> int:
+        return sum(len(s.messages) for s in r.frame.sections) if r.frame is not None else -1
+
+    return max(results, key=score)
+
+
+# --------------------------------------------------------------------------- JSON
+
+
+def _peer_dict(p: wire.StatePeer) -> dict[str, int]:
+    return {f: getattr(p, f) for f in p._fields}
+
+
+def _sockaddr_str(raw: bytes, dialect: str) -> str:
+    fam = raw[1] if len(raw) > 1 else 0
+    af = wire.af_from_wire(dialect if dialect in wire.DIALECTS else "openbsd45", fam)
+    if af == socket.AF_INET:
+        return socket.inet_ntop(socket.AF_INET, raw[4:8])
+    if af == socket.AF_INET6:
+        return socket.inet_ntop(socket.AF_INET6, raw[8:24])
+    return raw.hex()
+
+
+def _state_dict(st: wire.State, dialect: str) -> dict[str, Any]:
+    wd = dialect if dialect in wire.DIALECTS else "openbsd45"
+    af = wire.af_from_wire(wd, st.af)
+    out: dict[str, Any] = {}
+    for name in wire.STATE_FIELDS[wd]:
+        v = getattr(st, name)
+        if name == "key":
+            keys = []
+            for k in v:
+                kaf = wire.af_from_wire(wd, k.af) if k.af else af
+                kd: dict[str, Any] = {"addr": [wire.addr_str(a, kaf) for a in k.addr],
+                                      "port": list(k.port)}  # fmt: skip
+                if wd == "openbsd6":
+                    kd["rdomain"] = k.rdomain
+                    kd["af"] = k.af
+                keys.append(kd)
+            out[name] = keys
+        elif name in ("src", "dst"):
+            out[name] = _peer_dict(v)
+        elif name == "rt_addr":
+            out[name] = wire.addr_str(v, af)
+        elif isinstance(v, list):
+            out[name] = list(v)
+        else:
+            out[name] = v
+    return out
+
+
+def message_dict(msg: Any, dialect: str) -> Any:
+    """A message as JSON-able data with the C field names (DESIGN.md JSON rules)."""
+    if isinstance(msg, wire.State):
+        return _state_dict(msg, dialect)
+    if isinstance(msg, bytes):  # RawMessage of a skipped section
+        return msg.hex()
+    out: dict[str, Any] = {}
+    for name in msg._fields:
+        v = getattr(msg, name)
+        if isinstance(v, wire.StatePeer):
+            out[name] = _peer_dict(v)
+        elif isinstance(msg, wire.Tdb) and name == "dst":
+            out[name] = _sockaddr_str(v, dialect)
+        elif isinstance(v, bytes):
+            out[name] = v.hex()
+        else:
+            out[name] = v
+    if isinstance(msg, wire.UpdC) and dialect != "openbsd6":
+        out.pop("state_flags", None)  # a pad byte before v6
+    if isinstance(msg, wire.Tdb) and dialect != "openbsd6":
+        out.pop("rdomain", None)
+    return out
+
+
+def frame_dict(pkt: PfsyncPacket, dec: Decoded, extra_errors: list[str]) -> dict[str, Any]:
+    f = dec.frame
+    obj: dict[str, Any] = {"ts": pkt.ts, "src": pkt.src, "dst": pkt.dst, "ttl": pkt.ttl}
+    if f is None:
+        obj.update(version=pkt.payload[0] if pkt.payload else None, len=len(pkt.payload),
+                   pfcksum=None, sections=[])  # fmt: skip
+        errors = [str(dec.error)] if dec.error else []
+    elif isinstance(f, legacy.V4Frame):
+        obj.update(version=f.version, len=len(pkt.payload), pfcksum=bytes(f.pf_chksum).hex(),
+                   sections=[{"action": f.action_name, "action_id": f.action, "count": f.count,
+                              "messages": [message_dict(m, "v4") for m in f.messages]}])  # fmt: skip
+        errors = list(f.errors)
+    else:
+        obj.update(version=f.version, len=f.len, pfcksum=bytes(f.pfcksum).hex(),
+                   sections=[{"action": s.action, "action_id": s.action_id, "count": s.count,
+                              "messages": [message_dict(m, dec.dialect) for m in s.messages]}
+                             for s in f.sections])  # fmt: skip
+        errors = list(f.errors)
+    obj["errors"] = extra_errors + errors
+    obj["dialect"] = dec.dialect
+    return obj
+
+
+# --------------------------------------------------------------------------- text
+
+
+def _hms(secs: int) -> str:
+    return f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}"
+
+
+def _host(raw: bytes, port: int, af: int | None, proto: int) -> str:
+    a = wire.addr_str(raw, af)
+    if af == socket.AF_INET6:
+        return f"{a}[{port}]" if port or proto in (6, 17) else a
+    return f"{a}:{port}" if port or proto in (6, 17) else a
+
+
+def _seq(p: wire.StatePeer) -> str:
+    s = f"[{p.seqlo} + {(p.seqhi - p.seqlo) & 0xFFFFFFFF}]"
+    if p.seqdiff:
+        s += f"(+{p.seqdiff})"
+    return s
+
+
+def state_lines(st: wire.State, dialect: str, verbose: int) -> list[str]:
+    """pfctl -ss (-v) style lines for one pfsync_state."""
+    wd = dialect if dialect in wire.DIALECTS else "openbsd45"
+    af = wire.af_from_wire(wd, st.af)
+    proto = st.proto
+    ks, kw = st.key[1], st.key[0]
+    if st.direction == PF_OUT:
+        src, dst, arrow = st.src, st.dst, " -> "
+    else:
+        src, dst, arrow = st.dst, st.src, " <- "
+    nat = ks.addr != kw.addr or ks.port != kw.port
+    line = f"{st.ifname or 'all'} {PROTO_NAMES.get(proto, str(proto))} "
+    line += _host(ks.addr[1], ks.port[1], af, proto)
+    if nat:
+        line += f" ({_host(kw.addr[1], kw.port[1], af, proto)})"
+    line += arrow + _host(ks.addr[0], ks.port[0], af, proto)
+    if nat:
+        line += f" ({_host(kw.addr[0], kw.port[0], af, proto)})"
+    line += "    "
+    if proto == 6:
+        if src.state < len(TCPS_NAMES) and dst.state < len(TCPS_NAMES):
+            line += f"   {TCPS_NAMES[src.state]}:{TCPS_NAMES[dst.state]}"
+        else:
+            line += f"   {src.state}:{dst.state}"
+    elif proto == 17 and src.state < 3 and dst.state < 3:
+        line += f"   {PFUDPS_NAMES[src.state]}:{PFUDPS_NAMES[dst.state]}"
+    elif src.state < 3 and dst.state < 3:
+        line += f"   {PFOTHERS_NAMES[src.state]}:{PFOTHERS_NAMES[dst.state]}"
+    else:
+        line += f"   {src.state}:{dst.state}"
+    lines = ["\t" + line]
+    if verbose:
+        if proto == 6:
+            seq = "   " + _seq(src)
+            if src.wscale and dst.wscale:
+                seq += f" wscale {src.wscale & PF_WSCALE_MASK}"
+            seq += "  " + _seq(dst)
+            if src.wscale and dst.wscale:
+                seq += f" wscale {dst.wscale & PF_WSCALE_MASK}"
+            lines.append("\t" + seq)
+        more = (f"   age {_hms(st.creation)}, expires in {_hms(st.expire)}, "
+                f"{st.packets[0]}:{st.packets[1]} pkts, {st.bytes[0]}:{st.bytes[1]} bytes")  # fmt: skip
+        if st.anchor != 0xFFFFFFFF:
+            more += f", anchor {st.anchor}"
+        if st.rule != 0xFFFFFFFF:
+            more += f", rule {st.rule}"
+        if st.sync_flags & PFSYNC_FLAG_SRCNODE:
+            more += ", source-track"
+        if st.sync_flags & PFSYNC_FLAG_NATSRCNODE:
+            more += ", sticky-address"
+        lines.append("\t" + more)
+        lines.append(f"\t   id: {st.id:016x} creatorid: {st.creatorid:08x}")
+    return lines
+
+
+def message_lines(msg: Any, dialect: str, verbose: int) -> list[str]:
+    if isinstance(msg, wire.State):
+        return state_lines(msg, dialect, verbose)
+    if isinstance(msg, legacy.StateDel):
+        return [f"\tid: {msg.id:016x} creatorid: {msg.creatorid:08x}"]
+    if isinstance(msg, wire.Clr):
+        s = f"\tcreatorid: {msg.creatorid:08x}"
+        return [s + (f" interface: {msg.ifname}" if msg.ifname else "")]
+    if isinstance(msg, wire.Bus):
+        status = {1: "start", 2: "end"}.get(msg.status, "UNKNOWN")
+        return [f"\tcreatorid: {msg.creatorid:08x} age: {_hms(msg.endtime)} status: {status}"]
+    if isinstance(msg, wire.Tdb):
+        return [f"\tspi: {msg.spi:08x} rpl: {msg.rpl} cur_bytes: {msg.cur_bytes}"]
+    if isinstance(msg, wire.Eof):
+        return [f"\t hmac: {bytes(msg.hmac).hex()}"]
+    if isinstance(msg, bytes):
+        return [f"\traw: {msg.hex()}"]
+    if hasattr(msg, "id") and hasattr(msg, "creatorid"):
+        return [f"\tid: {msg.id:016x} creatorid: {msg.creatorid:08x}"]
+    return [f"\t{msg!r}"]
+
+
+def _ts(ts: float) -> str:
+    return f"{ts:.6f}"
+
+
+def frame_text(pkt: PfsyncPacket, dec: Decoded, verbose: int, extra_errors: list[str]) -> str:
+    head = _ts(pkt.ts) + " "
+    if pkt.src is not None:
+        head += f"{pkt.src} > {pkt.dst}: "
+    f = dec.frame
+    lines: list[str] = []
+    if f is None:
+        head += f"PFSYNC [|pfsync] {len(pkt.payload)} bytes"
+        errors = [str(dec.error)] if dec.error else []
+    elif isinstance(f, legacy.V4Frame):
+        head += f"PFSYNCv{f.version} count {f.count}"
+        name = (legacy.V4_TCPDUMP_NAMES[f.action] if f.action < len(legacy.V4_TCPDUMP_NAMES)
+                else f"{f.action}?")  # fmt: skip
+        lines.append(f"    act {name} count {f.count}")
+        if verbose:
+            for m in f.messages:
+                lines.extend(message_lines(m, "openbsd45", verbose))
+        errors = list(f.errors)
+    else:
+        head += f"PFSYNCv{f.version} len {f.len}"
+        for s in f.sections:
+            label = wire.TCPDUMP_NAMES.get(s.action, s.action)
+            extra = " (skipped)" if s.skipped else ""
+            lines.append(f"    act {label} count {s.count}{extra}")
+            if verbose:
+                for m in s.messages:
+                    lines.extend(message_lines(m, dec.dialect, verbose))
+        errors = list(f.errors)
+    if pkt.ttl is not None:
+        head += f" (ttl {pkt.ttl})"
+    for e in extra_errors + errors:
+        lines.append(f"    error: {e}")
+    return "\n".join([head, *lines])
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def _live(ifname: str, count: int | None, seconds: float | None) -> Iterator[PfsyncPacket]:
+    """pfsync frames seen on ``ifname`` through an AF_PACKET socket (needs CAP_NET_RAW)."""
+    eth_p_all = 0x0003
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(eth_p_all))
+    try:
+        sock.bind((ifname, 0))
+        deadline = time.monotonic() + seconds if seconds is not None else None
+        seen = 0
+        while count is None or seen < count:
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                sock.settimeout(min(left, 1.0))
+            else:
+                sock.settimeout(1.0)
+            try:
+                buf, addr = sock.recvfrom(65535)
+            except TimeoutError:
+                continue
+            hatype = addr[3] if len(addr) > 3 else 1
+            linktype = LINKTYPE_ETHERNET if hatype in (1, 772) else 101
+            pkt = pfsync_from_record(time.time(), linktype, buf)
+            if pkt is not None:
+                seen += 1
+                yield pkt
+    finally:
+        sock.close()
+
+
+@click.command("dump")
+@click.argument("capture", required=False, type=click.Path(exists=True, dir_okay=False))
+@click.option("--dialect", type=click.Choice(DIALECT_CHOICES), default="auto", show_default=True,
+              help="wire dialect; auto picks it from the version byte and section sizes")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per frame per line")
+@click.option("-v", "--verbose", count=True, help="print every message")
+@click.option("-i", "--interface", "ifname", help="read live from this interface (AF_PACKET)")
+@click.option("--count", "max_count", type=int, help="stop after N pfsync frames")
+@click.option("--seconds", type=float, help="stop live capture after S seconds")
+def dump(capture: str | None, dialect: str, as_json: bool, verbose: int, ifname: str | None,
+         max_count: int | None, seconds: float | None) -> None:  # fmt: skip
+    """Print every pfsync frame of CAPTURE (pcap/pcapng) or of a live interface."""
+    if (capture is None) == (ifname is None):
+        raise click.UsageError("give exactly one of CAPTURE or -i IF")
+    if ifname is not None:
+        if max_count is None and seconds is None:
+            raise click.UsageError("live capture needs --count and/or --seconds")
+        source: Iterator[PfsyncPacket] = _live(ifname, max_count, seconds)
+    else:
+        assert capture is not None
+        source = iter_pfsync(capture)
+    last_choice: str | None = None
+    for n, pkt in enumerate(source):
+        if max_count is not None and n >= max_count:
+            break
+        dec = (
+            guess_dialect(pkt.payload, last_choice)
+            if dialect == "auto"
+            else _try(pkt.payload, dialect)
+        )
+        if dialect == "auto" and dec.dialect != last_choice:
+            click.echo(f"dump: dialect {dec.dialect}", err=True)
+            last_choice = dec.dialect
+        extra: list[str] = []
+        if pkt.ttl is not None and pkt.ttl != wire.PFSYNC_DFLTTL:
+            has = dec.frame is not None and any(e.startswith("badttl") for e in dec.frame.errors)
+            if not has:
+                extra.append(f"badttl: ttl {pkt.ttl}")
+        if as_json:
+            click.echo(json.dumps(frame_dict(pkt, dec, extra)))
+        else:
+            click.echo(frame_text(pkt, dec, verbose, extra))

@@ -1,0 +1,220 @@
+"""`pfcluster lab`: the active-active namespace lab (run, compare, sweep, clean)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+console = Console(stderr=True)
+
+
+def stdout_console() -> Console:
+    """Tables on stdout; wide enough when piped to a file (rich would use 80 columns)."""
+    return Console() if sys.stdout.isatty() else Console(width=140)
+
+firewall_option = click.option(
+    "--firewall", "firewall", type=click.Choice(["auto", "daemon", "plain"]), default="auto",
+    show_default=True,
+    help="daemon: pfcluster daemon per firewall; plain: stateless Linux routers; "
+         "auto: the daemon when it is installed",
+)
+seconds_option = click.option("--seconds", type=click.FloatRange(0.5, 600), default=10.0,
+                              show_default=True, help="iperf3 duration per run")
+streams_option = click.option("--streams", type=click.IntRange(1, 64), default=4,
+                              show_default=True, help="parallel TCP streams (iperf3 -P)")
+
+
+def _need_root() -> None:
+    if os.geteuid() != 0:
+        raise click.UsageError("the lab needs root (network namespaces, iptables)")
+
+
+@contextlib.contextmanager
+def progress_display(total_runs: int) -> Iterator[Callable[[int, int, str, str, float], None]]:
+    """A rich progress display: one bar for all runs, one for the current run."""
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[what]}"),
+        TimeElapsedColumn(), console=console, transient=False,
+    ) as prog:
+        overall = prog.add_task("all runs", total=total_runs, what="")
+        current = prog.add_task("", total=1.0, what="")
+
+        def update(i: int, n: int, name: str, what: str, frac: float) -> None:
+            prog.update(overall, completed=i + frac, total=n, what=f"{i + 1}/{n}")
+            prog.update(current, description=name, completed=frac, what=what)
+
+        yield update
+
+
+def _interrupted() -> None:
+    console.print("[yellow]interrupted: the lab was removed[/]")
+    sys.exit(130)
+
+
+@click.group("lab")
+def lab() -> None:
+    """Namespace lab: real TCP through N firewalls, symmetric, split or ECMP paths."""
+
+
+@lab.command("run")
+@click.option("--paths", type=click.Choice(["symmetric", "split", "ecmp"]), default="split",
+              show_default=True)
+@click.option("--sync", type=click.Choice(["v5", "v4", "off"]), default="v5", show_default=True)
+@seconds_option
+@streams_option
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write figures here")
+@click.option("--firewalls", type=click.IntRange(1, 9), default=2, show_default=True)
+@firewall_option
+@click.option("--failover", is_flag=True,
+              help="halfway through, kill fw1 and move its routes to fw2")
+@click.option("--integrity-mb", type=click.IntRange(0, 1024), default=0,
+              help="after iperf3, move this many MB of a known stream and check SHA-256")
+@click.option("--defer", is_flag=True, help="daemon --defer")
+@click.option("--rules", type=click.Path(exists=True, dir_okay=False),
+              help="pf.conf for the daemons (default: the lab ruleset)")
+@click.option("--dialect", default=None, help="daemon --dialect")
+@click.option("--syncpeer", is_flag=True, help="unicast to the peer instead of multicast")
+@click.option("--keep-logs", is_flag=True, help="keep daemon and iperf3 logs (prints the dir)")
+def run_cmd(json_path: str | None, integrity_mb: int, **opts: Any) -> None:
+    """One configuration: build, start firewalls, iperf3, counters, tear down."""
+    _need_root()
+    from pfcluster.lab.experiment import RunConfig, run_one
+    from pfcluster.lab.netns import LabError
+    from pfcluster.lab.report import run_table, write_json
+
+    cfg = RunConfig(integrity_bytes=integrity_mb << 20, **opts)
+    try:
+        cfg.check()
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    try:
+        with progress_display(1) as update:
+            doc = run_one(cfg, lambda what, frac: update(0, 1, cfg.label(), what, frac))
+    except KeyboardInterrupt:
+        _interrupted()
+    except LabError as exc:
+        console.print(f"[red]pfcluster lab run: {exc}[/]")
+        sys.exit(1)
+    if json_path:
+        write_json(json_path, doc)
+    stdout_console().print(run_table(doc))
+    for err in doc["errors"]:
+        console.print(f"[yellow]{err}[/]")
+    failed = not doc["ok"] or (cfg.failover and not doc["failover"]["survived"])
+    if cfg.integrity_bytes and not doc["integrity"]["intact"]:
+        failed = True
+    sys.exit(1 if failed else 0)
+
+
+@lab.command("compare")
+@seconds_option
+@streams_option
+@firewall_option
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="out/compare",
+              show_default=True, help="writes compare.json, compare.png, compare.md here")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False),
+              help="also write the JSON here")
+@click.option("--rules", type=click.Path(exists=True, dir_okay=False), default=None)
+def compare_cmd(seconds: float, streams: int, firewall: str, out_dir: str,
+                json_path: str | None, rules: str | None) -> None:
+    """The main job: single firewall, symmetric pair, split v5, split v4, ECMP v5."""
+    _need_root()
+    from pfcluster.lab.experiment import RunConfig, compare_configs, resolve_mode, run_compare
+    from pfcluster.lab.report import compare_chart, compare_markdown, print_compare, write_json
+
+    base = RunConfig(seconds=seconds, streams=streams, firewall=firewall, rules=rules)
+    kind = resolve_mode(firewall)
+    base = replace(base, firewall=kind)
+    if kind == "plain":
+        console.print("[yellow]firewalls are plain Linux routers (no pf, no pfsync): "
+                      "the sync columns mean nothing in this mode[/]")
+    configs = compare_configs(base)
+    try:
+        with progress_display(len(configs)) as update:
+            doc = run_compare(base, update, configs)
+    except KeyboardInterrupt:
+        _interrupted()
+    out = Path(out_dir)
+    write_json(out / "compare.json", doc)
+    if json_path:
+        write_json(json_path, doc)
+    (out / "compare.md").write_text(compare_markdown(doc))
+    compare_chart(doc, out / "compare.png")
+    print_compare(doc, stdout_console())
+    console.print(f"wrote {out / 'compare.json'}, {out / 'compare.png'}, {out / 'compare.md'}")
+
+
+def _rates(text: str) -> tuple[int, ...]:
+    try:
+        rates = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError as exc:
+        raise click.BadParameter("comma-separated packets per second") from exc
+    if not rates or any(r <= 0 for r in rates):
+        raise click.BadParameter("positive packets per second")
+    return rates
+
+
+@lab.command("sweep")
+@click.option("--rates", default="2000,5000,10000,20000,40000,80000", show_default=True,
+              help="offered packets per second, comma-separated")
+@click.option("--mss", type=click.IntRange(536, 1448), default=1000, show_default=True,
+              help="fixed segment size (iperf3 -M)")
+@click.option("--sync", type=click.Choice(["v5", "v4"]), default="v5", show_default=True)
+@seconds_option
+@streams_option
+@firewall_option
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="out/sweep",
+              show_default=True, help="writes sweep.json and sweep.png here")
+def sweep_cmd(rates: str, mss: int, sync: str, seconds: float, streams: int, firewall: str,
+              out_dir: str) -> None:
+    """Split paths at rising packet rates: goodput ratio and state-mismatch vs pps."""
+    _need_root()
+    from pfcluster.lab.experiment import RunConfig, resolve_mode, run_sweep
+    from pfcluster.lab.report import sweep_chart, sweep_table, write_json
+
+    kind = resolve_mode(firewall)
+    base = RunConfig(seconds=seconds, streams=streams, firewall=kind, mss=mss, sync=sync)
+    parsed = _rates(rates)
+    try:
+        with progress_display(len(parsed)) as update:
+            doc = run_sweep(base, parsed, update)
+    except KeyboardInterrupt:
+        _interrupted()
+    out = Path(out_dir)
+    write_json(out / "sweep.json", doc)
+    sweep_chart(doc, out / "sweep.png")
+    stdout_console().print(sweep_table(doc))
+    console.print(f"wrote {out / 'sweep.json'}, {out / 'sweep.png'}")
+
+
+@lab.command("clean")
+@click.option("--dry-run", is_flag=True, help="only list what would be removed")
+def clean_cmd(dry_run: bool) -> None:
+    """Remove lab namespaces left by runs whose process is gone (e.g. after SIGKILL)."""
+    _need_root()
+    from pyroute2 import netns
+
+    from pfcluster.lab.netns import kill_ns_processes, list_namespaces
+
+    stale = []
+    for name in list_namespaces():
+        m = re.fullmatch(r"pfc(\d+)-\w+", name)
+        if m and not Path(f"/proc/{m.group(1)}").exists():
+            stale.append(name)
+    for name in stale:
+        click.echo(("would remove " if dry_run else "removing ") + name)
+        if not dry_run:
+            kill_ns_processes(name)
+            netns.remove(name)
+    if not stale:
+        click.echo("nothing to clean")

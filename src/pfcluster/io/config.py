@@ -1,0 +1,107 @@
+"""Daemon options: command-line flags or the same keys in a TOML file (flags win).
+
+    rules = "/etc/pfcluster/pf.conf"
+    syncdev = "sync0"          # "none": filter only, no pfsync transport
+    syncpeer = "192.0.2.2"     # omit for multicast 224.0.0.240 (IPv6: ff02::f0)
+    syncgroup6 = "ff02::f0"    # optional second transport over IPv6
+    maxupd = 128
+    defer = false
+    dialect = "openbsd45"
+    protocol = "v5"            # "v4": the pre-2009 pfsync behaviour, for comparison
+    queue = 0
+    control = "/run/pfcluster.sock"
+    fail_open = false
+    hostid = 0x1234            # pfsync creatorid; random when absent
+    syslog = false
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from pfcluster.io.control import DEFAULT_CONTROL
+
+DIALECTS = ("openbsd45", "freebsd1301", "freebsd1400", "openbsd6")
+PROTOCOLS = ("v5", "v4")
+NO_SYNC = "none"  # --syncdev none: a filtering node without pfsync transport
+
+
+class ConfigError(ValueError):
+    """A config file or option is unusable; the message names the key."""
+
+
+@dataclass
+class DaemonConfig:
+    rules: str = ""
+    syncdev: str = ""
+    syncpeer: str | None = None
+    syncgroup6: str | None = None
+    maxupd: int = 128
+    defer: bool = False
+    dialect: str = "openbsd45"
+    protocol: str = "v5"
+    queue: int = 0
+    control: str = DEFAULT_CONTROL
+    fail_open: bool = False
+    hostid: int | None = None
+    syslog: bool = False
+    verbose: bool = False
+
+    @property
+    def sync_enabled(self) -> bool:
+        return self.syncdev != NO_SYNC
+
+    def validate(self) -> DaemonConfig:
+        if not self.rules:
+            raise ConfigError("rules: a pf.conf path is required")
+        if not self.syncdev:
+            raise ConfigError("syncdev: the sync interface is required")
+        if self.dialect not in DIALECTS:
+            raise ConfigError(f"dialect: {self.dialect!r} is not one of {', '.join(DIALECTS)}")
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"protocol: {self.protocol!r} is not one of {', '.join(PROTOCOLS)}")
+        if not 0 <= self.queue <= 65535:
+            raise ConfigError(f"queue: {self.queue} is not 0..65535")
+        if not 1 <= self.maxupd <= 255:
+            raise ConfigError(f"maxupd: {self.maxupd} is not 1..255")
+        if self.hostid is not None and not 0 < self.hostid <= 0xFFFFFFFF:
+            raise ConfigError(f"hostid: {self.hostid} is not a non-zero 32-bit value")
+        return self
+
+
+_TYPES: dict[str, tuple[type, ...]] = {
+    "rules": (str,), "syncdev": (str,), "syncpeer": (str,), "syncgroup6": (str,),
+    "maxupd": (int,), "defer": (bool,), "dialect": (str,), "protocol": (str,), "queue": (int,),
+    "control": (str,), "fail_open": (bool,), "hostid": (int,), "syslog": (bool,),
+    "verbose": (bool,),
+}
+
+
+def load_config(path: str | None, overrides: dict[str, Any]) -> DaemonConfig:
+    """File values, then every override that is not None (a click flag left unset)."""
+    values: dict[str, Any] = {}
+    if path:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+        data = {k.replace("-", "_"): v for k, v in data.items()}
+        known = {f.name for f in fields(DaemonConfig)}
+        for key, value in data.items():
+            if key not in known:
+                raise ConfigError(f"{path}: unknown key {key!r}")
+            want = _TYPES[key]
+            if isinstance(value, bool) and bool not in want:
+                raise ConfigError(f"{path}: {key} must be {want[0].__name__}")
+            if not isinstance(value, want):
+                raise ConfigError(f"{path}: {key} must be {want[0].__name__}")
+            values[key] = value
+        if "rules" in values and not Path(values["rules"]).is_absolute():
+            values["rules"] = str(Path(path).parent / values["rules"])
+    for key, value in overrides.items():
+        if value is not None:
+            values[key] = value
+    return DaemonConfig(**values).validate()

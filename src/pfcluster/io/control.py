@@ -1,0 +1,210 @@
+"""The control socket: newline-delimited JSON over a Unix stream socket (mode 0600).
+
+One request per line, one response per line: `{"cmd": "states", "verbose": true}` ->
+`{"ok": true, "text": [...], "data": ...}` or `{"ok": false, "error": "..."}`. The server
+is non-blocking and lives in the daemon's one selector loop, so a slow or hostile client
+can cost a little memory (bounded: MAX_REQUEST bytes per client, MAX_CLIENTS) but never
+stalls the packet path. The client side is a plain blocking socket used by `ctl`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import stat
+from collections.abc import Callable
+from typing import Any
+
+DEFAULT_CONTROL = "/run/pfcluster.sock"
+MAX_REQUEST = 64 * 1024
+MAX_CLIENTS = 32
+MAX_PENDING_OUT = 16 << 20
+
+Handler = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+class ControlError(RuntimeError):
+    """The daemon answered with an error, or could not be reached."""
+
+
+def encode(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), default=str).encode() + b"\n"
+
+
+def handle_line(line: bytes, handler: Handler) -> dict[str, Any]:
+    """Decode one request and run it; any failure becomes an error response."""
+    try:
+        req = json.loads(line)
+    except (ValueError, UnicodeDecodeError) as exc:
+        return {"ok": False, "error": f"bad JSON: {exc}"}
+    if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
+        return {"ok": False, "error": "request must be an object with a string 'cmd'"}
+    try:
+        return handler(req)
+    except Exception as exc:  # a bug in one command must not kill the firewall
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+
+
+class ControlClientConn:
+    """One accepted connection: input buffer, pending output."""
+
+    __slots__ = ("closing", "inbuf", "outbuf", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.inbuf = bytearray()
+        self.outbuf = bytearray()
+        self.closing = False
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+
+class ControlServer:
+    """Listening socket plus connections; the loop calls `accept`, `readable`, `writable`."""
+
+    def __init__(self, path: str, handler: Handler) -> None:
+        self.path = path
+        self.handler = handler
+        self.clients: dict[int, ControlClientConn] = {}
+        self._remove_stale()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)  # the file is born 0600: no window with wider access
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        sock.listen(16)
+        sock.setblocking(False)
+        self.sock = sock
+
+    def _remove_stale(self) -> None:
+        """Delete a socket file nobody listens on; refuse if a live daemon owns it."""
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ControlError(f"{self.path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(1.0)
+        try:
+            probe.connect(self.path)
+        except OSError:
+            os.unlink(self.path)
+            return
+        finally:
+            probe.close()
+        raise ControlError(f"{self.path}: another daemon is listening")
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def accept(self) -> ControlClientConn | None:
+        try:
+            conn, _ = self.sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return None
+        if len(self.clients) >= MAX_CLIENTS:
+            conn.close()
+            return None
+        conn.setblocking(False)
+        client = ControlClientConn(conn)
+        self.clients[conn.fileno()] = client
+        return client
+
+    def readable(self, client: ControlClientConn) -> None:
+        """Read what is there, answer every complete line; oversize -> error + close."""
+        try:
+            data = client.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            client.closing = True
+            client.outbuf.clear()
+            return
+        if not data:
+            client.closing = True
+            return
+        client.inbuf += data
+        while True:
+            nl = client.inbuf.find(b"\n")
+            if nl < 0:
+                break
+            line = bytes(client.inbuf[:nl])
+            del client.inbuf[: nl + 1]
+            if len(line) > MAX_REQUEST:
+                self._oversize(client)
+                return
+            if line.strip():
+                client.outbuf += encode(handle_line(line, self.handler))
+                if len(client.outbuf) > MAX_PENDING_OUT:
+                    client.closing = True
+                    return
+        if len(client.inbuf) > MAX_REQUEST:
+            self._oversize(client)
+
+    def _oversize(self, client: ControlClientConn) -> None:
+        client.inbuf.clear()
+        client.outbuf += encode({"ok": False, "error": f"request exceeds {MAX_REQUEST} bytes"})
+        client.closing = True
+
+    def writable(self, client: ControlClientConn) -> None:
+        if client.outbuf:
+            try:
+                n = client.sock.send(client.outbuf)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                client.outbuf.clear()
+                client.closing = True
+                return
+            del client.outbuf[:n]
+
+    def done(self, client: ControlClientConn) -> bool:
+        """True when the connection should be closed now (after flushing its answer)."""
+        return client.closing and not client.outbuf
+
+    def drop(self, client: ControlClientConn) -> None:
+        self.clients.pop(client.fileno(), None)
+        client.sock.close()
+
+    def close(self) -> None:
+        for client in list(self.clients.values()):
+            self.drop(client)
+        self.sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+def request(path: str, cmd: str, timeout: float = 10.0, **args: Any) -> dict[str, Any]:
+    """Send one request and return the decoded response (raises ControlError if the
+    daemon cannot be reached or the answer is not one JSON line)."""
+    req = {"cmd": cmd, **args}
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            raise ControlError(f"cannot connect to {path}: {exc.strerror or exc}") from exc
+        sock.sendall(encode(req))
+        buf = bytearray()
+        while b"\n" not in buf:
+            chunk = sock.recv(1 << 20)
+            if not chunk:
+                break
+            buf += chunk
+    finally:
+        sock.close()
+    line, _, _ = bytes(buf).partition(b"\n")
+    try:
+        resp = json.loads(line)
+    except ValueError as exc:
+        raise ControlError(f"bad answer from daemon: {line[:200]!r}") from exc
+    if not isinstance(resp, dict):
+        raise ControlError(f"bad answer from daemon: {line[:200]!r}")
+    return resp

@@ -1,0 +1,254 @@
+"""The data plane: NFQUEUE packets through pf, in batches, with pfsync deferral.
+
+One queue serves the three iptables hooks; netfilterqueue reports which hook queued the
+packet (`Packet.hook`: NF_INET_LOCAL_IN 1, FORWARD 2, LOCAL_OUT 3), so no second queue
+is needed to tell a forwarded packet from a local one. A forwarded packet is tested `in`
+on its input interface and then `out` on its output interface, as pf does on a router
+(passes only if both pass); a packet to the firewall gets only the `in` test, one from
+it only the `out` test.
+
+Batching: the netfilterqueue callback only records (packet, payload) — the payload must be
+copied inside the callback because the library frees its buffer afterwards. When
+`run(block=False)` has drained the netlink socket, the batch is decided, verdicts are
+issued, then the pfsync engine's `end_of_batch` runs once (so one frame carries the
+updates of a whole batch, like pfsync's per-softnet flush).
+
+Deferral: a verdict can be given after the callback returned (the Packet keeps the queue
+handle and packet id), so a deferred packet is simply kept in the engine as its opaque
+handle until `take_releases` says accept or drop. The kernel keeps the packet meanwhile
+(bounded by the queue length, which is why the engine's defer limit must stay below it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pfcluster.io.iptables import GENERATED_MARK
+from pfcluster.pf.constants import PF_IN, PF_OUT
+
+log = logging.getLogger("pfcluster.dataplane")
+
+NF_INET_LOCAL_IN = 1
+NF_INET_FORWARD = 2
+NF_INET_LOCAL_OUT = 3
+QUEUE_MAXLEN = 4096
+SO_MARK = getattr(socket, "SO_MARK", 36)
+
+
+@dataclass
+class DataplaneCounters:
+    packets: int = 0
+    passed: int = 0
+    blocked: int = 0
+    malformed: int = 0
+    deferred: int = 0
+    released_pass: int = 0
+    released_drop: int = 0
+    replies: int = 0
+    reply_errors: int = 0
+    batches: int = 0
+    max_batch: int = 0
+    errors: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+class ReplySender:
+    """Raw sockets for pf's own packets (RST, ICMP unreachable, challenge ACK): the whole
+    IP packet is built by the core, marked so our iptables chain does not queue it."""
+
+    def __init__(self, mark: int = GENERATED_MARK) -> None:
+        self.v4 = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        self.v4.setsockopt(socket.IPPROTO_IP, socket.IP_HDRINCL, 1)
+        self.v6: socket.socket | None
+        try:
+            # AF_INET6 + IPPROTO_RAW means "header included" on Linux.
+            self.v6 = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        except OSError:
+            self.v6 = None
+        for s in (self.v4, self.v6):
+            if s is None:
+                continue
+            s.setblocking(False)
+            try:
+                s.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+            except OSError:
+                pass
+
+    def send(self, packet: bytes) -> bool:
+        if not packet:
+            return False
+        version = packet[0] >> 4
+        try:
+            if version == 4 and len(packet) >= 20:
+                self.v4.sendto(packet, (socket.inet_ntoa(packet[16:20]), 0))
+                return True
+            if version == 6 and len(packet) >= 40 and self.v6 is not None:
+                dst = socket.inet_ntop(socket.AF_INET6, packet[24:40])
+                self.v6.sendto(packet, (dst, 0))
+                return True
+        except OSError as exc:
+            log.debug("reply not sent: %s", exc)
+        return False
+
+    def close(self) -> None:
+        self.v4.close()
+        if self.v6 is not None:
+            self.v6.close()
+
+
+@dataclass
+class Dataplane:
+    """Binds the queue and runs batches through `filt` (a pf Filter) and `engine`."""
+
+    queue_num: int
+    filt: Any
+    engine: Any | None = None
+    replies: ReplySender | None = None
+    parse: Callable[[bytes], Any] | None = None
+    max_len: int = QUEUE_MAXLEN
+    clock: Callable[[], float] = time.monotonic
+    counters: DataplaneCounters = field(default_factory=DataplaneCounters)
+    log_verdicts: bool = True
+
+    def __post_init__(self) -> None:
+        from netfilterqueue import NetfilterQueue
+
+        if self.parse is None:
+            from pfcluster.packet import parse
+
+            self.parse = parse
+        self._batch: list[tuple[Any, bytes]] = []
+        self._ifnames: dict[int, str] = {}
+        self.pending = 0  # deferred packets whose verdict the engine still holds
+        self.nfq = NetfilterQueue()
+        append = self._batch.append
+        # The callback runs inside nfq_handle_packet; the payload buffer dies with it.
+        self.nfq.bind(self.queue_num, lambda p: append((p, p.get_payload())),
+                      max_len=self.max_len)
+
+    def fileno(self) -> int:
+        return int(self.nfq.get_fd())
+
+    def ifname(self, index: int) -> str:
+        """ifindex -> name, cached; interfaces renamed or created later are looked up
+        again on a miss, and an unknown index keeps its number as a name."""
+        name = self._ifnames.get(index)
+        if name is None:
+            try:
+                name = socket.if_indextoname(index)
+            except OSError:
+                return f"if{index}"
+            self._ifnames[index] = name
+        return name
+
+    def forget_interfaces(self) -> None:
+        self._ifnames.clear()
+
+    # --- the batch ---------------------------------------------------------------
+
+    def on_readable(self) -> int:
+        """Drain the queue socket, decide the batch, flush pfsync. Returns batch size."""
+        self.nfq.run(block=False)
+        batch = self._batch
+        n = len(batch)
+        if not n:
+            return 0
+        now = self.clock()
+        try:
+            for pkt, payload in batch:
+                try:
+                    self._decide(pkt, payload, now)
+                except Exception:
+                    # a core bug on one packet must not take the firewall down (which
+                    # would remove its rules): drop that packet, count and log it
+                    self.counters.errors += 1
+                    if self.counters.errors <= 10:
+                        log.exception("packet dropped after an internal error")
+                    with contextlib.suppress(RuntimeError):
+                        pkt.drop()
+        finally:
+            batch.clear()
+        c = self.counters
+        c.batches += 1
+        if n > c.max_batch:
+            c.max_batch = n
+        if self.engine is not None:
+            self.engine.end_of_batch(now)
+        return n
+
+    def _decide(self, pkt: Any, payload: bytes, now: float) -> None:
+        c = self.counters
+        c.packets += 1
+        try:
+            parsed = self.parse(payload)  # type: ignore[misc]
+        except ValueError:  # MalformedPacket is a ValueError
+            c.malformed += 1
+            c.blocked += 1
+            pkt.drop()
+            return
+        hook = pkt.hook
+        filt = self.filt
+        new_state = None
+        if hook == NF_INET_LOCAL_OUT:
+            v = filt.test(PF_OUT, self.ifname(pkt.outdev), parsed, now)
+        else:
+            v = filt.test(PF_IN, self.ifname(pkt.indev), parsed, now)
+            if hook == NF_INET_FORWARD and v.action == "pass":
+                if v.new_state:
+                    new_state = v.state
+                self._emit(v)
+                v = filt.test(PF_OUT, self.ifname(pkt.outdev), parsed, now)
+        if v.new_state and new_state is None:
+            new_state = v.state
+        self._emit(v)
+        if v.action != "pass":
+            c.blocked += 1
+            pkt.drop()
+            return
+        if new_state is not None and self.engine is not None and \
+                self.engine.defer(new_state, pkt, now):
+            c.deferred += 1
+            self.pending += 1
+            return
+        c.passed += 1
+        pkt.accept()
+
+    def _emit(self, v: Any) -> None:
+        """pf's log lines and its own reply packet (RST, unreachable, challenge ACK)."""
+        if v.log and self.log_verdicts:
+            for line in v.log:
+                log.info("%s", line)
+        if v.reply:
+            self._reply(v.reply)
+
+    def _reply(self, packet: bytes) -> None:
+        if self.replies is not None and self.replies.send(packet):
+            self.counters.replies += 1
+        else:
+            self.counters.reply_errors += 1
+
+    def apply_releases(self, releases: list[tuple[Any, bool]]) -> None:
+        """Verdicts for deferred packets the engine let go (ack from a peer, timeout)."""
+        c = self.counters
+        for handle, accept in releases:
+            self.pending -= 1
+            try:
+                if accept:
+                    handle.accept()
+                    c.released_pass += 1
+                else:
+                    handle.drop()
+                    c.released_drop += 1
+            except RuntimeError as exc:  # verdict already given / queue gone
+                log.warning("deferred packet release failed: %s", exc)
+
+    def close(self) -> None:
+        self.nfq.unbind()

@@ -1,0 +1,386 @@
+"""The daemon: one selectors loop over NFQUEUE, the pfsync socket(s), the control socket
+and a signal wakeup fd; the timeout is the core's next deadline (capped at 1 s).
+
+Everything the core needs from the world is passed in here and nowhere else: `now` is
+time.monotonic() read once per wakeup, frames go in through `engine.receive`, packets
+through `filter.test`; the engine's output frames and released deferrals are collected
+after every wakeup (`_flush`). No thread touches the packet path; signal handlers only
+record the signal (the wakeup fd makes select return), and the loop acts on it.
+
+Start order matters for a firewall: queue bound before the iptables rules exist (no
+packet is queued to nobody), the rules removed before the queue is unbound, and removal
+sits in a `finally` so SIGTERM, SIGINT and exceptions all leave the host clean.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import selectors
+import signal
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pfcluster.io.config import DaemonConfig
+from pfcluster.io.control import ControlClientConn, ControlServer
+from pfcluster.io.iptables import IptablesRules
+from pfcluster.io.syncsock import SyncSet, SyncSocket
+
+log = logging.getLogger("pfcluster.daemon")
+
+MAX_TIMEOUT = 1.0
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+# selector keys' data: what kind of fd it is
+K_QUEUE, K_SYNC, K_LISTEN, K_CLIENT, K_SIGNAL = range(5)
+
+
+def load_ruleset(path: str) -> Any:
+    from pfcluster.pf.rules import load_rules
+
+    return load_rules(path)
+
+
+def make_core(cfg: DaemonConfig, ruleset: Any, now: float) -> tuple[Any, Any]:
+    """The real pf Filter and pfsync Engine (the core, sans I/O)."""
+    from pfcluster.pf.filter import Filter
+    from pfcluster.pfsync.engine import Engine
+
+    filt = Filter(ruleset, hostid=cfg.hostid, now=now)
+    engine = Engine(filt, dialect=cfg.dialect, protocol=cfg.protocol, maxupd=cfg.maxupd,
+                    defer=cfg.defer and cfg.sync_enabled, now=now)
+    return filt, engine
+
+
+class Daemon:
+    """One firewall node. `core` and `loader` replace the real core in tests."""
+
+    def __init__(
+        self,
+        cfg: DaemonConfig,
+        *,
+        core: Callable[[DaemonConfig, Any, float], tuple[Any, Any]] | None = None,
+        loader: Callable[[str], Any] | None = None,
+        install_iptables: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.cfg = cfg
+        # looked up at call time so a test can swap the module's make_core/load_ruleset
+        self.loader = loader or load_ruleset
+        self.clock = clock
+        self.install_iptables = install_iptables
+        self.started = clock()
+        self.ruleset = self.loader(cfg.rules)  # a broken file stops us before touching anything
+        self.filter, self.engine = (core or make_core)(cfg, self.ruleset, self.started)
+        self.sel = selectors.DefaultSelector()
+        self.stop_signal: int | None = None
+        self._signals: list[int] = []
+        self.sync = SyncSet()
+        self.dataplane: Any = None
+        self.control: ControlServer | None = None
+        self.iptables: IptablesRules | None = None
+        self.replies: Any = None
+        self._old_handlers: dict[int, Any] = {}
+        self._sigr: socket.socket | None = None
+        self._sigw: socket.socket | None = None
+        self._old_wakeup = -1
+        self.engine_errors = 0
+        if hasattr(self.engine, "on_sync_ok"):
+            self.engine.on_sync_ok = self._on_sync_ok
+
+    # --- setup / teardown -----------------------------------------------------
+
+    def skip_ifaces(self) -> list[str]:
+        sync = [self.cfg.syncdev] if self.cfg.sync_enabled else []
+        return [*sync, *sorted(getattr(self.ruleset, "skip_ifaces", ()))]
+
+    def setup(self) -> None:
+        from pfcluster.io.dataplane import Dataplane, ReplySender
+
+        cfg = self.cfg
+        self._install_signals()
+        if cfg.sync_enabled:
+            self.sync.sockets.append(SyncSocket(cfg.syncdev, peer=cfg.syncpeer))
+            if cfg.syncgroup6:
+                self.sync.sockets.append(SyncSocket(cfg.syncdev, group=cfg.syncgroup6))
+        for s in self.sync.sockets:
+            self.sel.register(s, selectors.EVENT_READ, (K_SYNC, s))
+        self.control = ControlServer(cfg.control, self.handle_request)
+        self.sel.register(self.control, selectors.EVENT_READ, (K_LISTEN, None))
+        self.replies = ReplySender()
+        self.dataplane = Dataplane(cfg.queue, self.filter, self.engine, self.replies,
+                                   clock=self.clock)
+        self.sel.register(self.dataplane.fileno(), selectors.EVENT_READ, (K_QUEUE, None))
+        if self.install_iptables:
+            self.iptables = IptablesRules(cfg.queue, self.skip_ifaces(), cfg.fail_open)
+            self.iptables.install()
+            log.info("iptables: chain %s installed (queue %d, %s)", self.iptables.chain,
+                     cfg.queue, "fail-open" if cfg.fail_open else "fail-closed")
+        now = self.clock()
+        if cfg.sync_enabled:
+            self.engine.start(now)  # bulk update request; sync_ok once answered
+        self._flush()
+        log.info("pfcluster daemon up: syncdev %s, %s, dialect %s, protocol %s, queue %d, "
+                 "control %s", cfg.syncdev,
+                 f"peer {cfg.syncpeer}" if cfg.syncpeer else "multicast", cfg.dialect,
+                 cfg.protocol, cfg.queue, cfg.control)
+
+    def teardown(self) -> None:
+        """Each step guarded: one failure must not keep the iptables rules in place."""
+        if self.iptables is not None:
+            try:
+                self.iptables.remove()
+                log.info("iptables: chain %s removed", self.iptables.chain)
+            except Exception as exc:
+                log.error("iptables cleanup failed: %s", exc)
+        if self.dataplane is not None:
+            with contextlib.suppress(Exception):
+                # deferred packets were passed by pf: let them go rather than have the
+                # kernel drop them when the queue is unbound
+                release_all = getattr(self.engine, "release_all", None)
+                if release_all is not None:
+                    release_all(self.clock())
+                pending = self.engine.take_releases()
+                self.dataplane.apply_releases([(h, True) for h, _ in pending])
+            with contextlib.suppress(Exception):
+                self.dataplane.close()
+        if self.control is not None:
+            with contextlib.suppress(Exception):
+                self.control.close()
+        self.sync.close()
+        if self.replies is not None:
+            self.replies.close()
+        self._restore_signals()
+        self.sel.close()
+
+    def _install_signals(self) -> None:
+        self._sigr, self._sigw = socket.socketpair()
+        self._sigr.setblocking(False)
+        self._sigw.setblocking(False)
+        self._old_wakeup = signal.set_wakeup_fd(self._sigw.fileno(), warn_on_full_buffer=False)
+        for sig in HANDLED_SIGNALS:
+            self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+        self.sel.register(self._sigr, selectors.EVENT_READ, (K_SIGNAL, None))
+
+    def _restore_signals(self) -> None:
+        for sig, handler in self._old_handlers.items():
+            signal.signal(sig, handler)
+        self._old_handlers.clear()
+        if self._sigw is not None:
+            signal.set_wakeup_fd(self._old_wakeup)
+            self._sigw.close()
+        if self._sigr is not None:
+            self._sigr.close()
+        self._sigr = self._sigw = None
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self._signals.append(signum)
+
+    def _on_sync_ok(self, ok: bool = True) -> None:
+        if ok:
+            log.info("pfsync: sync_ok (bulk update done or not needed)")
+        else:
+            log.info("pfsync: sync_ok cleared, waiting for a bulk update")
+
+    # --- the loop ---------------------------------------------------------------
+
+    def run(self) -> int:
+        """Set up, loop until SIGTERM/SIGINT, tear down. Returns the exit status."""
+        try:
+            self.setup()
+            self.loop()
+        finally:
+            self.teardown()
+        return 0
+
+    def timeout(self, now: float) -> float:
+        deadline = now + MAX_TIMEOUT
+        for d in (self.engine.next_deadline(), self.filter.next_deadline(now)):
+            if d is not None and d < deadline:
+                deadline = d
+        return max(0.0, deadline - now)
+
+    def loop(self) -> None:
+        sel = self.sel
+        while self.stop_signal is None:
+            now = self.clock()
+            events = sel.select(self.timeout(now))
+            for key, mask in events:
+                kind, obj = key.data
+                if kind == K_QUEUE:
+                    self.dataplane.on_readable()
+                elif kind == K_SYNC:
+                    self._sync_readable(obj)
+                elif kind == K_LISTEN:
+                    self._accept()
+                elif kind == K_CLIENT:
+                    self._client_event(obj, mask)
+                elif kind == K_SIGNAL:
+                    self._drain_signal_fd()
+            now = self.clock()
+            d = self.engine.next_deadline()
+            if d is not None and d <= now:
+                self.engine.timer(now)
+            d = self.filter.next_deadline(now)
+            if d is not None and d <= now:
+                self.filter.expire(now)
+            self._flush()
+            self._handle_signals()
+
+    def _flush(self) -> None:
+        """Send what the engine queued, and apply verdicts it released."""
+        frames = self.engine.take_output()
+        for frame in frames:
+            self.sync.send(frame)
+        releases = self.engine.take_releases()
+        if releases and self.dataplane is not None:
+            self.dataplane.apply_releases(releases)
+        take_log = getattr(self.engine, "take_log", None)
+        if take_log is not None:
+            for line in take_log():
+                log.info("%s", line)
+
+    def _sync_readable(self, sock: SyncSocket) -> None:
+        now = self.clock()
+        frames = sock.receive()
+        for frame in frames:
+            try:
+                self.engine.receive(frame.payload, now, src=frame.src, ttl=frame.ttl)
+            except Exception:  # the engine promises counters, not exceptions; be sure
+                self.engine_errors += 1
+                if self.engine_errors <= 10:
+                    log.exception("pfsync frame from %s dropped after an internal error",
+                                  frame.src)
+        if frames:
+            # like pfsync's softnet run after input: immediate work (INS_ACK for a peer's
+            # deferred packet, update requests) leaves now, not at the 1 s pace
+            self.engine.end_of_batch(now)
+
+    def _drain_signal_fd(self) -> None:
+        assert self._sigr is not None
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            while self._sigr.recv(4096):
+                pass
+
+    def _handle_signals(self) -> None:
+        while self._signals:
+            sig = self._signals.pop(0)
+            if sig == signal.SIGHUP:
+                res = self.reload()
+                if not res["ok"]:
+                    log.error("reload refused, old rules stay: %s", res["error"])
+            else:
+                log.info("%s: shutting down", signal.Signals(sig).name)
+                self.stop_signal = sig
+
+    # --- control -------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        assert self.control is not None
+        for _ in range(16):
+            client = self.control.accept()
+            if client is None:
+                break
+            self.sel.register(client, selectors.EVENT_READ, (K_CLIENT, client))
+
+    def _client_event(self, client: ControlClientConn, mask: int) -> None:
+        ctl = self.control
+        assert ctl is not None
+        if mask & selectors.EVENT_READ:
+            ctl.readable(client)
+        if client.outbuf:
+            ctl.writable(client)
+        if ctl.done(client):
+            self.sel.unregister(client)
+            ctl.drop(client)
+            return
+        want = selectors.EVENT_READ | (selectors.EVENT_WRITE if client.outbuf else 0)
+        if client.closing:
+            want = selectors.EVENT_WRITE
+        self.sel.modify(client, want, (K_CLIENT, client))
+
+    def reload(self) -> dict[str, Any]:
+        """Parse the file again; swap atomically only if it is valid."""
+        try:
+            ruleset = self.loader(self.cfg.rules)
+        except Exception as exc:  # RuleSyntaxError, OSError: old rules stay
+            return {"ok": False, "error": str(exc)}
+        self.filter.load(ruleset)
+        old_skip = self.skip_ifaces()
+        self.ruleset = ruleset
+        if self.iptables is not None and self.skip_ifaces() != old_skip:
+            try:
+                self.iptables.update_skip(self.skip_ifaces())
+            except Exception as exc:
+                log.error("iptables skip update failed: %s", exc)
+        n = len(getattr(ruleset, "rules", ()))
+        log.info("rules reloaded from %s: %d rules", self.cfg.rules, n)
+        return {"ok": True, "text": [f"reloaded {self.cfg.rules}: {n} rules"],
+                "data": {"rules": n}}
+
+    def counters(self, now: float) -> dict[str, Any]:
+        pfsync = dict(getattr(self.engine, "counters", {}))
+        for key, value in self.sync.counters().items():
+            if key in ("badttl", "badif"):  # counted here or by the engine: the sum is true
+                pfsync[key] = pfsync.get(key, 0) + value
+            else:
+                pfsync[f"sock_{key}"] = value
+        pfsync["engine_errors"] = self.engine_errors
+        return {
+            "pf": self.filter.counters_dict(now),
+            "pfsync": pfsync,
+            "dataplane": self.dataplane.counters.as_dict() if self.dataplane else {},
+            "sync_ok": bool(getattr(self.engine, "sync_ok", False)),
+            "states": len(self.filter.states),
+            "uptime": round(now - self.started, 3),
+            "pid": os.getpid(),
+        }
+
+    def handle_request(self, req: dict[str, Any]) -> dict[str, Any]:
+        cmd = req["cmd"]
+        now = self.clock()
+        if cmd == "states":
+            verbose = bool(req.get("verbose"))
+            return {"ok": True, "text": list(self.filter.format_states(now, verbose)),
+                    "data": self.filter.states_json(now)}
+        if cmd == "info":
+            data = self.counters(now)
+            text = list(self.filter.format_info(now))
+            text.append("pfsync")
+            text.extend(f"  {k:<25}{v:>14}" for k, v in sorted(data["pfsync"].items()))
+            text.append(f"  {'sync_ok':<25}{str(data['sync_ok']).lower():>14}")
+            text.append("dataplane")
+            text.extend(f"  {k:<25}{v:>14}" for k, v in sorted(data["dataplane"].items()))
+            return {"ok": True, "text": text, "data": data}
+        if cmd == "rules":
+            rules = [str(r) for r in getattr(self.ruleset, "rules", ())]
+            return {"ok": True, "text": rules, "data": rules}
+        if cmd == "kill":
+            host, host2, sid = req.get("host"), req.get("host2"), req.get("id")
+            if not host and sid is None:
+                return {"ok": False, "error": "kill needs host or id"}
+            try:
+                n = self.filter.kill_states(now, host=host or None, host2=host2 or None,
+                                            state_id=None if sid is None else str(sid))
+            except ValueError as exc:
+                return {"ok": False, "error": f"kill: {exc}"}
+            self.engine.end_of_batch(now)
+            self._flush()
+            return {"ok": True, "text": [f"killed {n} states"], "data": {"killed": n}}
+        if cmd == "flush":
+            what = req.get("what", "states")
+            if what != "states":
+                return {"ok": False, "error": f"cannot flush {what!r} (only 'states')"}
+            n = self.filter.flush_states(now)
+            self.engine.clear_states(now)
+            self.engine.end_of_batch(now)
+            self._flush()
+            log.info("flushed %d states, CLR sent", n)
+            return {"ok": True, "text": [f"{n} states cleared"], "data": {"flushed": n}}
+        if cmd == "reload":
+            return self.reload()
+        return {"ok": False, "error": f"unknown command {cmd!r}"}
+

@@ -1,0 +1,1051 @@
+"""pf.conf filter subset: lexer and recursive-descent parser producing a `Ruleset`.
+
+Errors read like pfctl's (`file:line:col: message`, col 1-based at the offending token)
+so an operator can jump to the spot; the first error stops the load and nothing is
+returned, as pfctl loads all or nothing.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+from pfcluster.pf.constants import (
+    AF_INET,
+    AF_INET6,
+    IPPROTO_ICMP,
+    IPPROTO_ICMPV6,
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    PF_IN,
+    PF_INOUT,
+    PF_OUT,
+    PFTM,
+    TCP_FLAG_LETTERS,
+    TIMEOUT_NAMES,
+)
+from pfcluster.pf.ruleset import (
+    ICMP6_TYPES,
+    ICMP_CODES,
+    ICMP_TYPES,
+    PF_OP_EQ,
+    PF_OP_GE,
+    PF_OP_GT,
+    PF_OP_IRG,
+    PF_OP_LE,
+    PF_OP_LT,
+    PF_OP_NE,
+    PF_OP_RRG,
+    PF_OP_XRG,
+    Addr,
+    Rule,
+    Ruleset,
+    Table,
+)
+
+__all__ = ["RuleSyntaxError", "load_rules", "parse_rules"]
+
+T = TypeVar("T")
+_NUMBER_RE = re.compile(r"(?:[0-9]+|0[xX][0-9a-fA-F]+)\Z")
+_DEC_RE = re.compile(r"[0-9]+\Z")
+
+
+def _isdec(text: str) -> bool:
+    """ASCII decimal digits only (str.isdigit also accepts '²', which int() rejects)."""
+    return _DEC_RE.match(text) is not None
+
+
+class RuleSyntaxError(ValueError):
+    """A pf.conf mistake; str() is `file:line:col: message`."""
+
+    def __init__(self, filename: str, line: int, col: int, message: str) -> None:
+        super().__init__(f"{filename}:{line}:{col}: {message}")
+        self.filename = filename
+        self.line = line
+        self.col = col
+        self.message = message
+
+
+PROTOCOLS: dict[str, int] = {
+    "ip": 0, "hopopt": 0, "icmp": 1, "igmp": 2, "ggp": 3, "ipencap": 4, "ipip": 4,
+    "st": 5, "tcp": 6, "egp": 8, "igp": 9, "pup": 12, "udp": 17, "hmp": 20,
+    "xns-idp": 22, "rdp": 27, "iso-tp4": 29, "dccp": 33, "xtp": 36, "ddp": 37,
+    "idpr-cmtp": 38, "ipv6": 41, "ipv6-route": 43, "ipv6-frag": 44, "idrp": 45,
+    "rsvp": 46, "gre": 47, "esp": 50, "ah": 51, "skip": 57, "ipv6-icmp": 58, "icmp6": 58,
+    "ipv6-nonxt": 59, "ipv6-opts": 60, "rspf": 73, "vmtp": 81, "eigrp": 88, "ospf": 89,
+    "ax.25": 93, "etherip": 97, "encap": 98, "pim": 103, "ipcomp": 108, "vrrp": 112,
+    "carp": 112, "l2tp": 115, "isis": 124, "sctp": 132, "udplite": 136,
+    "mpls-in-ip": 137, "pfsync": 240,
+}  # fmt: skip
+
+# IANA service names used when /etc/services is missing (tcp and udp share these).
+_BUILTIN_SERVICES: dict[str, int] = {
+    "echo": 7, "discard": 9, "daytime": 13, "ftp-data": 20, "ftp": 21, "ssh": 22,
+    "telnet": 23, "smtp": 25, "time": 37, "whois": 43, "domain": 53, "bootps": 67,
+    "bootpc": 68, "tftp": 69, "gopher": 70, "finger": 79, "http": 80, "www": 80,
+    "kerberos": 88, "pop3": 110, "sunrpc": 111, "auth": 113, "nntp": 119, "ntp": 123,
+    "netbios-ns": 137, "netbios-dgm": 138, "netbios-ssn": 139, "imap": 143, "imap2": 143,
+    "snmp": 161, "snmp-trap": 162, "bgp": 179, "irc": 194, "ldap": 389, "https": 443,
+    "microsoft-ds": 445, "isakmp": 500, "syslog": 514, "submission": 587, "ldaps": 636,
+    "rsync": 873, "imaps": 993, "pop3s": 995, "openvpn": 1194, "radius": 1812,
+    "nfs": 2049, "mysql": 3306, "sip": 5060, "postgresql": 5432, "x11": 6000,
+}  # fmt: skip
+
+
+def _load_services() -> dict[tuple[str, str], int]:
+    """Service names for tcp and udp: /etc/services when present, else the builtin list."""
+    table: dict[tuple[str, str], int] = {}
+    for name, port in _BUILTIN_SERVICES.items():
+        table[(name, "tcp")] = port
+        table[(name, "udp")] = port
+    try:
+        text = Path("/etc/services").read_text(errors="replace")
+    except OSError:
+        return table
+    for line in text.splitlines():
+        words = line.split("#", 1)[0].split()
+        if len(words) < 2 or "/" not in words[1]:
+            continue
+        port_s, _, proto = words[1].partition("/")
+        if not _isdec(port_s) or proto not in ("tcp", "udp"):
+            continue
+        for name in [words[0], *words[2:]]:
+            table.setdefault((name, proto), int(port_s))
+    return table
+
+
+SERVICES = _load_services()
+
+KEYWORDS = frozenset((
+    "pass", "block", "match", "in", "out", "log", "quick", "on", "inet", "inet6", "proto",
+    "from", "to", "all", "any", "port", "flags", "icmp-type", "icmp6-type", "code", "keep",
+    "no", "modulate", "synproxy", "state", "label", "table", "set", "persist", "const",
+    "counters", "drop", "return", "return-rst", "return-icmp", "anchor",
+))
+
+STATE_FLAGS_OPTS = ("no-sync", "sloppy", "pflow", "if-bound", "floating")
+DEBUG_LEVELS = ("none", "emerg", "alert", "crit", "err", "warning", "notice", "info",
+                "debug", "urgent", "misc", "loud")
+LIMIT_NAMES = ("states", "frags", "src-nodes", "tables", "table-entries", "pktdelay-pkts",
+               "anchors")
+
+_PUNCT2 = ("<=", ">=", "!=", "><", "<>")
+_PUNCT1 = "{}(),<>!=/"
+_NOT_WORD = set(' \t\r\n{}(),<>!=/#"\'$\\')
+
+
+@dataclass(slots=True)
+class Tok:
+    kind: str  # "word" | "string" | "punct" | "nl" | "eof"
+    text: str
+    line: int
+    col: int
+
+
+class _Lexer:
+    """Tokens on demand, so a macro defined on one line is expanded on the next."""
+
+    def __init__(self, text: str, filename: str, macros: dict[str, str]) -> None:
+        self.text = text
+        self.filename = filename
+        self.macros = macros
+
+    def error(self, line: int, col: int, msg: str) -> RuleSyntaxError:
+        return RuleSyntaxError(self.filename, line, col, msg)
+
+    def tokens(self) -> Iterator[Tok]:
+        last = None
+        for last in self._lex(self.text, 1, 1, None, 0):
+            yield last
+        assert last is not None and last.kind == "eof"
+        while True:  # reading past the end keeps returning end-of-file
+            yield last
+
+    def _lex(self, text: str, line: int, col: int, at: Tok | None, depth: int) -> Iterator[Tok]:
+        """Tokens of text; inside a macro expansion every token takes the `$name` position."""
+        i = 0
+        n = len(text)
+
+        def mk(kind: str, s: str, ln: int, c: int) -> Tok:
+            if at is not None:
+                return Tok(kind, s, at.line, at.col)
+            return Tok(kind, s, ln, c)
+
+        while i < n:
+            ch = text[i]
+            if ch in " \t\r":
+                i += 1
+                col += 1
+                continue
+            if ch == "\\" and text.startswith("\n", i + 1):
+                i += 2
+                line += 1
+                col = 1
+                continue
+            if ch == "\\" and text.startswith("\r\n", i + 1):
+                i += 3
+                line += 1
+                col = 1
+                continue
+            if ch == "#":
+                while i < n and text[i] != "\n":
+                    i += 1
+                continue
+            if ch == "\n":
+                if at is None:
+                    yield Tok("nl", "\n", line, col)
+                i += 1
+                line += 1
+                col = 1
+                continue
+            if ch == '"':
+                start_line, start_col = line, col
+                i += 1
+                col += 1
+                buf = []
+                while True:
+                    if i >= n or text[i] == "\n":
+                        raise self.error(*((at.line, at.col) if at else (start_line, start_col)),
+                                         "unterminated quoted string")
+                    c = text[i]
+                    if c == "\\" and i + 1 < n and text[i + 1] in '"\\':
+                        buf.append(text[i + 1])
+                        i += 2
+                        col += 2
+                        continue
+                    i += 1
+                    col += 1
+                    if c == '"':
+                        break
+                    buf.append(c)
+                yield mk("string", "".join(buf), start_line, start_col)
+                continue
+            if ch == "$":
+                j = i + 1
+                while j < n and (text[j].isalnum() or text[j] == "_"):
+                    j += 1
+                name = text[i + 1:j]
+                here = at or Tok("word", "$" + name, line, col)
+                if not name:
+                    raise self.error(here.line, here.col, "invalid macro reference '$'")
+                if name not in self.macros:
+                    raise self.error(here.line, here.col, f"macro '{name}' not defined")
+                if depth >= 16:
+                    raise self.error(here.line, here.col, f"macro '{name}' expands too deeply")
+                yield from self._lex(self.macros[name], line, col, here, depth + 1)
+                col += j - i
+                i = j
+                continue
+            two = text[i:i + 2]
+            if two in _PUNCT2:
+                yield mk("punct", two, line, col)
+                i += 2
+                col += 2
+                continue
+            if ch in _PUNCT1:
+                yield mk("punct", ch, line, col)
+                i += 1
+                col += 1
+                continue
+            if ch == "'" or ch == "\\":
+                raise self.error(*((at.line, at.col) if at else (line, col)),
+                                 f"unexpected character {ch!r}")
+            j = i
+            while j < n and text[j] not in _NOT_WORD:
+                j += 1
+            yield mk("word", text[i:j], line, col)
+            col += j - i
+            i = j
+        if at is None:
+            yield Tok("nl", "\n", line, col)
+            yield Tok("eof", "", line, col)
+
+
+# --- intermediate, pre-expansion rule description -----------------------------------
+
+
+@dataclass(slots=True)
+class _Host:
+    addr: Addr
+    tok: Tok
+
+
+@dataclass(slots=True)
+class _Port:
+    spec: tuple[int, int, int]
+    tok: Tok
+
+
+@dataclass
+class _RuleSpec:
+    """A rule as written, with lists still unexpanded."""
+
+    action: str = "pass"
+    tok: Tok | None = None
+    return_mode: str | None = None
+    direction: int = PF_INOUT
+    log: bool = False
+    log_all: bool = False
+    quick: bool = False
+    ifaces: list[tuple[str | None, bool]] = field(default_factory=lambda: [(None, False)])
+    af: int = 0
+    af_tok: Tok | None = None
+    protos: list[tuple[int, Tok | None]] = field(default_factory=lambda: [(0, None)])
+    src: list[_Host] = field(default_factory=list)
+    dst: list[_Host] = field(default_factory=list)
+    sports: list[_Port] = field(default_factory=list)
+    dports: list[_Port] = field(default_factory=list)
+    flags: tuple[int, int] | None = None  # None = not written
+    flags_tok: Tok | None = None
+    icmp: list[tuple[int, int | None]] = field(default_factory=list)
+    icmp_kw: str | None = None
+    icmp_tok: Tok | None = None
+    state: str | None = None  # "keep" | "modulate" | "synproxy" | "no" | None (unwritten)
+    state_tok: Tok | None = None
+    max_states: int = 0
+    no_sync: bool = False
+    sloppy: bool = False
+    pflow: bool = False
+    if_bound: bool | None = None
+    timeouts: dict[int, int] = field(default_factory=dict)
+    label: str | None = None
+
+
+class _Parser:
+    def __init__(self, text: str, filename: str) -> None:
+        self.filename = filename
+        self.rs = Ruleset(filename)
+        self.macros = self.rs.macros
+        self._toks = _Lexer(text, filename, self.macros).tokens()
+        self.tok = next(self._toks)
+        self._ahead: list[Tok] = []
+        self._explicit_timeouts: set[int] = set()
+        self._auto_tables: set[str] = set()
+
+    # -- token helpers --
+    def error(self, tok: Tok, msg: str) -> RuleSyntaxError:
+        return RuleSyntaxError(self.filename, tok.line, tok.col, msg)
+
+    def advance(self) -> Tok:
+        t = self.tok
+        self.tok = self._ahead.pop() if self._ahead else next(self._toks)
+        return t
+
+    def peek2(self) -> Tok:
+        """The token after the current one."""
+        if not self._ahead:
+            self._ahead.append(next(self._toks))
+        return self._ahead[-1]
+
+    def at(self, text: str) -> bool:
+        return self.tok.kind in ("word", "punct") and self.tok.text == text
+
+    def accept(self, text: str) -> bool:
+        if self.at(text):
+            self.advance()
+            return True
+        return False
+
+    def expect(self, text: str, what: str | None = None) -> Tok:
+        if not self.at(text):
+            raise self.unexpected(f"expected '{text}'" if what is None else what)
+        return self.advance()
+
+    def describe(self, tok: Tok) -> str:
+        if tok.kind == "nl":
+            return "end of line"
+        if tok.kind == "eof":
+            return "end of file"
+        if tok.kind == "string":
+            return f'"{tok.text}"'
+        return f"'{tok.text}'"
+
+    def unexpected(self, hint: str | None = None) -> RuleSyntaxError:
+        msg = f"unexpected {self.describe(self.tok)}"
+        return self.error(self.tok, f"{msg}, {hint}" if hint else msg)
+
+    def skip_nl(self) -> None:
+        while self.tok.kind == "nl":
+            self.advance()
+
+    def end_of_statement(self) -> None:
+        if self.tok.kind not in ("nl", "eof"):
+            t = self.tok
+            if t.kind == "word" and t.text not in KEYWORDS:
+                raise self.error(t, f"unknown keyword '{t.text}'")
+            raise self.unexpected()
+
+    def word(self, what: str) -> Tok:
+        if self.tok.kind not in ("word", "string"):
+            raise self.unexpected(f"expected {what}")
+        return self.advance()
+
+    def number(self, what: str = "number", lo: int = 0, hi: int = 2**32 - 1) -> int:
+        t = self.tok
+        if t.kind not in ("word", "string"):
+            raise self.unexpected(f"expected {what}")
+        self.advance()
+        text = t.text
+        if not _NUMBER_RE.match(text):
+            raise self.error(t, f"'{text}' is not a valid {what}")
+        value = int(text, 16) if text[:2].lower() == "0x" else int(text, 10)
+        if not lo <= value <= hi:
+            raise self.error(t, f"{what} {value} out of range ({lo}-{hi})")
+        return value
+
+    def list_items(self, item: Callable[[], T], what: str) -> list[T]:
+        """`{ a, b c }` (commas optional, newlines allowed) or a single item."""
+        if not self.at("{"):
+            return [item()]
+        open_tok = self.advance()
+        out = []
+        while True:
+            self.skip_nl()
+            if self.tok.kind == "eof":
+                raise self.error(open_tok, f"unterminated {what} list (missing '}}')")
+            if self.accept("}"):
+                break
+            if self.tok.kind == "word" and self.tok.text in ("pass", "block", "match", "set",
+                                                              "table"):
+                raise self.error(open_tok, f"unterminated {what} list (missing '}}')")
+            out.append(item())
+            self.skip_nl()
+            self.accept(",")
+        if not out:
+            raise self.error(open_tok, f"empty {what} list")
+        return out
+
+    # -- statements --
+    def parse(self) -> Ruleset:
+        while True:
+            self.skip_nl()
+            t = self.tok
+            if t.kind == "eof":
+                break
+            if t.kind in ("word", "string") and self.peek2().kind == "punct" \
+                    and self.peek2().text == "=":
+                self.macro()
+            elif t.kind == "word" and t.text in ("pass", "block"):
+                self.rule()
+            elif t.kind == "word" and t.text == "match":
+                raise self.error(t, "match rules are not supported")
+            elif t.kind == "word" and t.text in ("anchor", "nat-anchor", "rdr-anchor",
+                                                 "binat-anchor", "load"):
+                raise self.error(t, f"'{t.text}' is not supported")
+            elif t.kind == "word" and t.text == "set":
+                self.set_option()
+            elif t.kind == "word" and t.text == "table":
+                self.table()
+            elif t.kind == "word":
+                raise self.error(t, f"unknown keyword '{t.text}'")
+            else:
+                raise self.unexpected()
+            self.end_of_statement()
+        rs = self.rs
+        rs.finish()
+        return rs
+
+    def macro(self) -> None:
+        name_tok = self.advance()
+        name = name_tok.text
+        if not name or not (name[0].isalpha()) or not all(c.isalnum() or c == "_" for c in name):
+            raise self.error(name_tok, f"invalid macro name '{name}'")
+        if name in KEYWORDS:
+            raise self.error(name_tok, f"macro name '{name}' is a reserved keyword")
+        self.expect("=")
+        parts = []
+        while self.tok.kind not in ("nl", "eof"):
+            t = self.advance()
+            parts.append(t.text)
+        if not parts:
+            raise self.unexpected("expected a macro value")
+        self.macros[name] = " ".join(parts)
+
+    def set_option(self) -> None:
+        self.advance()
+        t = self.word("option name")
+        opt = t.text
+        rs = self.rs
+        if opt == "timeout":
+            def one() -> None:
+                nt = self.word("timeout name")
+                if nt.text not in TIMEOUT_NAMES:
+                    raise self.error(nt, f"unknown timeout '{nt.text}'")
+                idx = TIMEOUT_NAMES[nt.text]
+                rs.timeouts[idx] = self.number("timeout value")
+                self._explicit_timeouts.add(idx)
+            self.list_items(one, "timeout")
+        elif opt == "limit":
+            def one_limit() -> None:
+                nt = self.word("limit name")
+                if nt.text not in LIMIT_NAMES:
+                    raise self.error(nt, f"unknown limit '{nt.text}'")
+                rs.limits[nt.text] = self.number("limit value")
+            self.list_items(one_limit, "limit")
+            rs.limit_states = rs.limits["states"]
+            if PFTM.ADAPTIVE_START not in self._explicit_timeouts \
+                    and PFTM.ADAPTIVE_END not in self._explicit_timeouts:
+                rs.timeouts[PFTM.ADAPTIVE_START] = rs.limit_states // 10 * 6
+                rs.timeouts[PFTM.ADAPTIVE_END] = rs.limit_states // 10 * 12
+        elif opt == "skip":
+            self.expect("on", "expected 'on'")
+            for name, neg in self.list_items(self.iface_item, "interface"):
+                if neg or name is None:
+                    raise self.error(t, "set skip needs interface names")
+                rs.skip_ifaces.add(name)
+        elif opt == "block-policy":
+            v = self.word("drop or return")
+            if v.text not in ("drop", "return"):
+                raise self.error(v, f"block-policy must be drop or return, not '{v.text}'")
+            rs.block_policy = v.text
+        elif opt == "state-policy":
+            v = self.word("if-bound or floating")
+            if v.text not in ("if-bound", "floating"):
+                raise self.error(v, f"state-policy must be if-bound or floating, not '{v.text}'")
+            rs.state_policy = v.text
+        elif opt == "hostid":
+            rs.hostid = self.number("hostid", 1, 2**32 - 1)
+        elif opt == "debug":
+            v = self.word("debug level")
+            if v.text not in DEBUG_LEVELS:
+                raise self.error(v, f"unknown debug level '{v.text}'")
+            rs.debug = v.text
+        elif opt in ("optimization", "ruleset-optimization", "loginterface", "fingerprints",
+                     "syncookies", "reassemble", "state-defaults", "require-order"):
+            words = []
+            while self.tok.kind not in ("nl", "eof"):
+                words.append(self.advance().text)
+            if not words:
+                raise self.unexpected(f"expected a value for set {opt}")
+            rs.options[opt] = " ".join(words)
+        else:
+            raise self.error(t, f"unknown set option '{opt}'")
+
+    def table_name(self) -> tuple[str, Tok]:
+        lt = self.expect("<", "expected '<table>'")
+        nt = self.tok
+        if nt.kind != "word":
+            raise self.unexpected("expected a table name")
+        self.advance()
+        if not self.at(">"):
+            raise self.unexpected("expected '>' after table name")
+        self.advance()
+        if len(nt.text) > 31:
+            raise self.error(nt, f"table name '{nt.text}' too long")
+        return nt.text, lt
+
+    def table(self) -> None:
+        self.advance()
+        name, lt = self.table_name()
+        if name in self.rs.tables and name not in self._auto_tables:
+            raise self.error(lt, f"table <{name}> already defined")
+        tbl = Table(name)
+        while self.tok.kind == "word" and self.tok.text in ("persist", "const", "counters"):
+            setattr(tbl, self.advance().text, True)
+        items: list[tuple[int, int, int, bool]] = []
+        if self.at("{"):
+            def entry() -> None:
+                neg = self.accept("!")
+                et = self.tok
+                a = self.address(allow_table=False)
+                if a.kind != "net":
+                    raise self.error(et, "table entries must be addresses")
+                items.append((a.af, a.net, a.plen, neg))
+            if self.peek2().kind == "punct" and self.peek2().text == "}":
+                self.advance()
+                self.advance()
+            else:
+                self.list_items(entry, "table")
+        elif self.tok.kind == "word" and self.tok.text == "file":
+            self.advance()
+            ft = self.tok
+            if ft.kind != "string":
+                raise self.unexpected("expected a quoted file name")
+            self.advance()
+            items.extend(self._table_file(ft))
+        tbl.add_many(items)
+        old = self.rs.tables.get(name)
+        if old is not None:  # auto-created by an earlier rule: fill it in place
+            old.persist, old.const, old.counters = tbl.persist, tbl.const, tbl.counters
+            old.add_many(items)
+            self._auto_tables.discard(name)
+        else:
+            self.rs.tables[name] = tbl
+
+    def _table_file(self, ft: Tok) -> list[tuple[int, int, int, bool]]:
+        try:
+            text = Path(ft.text).read_text()
+        except OSError as e:
+            raise self.error(ft, f"cannot read table file '{ft.text}': {e.strerror}") from None
+        out: list[tuple[int, int, int, bool]] = []
+        for word in " ".join(ln.split("#", 1)[0] for ln in text.splitlines()).split():
+            neg = word.startswith("!")
+            word = word.lstrip("!")
+            addr, _, plen_s = word.partition("/")
+            try:
+                ip = ipaddress.ip_address(addr)
+                bits = ip.max_prefixlen
+                plen = int(plen_s) if _isdec(plen_s) else -1 if plen_s else bits
+                if not 0 <= plen <= bits:
+                    raise ValueError
+            except ValueError:
+                raise self.error(ft, f"bad address '{word}' in table file") from None
+            af = AF_INET if ip.version == 4 else AF_INET6
+            out.append((af, int(ip), plen, neg))
+        return out
+
+    # -- rule pieces --
+    def iface_item(self) -> tuple[str | None, bool]:
+        neg = self.accept("!")
+        t = self.tok
+        if t.kind not in ("word", "string") or (t.kind == "word" and t.text in KEYWORDS
+                                                  and t.text != "any"):
+            raise self.unexpected("expected an interface name")
+        self.advance()
+        if t.text == "any":
+            if neg:
+                raise self.error(t, "'! any' is not a valid interface")
+            return (None, False)
+        if len(t.text) >= 16:
+            raise self.error(t, f"interface name '{t.text}' too long")
+        return (t.text, neg)
+
+    def proto_item(self) -> tuple[int, Tok]:
+        t = self.tok
+        if t.kind not in ("word", "string"):
+            raise self.unexpected("expected a protocol")
+        self.advance()
+        if _isdec(t.text):
+            p = int(t.text)
+            if p > 255:
+                raise self.error(t, f"protocol number {p} out of range (0-255)")
+            return (p, t)
+        if t.text not in PROTOCOLS:
+            raise self.error(t, f"unknown protocol '{t.text}'")
+        return (PROTOCOLS[t.text], t)
+
+    def address(self, allow_table: bool = True) -> Addr:
+        """A host, network or table (no negation)."""
+        t = self.tok
+        if self.at("<"):
+            if not allow_table:
+                raise self.error(t, "tables cannot be nested")
+            name, _lt = self.table_name()
+            tbl = self.rs.tables.get(name)
+            if tbl is None:  # pfctl creates a referenced table that was never defined
+                tbl = Table(name)
+                self.rs.tables[name] = tbl
+                self._auto_tables.add(name)
+            return Addr("table", table=tbl)
+        if t.kind not in ("word", "string"):
+            raise self.unexpected("expected an address")
+        self.advance()
+        if t.text == "any":
+            return Addr()
+        if t.text in ("self", "no-route", "urpf-failed") or t.text.startswith("("):
+            raise self.error(t, f"address '{t.text}' is not supported")
+        try:
+            ip = ipaddress.ip_address(t.text)
+        except ValueError:
+            if t.kind == "word" and t.text in KEYWORDS:
+                raise self.error(t, f"unexpected '{t.text}', expected an address") from None
+            raise self.error(t, f"invalid address '{t.text}'") from None
+        bits: int = ip.max_prefixlen
+        plen = bits
+        if self.at("/"):
+            self.advance()
+            pt = self.tok
+            if pt.kind in ("nl", "eof"):
+                raise self.error(t, f"missing netmask after '{t.text}/'")
+            if pt.kind != "word" or not _isdec(pt.text) or int(pt.text) > bits:
+                raise self.error(pt, f"invalid netmask '{pt.text}' for {t.text}")
+            self.advance()
+            plen = int(pt.text)
+        af = AF_INET if ip.version == 4 else AF_INET6
+        return Addr("net", af=af, net=int(ip), plen=plen)
+
+    def host_item(self) -> _Host:
+        t = self.tok
+        neg = self.accept("!")
+        if neg and self.at("{"):
+            raise self.error(self.tok, "a list cannot be negated; negate its entries")
+        a = self.address()
+        a.neg = neg
+        return _Host(a, t)
+
+    def hosts(self) -> list[_Host]:
+        if self.at("!") and self.peek2().kind == "punct" and self.peek2().text == "{":
+            raise self.error(self.peek2(), "a list cannot be negated; negate its entries")
+        return self.list_items(self.host_item, "address")
+
+    def port_value(self, t: Tok, text: str) -> int:
+        if _isdec(text):
+            v = int(text)
+            if v > 65535:
+                raise self.error(t, f"illegal port value {v}")
+            return v
+        if not text:
+            raise self.error(t, "missing port number")
+        if t.kind == "word" and text in KEYWORDS:
+            raise self.error(t, f"unexpected '{text}', expected a port")
+        port = SERVICES.get((text, "tcp"), SERVICES.get((text, "udp")))
+        if port is None:
+            raise self.error(t, f"unknown port '{text}'")
+        return port
+
+    def port_item(self) -> _Port:
+        t = self.tok
+        unary = {"=": PF_OP_EQ, "!=": PF_OP_NE, "<": PF_OP_LT, "<=": PF_OP_LE,
+                 ">": PF_OP_GT, ">=": PF_OP_GE}
+        if t.kind == "punct" and t.text in unary:
+            self.advance()
+            vt = self.tok
+            if vt.kind not in ("word", "string"):
+                raise self.unexpected("expected a port")
+            self.advance()
+            return _Port((unary[t.text], self.port_value(vt, vt.text), 0), t)
+        if t.kind not in ("word", "string"):
+            raise self.unexpected("expected a port")
+        self.advance()
+        if t.kind == "word" and ":" in t.text:
+            lo_s, _, hi_s = t.text.partition(":")
+            lo = self.port_value(t, lo_s)
+            hi = self.port_value(t, hi_s)
+            if lo > hi:
+                raise self.error(t, f"invalid port range {t.text}")
+            return _Port((PF_OP_RRG, lo, hi), t)
+        a1 = self.port_value(t, t.text)
+        if self.tok.kind == "punct" and self.tok.text in ("><", "<>"):
+            op_t = self.advance()
+            vt = self.tok
+            if vt.kind not in ("word", "string"):
+                raise self.unexpected("expected a port")
+            self.advance()
+            a2 = self.port_value(vt, vt.text)
+            if a1 > a2:
+                raise self.error(t, f"invalid port range {a1} {op_t.text} {a2}")
+            return _Port((PF_OP_IRG if op_t.text == "><" else PF_OP_XRG, a1, a2), t)
+        return _Port((PF_OP_EQ, a1, 0), t)
+
+    def ipportspec(self, kw: Tok) -> tuple[list[_Host], list[_Port]]:
+        hosts: list[_Host] = []
+        ports: list[_Port] = []
+        if self.tok.kind in ("nl", "eof") or (self.tok.kind == "word" and self.tok.text in (
+                "to", "flags", "keep", "no", "modulate", "synproxy", "label", "icmp-type",
+                "icmp6-type")):
+            raise self.error(self.tok, f"missing address after '{kw.text}'")
+        if not self.at("port"):
+            hosts = self.hosts()
+        if self.accept("port"):
+            ports = self.list_items(self.port_item, "port")
+        return hosts, ports
+
+    def flags_spec(self, spec: _RuleSpec) -> None:
+        ft = self.advance()
+        if spec.flags is not None:
+            raise self.error(ft, "flags already specified")
+        spec.flags_tok = ft
+        if self.tok.kind == "word" and self.tok.text == "any":
+            self.advance()
+            spec.flags = (0, 0)
+            return
+
+        def letters(t: Tok) -> int:
+            v = 0
+            for c in t.text:
+                if c not in TCP_FLAG_LETTERS:
+                    raise self.error(t, f"bad flags '{t.text}'")
+                v |= 1 << TCP_FLAG_LETTERS.index(c)
+            return v
+
+        f = 0
+        if self.tok.kind == "word":
+            f = letters(self.advance())
+        if not self.at("/"):
+            raise self.unexpected("expected flags as <set>/<mask> or 'any'")
+        self.advance()
+        if self.tok.kind != "word":
+            raise self.unexpected("expected flag mask")
+        mask = letters(self.advance())
+        if f & ~mask:
+            raise self.error(ft, "flags always false: set flags outside the mask")
+        spec.flags = (f, mask)
+
+    def icmp_spec(self, spec: _RuleSpec) -> None:
+        kw = self.advance()
+        if spec.icmp_kw is not None:
+            raise self.error(kw, "icmp type already specified")
+        spec.icmp_kw = kw.text
+        spec.icmp_tok = kw
+        names = ICMP6_TYPES if kw.text == "icmp6-type" else ICMP_TYPES
+
+        def item() -> tuple[int, int | None]:
+            t = self.tok
+            if t.kind not in ("word", "string"):
+                raise self.unexpected("expected an icmp type")
+            self.advance()
+            if _isdec(t.text):
+                ty = int(t.text)
+                if ty > 255:
+                    raise self.error(t, f"icmp type {ty} out of range (0-255)")
+            elif t.text in names:
+                ty = names[t.text]
+            else:
+                raise self.error(t, f"unknown {kw.text} '{t.text}'")
+            code = None
+            if self.accept("code"):
+                ct = self.tok
+                if ct.kind == "word" and ct.text in ICMP_CODES:
+                    self.advance()
+                    code = ICMP_CODES[ct.text]
+                else:
+                    code = self.number("icmp code", 0, 255)
+            return (ty, code)
+
+        spec.icmp = self.list_items(item, "icmp type")
+
+    def state_opts(self, spec: _RuleSpec) -> None:
+        open_tok = self.advance()
+
+        def one() -> None:
+            t = self.tok
+            if t.kind != "word":
+                raise self.unexpected("expected a state option")
+            self.advance()
+            if t.text == "max":
+                spec.max_states = self.number("max states", 1)
+            elif t.text in STATE_FLAGS_OPTS:
+                if t.text == "no-sync":
+                    spec.no_sync = True
+                elif t.text == "sloppy":
+                    spec.sloppy = True
+                elif t.text == "pflow":
+                    spec.pflow = True
+                else:
+                    spec.if_bound = t.text == "if-bound"
+            elif t.text in TIMEOUT_NAMES:
+                if t.text in ("interval", "frag", "src.track"):
+                    raise self.error(t, f"timeout '{t.text}' cannot be set per rule")
+                spec.timeouts[TIMEOUT_NAMES[t.text]] = self.number("timeout value")
+            else:
+                raise self.error(t, f"unknown state option '{t.text}'")
+
+        while True:
+            self.skip_nl()
+            if self.tok.kind == "eof":
+                raise self.error(open_tok, "unterminated state option list (missing ')')")
+            one()
+            self.skip_nl()
+            if self.tok.kind == "eof":
+                raise self.error(open_tok, "unterminated state option list (missing ')')")
+            if self.accept(")"):
+                break
+            if not self.accept(","):
+                raise self.unexpected("expected ',' or ')'")
+
+    def rule(self) -> None:
+        spec = _RuleSpec()
+        at = self.advance()
+        spec.tok = at
+        spec.action = at.text
+        if at.text == "block" and self.tok.kind == "word" and self.tok.text in (
+                "drop", "return", "return-rst", "return-icmp"):
+            spec.return_mode = self.advance().text
+            if self.at("("):
+                raise self.unexpected("return options are not supported")
+        if self.accept("in"):
+            spec.direction = PF_IN
+        elif self.accept("out"):
+            spec.direction = PF_OUT
+        if self.accept("log"):
+            spec.log = True
+            if self.at("("):
+                self.advance()
+                while True:
+                    lt = self.word("log option")
+                    if lt.text == "all":
+                        spec.log_all = True
+                    elif lt.text not in ("matches", "user"):
+                        raise self.error(lt, f"unknown log option '{lt.text}'")
+                    if self.accept(")"):
+                        break
+                    self.expect(",", "expected ',' or ')'")
+        if self.accept("quick"):
+            spec.quick = True
+        if self.accept("on"):
+            if self.at("!") and self.peek2().kind == "punct" and self.peek2().text == "{":
+                raise self.error(self.peek2(), "a list cannot be negated; negate its entries")
+            spec.ifaces = self.list_items(self.iface_item, "interface")
+        if self.at("inet") or self.at("inet6"):
+            spec.af_tok = self.advance()
+            spec.af = AF_INET if spec.af_tok.text == "inet" else AF_INET6
+        if self.accept("proto"):
+            spec.protos = self.list_items(self.proto_item, "protocol")
+        if self.accept("all"):
+            pass
+        else:
+            if self.at("from"):
+                kw = self.advance()
+                spec.src, spec.sports = self.ipportspec(kw)
+            if self.at("to"):
+                kw = self.advance()
+                spec.dst, spec.dports = self.ipportspec(kw)
+        while self.tok.kind == "word":
+            t = self.tok
+            if t.text == "flags":
+                self.flags_spec(spec)
+            elif t.text in ("icmp-type", "icmp6-type"):
+                self.icmp_spec(spec)
+            elif t.text in ("keep", "modulate", "synproxy", "no"):
+                if spec.state is not None:
+                    raise self.error(t, "state already specified")
+                self.advance()
+                st = self.expect("state", "expected 'state'")
+                spec.state = t.text
+                spec.state_tok = t
+                if t.text != "no" and self.at("("):
+                    self.state_opts(spec)
+                del st
+            elif t.text == "label":
+                self.advance()
+                lt = self.tok
+                if lt.kind not in ("string", "word"):
+                    raise self.unexpected("expected a label string")
+                self.advance()
+                if len(lt.text) >= 64:
+                    raise self.error(lt, "label too long (max 63 characters)")
+                spec.label = lt.text
+            elif t.text in ("from", "to", "all", "port"):
+                raise self.error(t, f"'{t.text}' is out of place")
+            else:
+                break
+        self.expand(spec)
+
+    # -- expansion (pfctl's expand_rule) --
+    def expand(self, spec: _RuleSpec) -> None:
+        assert spec.tok is not None
+        if spec.action == "block" and spec.state not in (None, "no"):
+            raise self.error(spec.state_tok or spec.tok,
+                             "keep state on block rules doesn't make sense")
+        keep = spec.action == "pass" and spec.state != "no"
+        state_type = (spec.state if spec.state in ("keep", "modulate", "synproxy") else
+                      "keep") if keep else None
+        if not keep and (spec.max_states or spec.timeouts):
+            raise self.error(spec.state_tok or spec.tok, "state options need a stateful rule")
+        if spec.icmp_kw is not None:
+            want = IPPROTO_ICMPV6 if spec.icmp_kw == "icmp6-type" else IPPROTO_ICMP
+            for p, _t in spec.protos:
+                if p != want:
+                    assert spec.icmp_tok is not None
+                    raise self.error(spec.icmp_tok, f"{spec.icmp_kw} only applies to proto "
+                                     f"{'icmp6' if want == IPPROTO_ICMPV6 else 'icmp'}")
+            iaf = AF_INET6 if want == IPPROTO_ICMPV6 else AF_INET
+            if spec.af and spec.af != iaf:
+                assert spec.icmp_tok is not None
+                raise self.error(spec.icmp_tok, f"{spec.icmp_kw} does not match address family")
+        for ports in (spec.sports, spec.dports):
+            if ports:
+                for p, _t in spec.protos:
+                    if p not in (IPPROTO_TCP, IPPROTO_UDP):
+                        raise self.error(ports[0].tok, "port only applies to tcp/udp")
+        if spec.flags is not None and spec.flags != (0, 0):
+            for p, _pt in spec.protos:
+                if p not in (0, IPPROTO_TCP):
+                    raise self.error(spec.flags_tok or spec.tok, "flags only apply to tcp")
+
+        srcs = spec.src or [_Host(Addr(), spec.tok)]
+        dsts = spec.dst or [_Host(Addr(), spec.tok)]
+        sports: list[_Port | None] = list(spec.sports) or [None]
+        dports: list[_Port | None] = list(spec.dports) or [None]
+        icmps: list[tuple[int, int | None] | None] = list(spec.icmp) or [None]
+        made = 0
+        bad: Tok | None = None
+        for ifname, ifnot in spec.ifaces:
+            for proto, _pt in spec.protos:
+                for sh in srcs:
+                    for sp in sports:
+                        for dh in dsts:
+                            for dp in dports:
+                                for ic in icmps:
+                                    af = spec.af
+                                    ok = True
+                                    for h in (sh, dh):
+                                        if h.addr.af:
+                                            if af and af != h.addr.af:
+                                                ok = False
+                                                bad = bad or h.tok
+                                            af = af or h.addr.af
+                                    if (proto == IPPROTO_ICMP and af == AF_INET6) or (
+                                            proto == IPPROTO_ICMPV6 and af == AF_INET):
+                                        ok = False
+                                        bad = bad or spec.af_tok or sh.tok
+                                    if not ok:
+                                        continue
+                                    self.rs.rules.append(self.make_rule(
+                                        spec, ifname, ifnot, af, proto, sh, sp, dh, dp, ic,
+                                        keep, state_type))
+                                    made += 1
+        if not made:
+            raise self.error(bad or spec.tok, "address family mismatch: rule expands to no "
+                             "valid combination")
+
+    def make_rule(self, spec: _RuleSpec, ifname: str | None, ifnot: bool, af: int,
+                  proto: int, sh: _Host, sp: _Port | None, dh: _Host, dp: _Port | None,
+                  ic: tuple[int, int | None] | None, keep: bool,
+                  state_type: str | None) -> Rule:
+        r = Rule()
+        r.line = spec.tok.line if spec.tok else 0
+        r.action = spec.action
+        r.return_mode = spec.return_mode
+        r.direction = spec.direction
+        r.log = spec.log
+        r.log_all = spec.log_all
+        r.quick = spec.quick
+        r.ifname = ifname
+        r.ifnot = ifnot
+        r.af = af
+        r.proto = proto
+        r.src = sh.addr
+        r.dst = dh.addr
+        r.sport = sp.spec if sp else None
+        r.dport = dp.spec if dp else None
+        if spec.flags is not None:
+            r.flags, r.flagset = spec.flags
+        elif keep and proto in (0, IPPROTO_TCP):
+            r.flags, r.flagset = 0x02, 0x12  # S/SA, pf's default on stateful rules
+        if ic is not None:
+            r.icmp_type, r.icmp_code = ic
+        r.keep_state = keep
+        r.state_type = state_type
+        r.max_states = spec.max_states
+        r.no_sync = spec.no_sync
+        r.sloppy = spec.sloppy
+        r.pflow = spec.pflow
+        r.if_bound = spec.if_bound
+        r.timeouts = dict(spec.timeouts)
+        if (spec.max_states and PFTM.ADAPTIVE_START not in spec.timeouts
+                and PFTM.ADAPTIVE_END not in spec.timeouts):
+            r.timeouts[PFTM.ADAPTIVE_START] = spec.max_states // 10 * 6
+            r.timeouts[PFTM.ADAPTIVE_END] = spec.max_states // 10 * 12
+            r.adaptive_default = True
+        r.label = spec.label
+        return r
+
+
+def parse_rules(text: str, filename: str = "pf.conf") -> Ruleset:
+    """Parse pf.conf text; raises RuleSyntaxError (`file:line:col: message`) on the first error."""
+    p = _Parser(text, filename)
+    try:
+        return p.parse()
+    except RecursionError:
+        raise RuleSyntaxError(filename, p.tok.line, p.tok.col, "input nested too deeply") from None
+
+
+def load_rules(path: str | Path) -> Ruleset:
+    """Read and parse a pf.conf file (errors name the file as given)."""
+    p = Path(path)
+    return parse_rules(p.read_text(), str(path))

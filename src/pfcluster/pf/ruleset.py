@@ -1,0 +1,550 @@
+"""Compiled pf ruleset: rules, tables, skip steps and first-packet evaluation.
+
+The parser (`pfcluster.pf.rules`) builds these objects; the filter engine calls
+`Ruleset.evaluate` for packets that match no state. Evaluation follows pf_match_rule:
+top to bottom, skip steps on the eight skippable fields, the last matching pass/block
+rule wins and `quick` stops at once. Everything that can be decided at load time
+(masked address ints, port operators, skip targets) is, so the per-packet loop only
+compares small ints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from collections.abc import Iterable
+from typing import Any
+
+from pfcluster.pf.constants import (
+    AF_INET,
+    AF_INET6,
+    DEFAULT_TIMEOUTS,
+    IPPROTO_ICMP,
+    IPPROTO_ICMPV6,
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    PF_IN,
+    PF_INOUT,
+    PF_OUT,
+    PFSTATE_HIWAT,
+    PFTM,
+    TIMEOUT_NAMES,
+    flags_str,
+)
+
+# Skip-step slots, in pf's order (PF_SKIP_*).
+PF_SKIP_IFP = 0
+PF_SKIP_DIR = 1
+PF_SKIP_RDOM = 2
+PF_SKIP_AF = 3
+PF_SKIP_PROTO = 4
+PF_SKIP_SRC_ADDR = 5
+PF_SKIP_DST_ADDR = 6
+PF_SKIP_SRC_PORT = 7
+PF_SKIP_DST_PORT = 8
+PF_SKIP_COUNT = 9
+
+# Port operators (pf's PF_OP_*): the numbers only matter inside this package.
+PF_OP_NONE = 0
+PF_OP_IRG = 1  # a >< b
+PF_OP_EQ = 2
+PF_OP_NE = 3
+PF_OP_LT = 4
+PF_OP_LE = 5
+PF_OP_GT = 6
+PF_OP_GE = 7
+PF_OP_XRG = 8  # a <> b
+PF_OP_RRG = 9  # a:b
+PORT_OP_NAMES = {
+    PF_OP_EQ: "=", PF_OP_NE: "!=", PF_OP_LT: "<", PF_OP_LE: "<=",
+    PF_OP_GT: ">", PF_OP_GE: ">=", PF_OP_IRG: "><", PF_OP_XRG: "<>", PF_OP_RRG: ":",
+}  # fmt: skip
+
+BLOCK_MODES = ("drop", "return", "return-rst", "return-icmp")
+
+# Names pfctl prints for protocols (OpenBSD /etc/protocols spellings).
+PROTO_PRINT = {
+    1: "icmp", 2: "igmp", 4: "ipencap", 6: "tcp", 17: "udp", 41: "ipv6", 47: "gre",
+    50: "esp", 51: "ah", 58: "ipv6-icmp", 89: "ospf", 103: "pim", 108: "ipcomp",
+    112: "carp", 132: "sctp", 240: "pfsync",
+}  # fmt: skip
+
+ICMP_TYPES = {
+    "echorep": 0, "unreach": 3, "squench": 4, "redir": 5, "althost": 6, "echoreq": 8,
+    "routeradv": 9, "routersol": 10, "timex": 11, "paramprob": 12, "timereq": 13,
+    "timerep": 14, "inforeq": 15, "inforep": 16, "maskreq": 17, "maskrep": 18,
+    "trace": 30, "dataconv": 31, "mobredir": 32, "ipv6-where": 33, "ipv6-here": 34,
+    "mobregreq": 35, "mobregrep": 36, "skip": 39, "photuris": 40,
+}  # fmt: skip
+ICMP6_TYPES = {
+    "unreach": 1, "toobig": 2, "timex": 3, "paramprob": 4, "echoreq": 128, "echorep": 129,
+    "groupqry": 130, "listqry": 130, "grouprep": 131, "listenrep": 131, "groupterm": 132,
+    "listendone": 132, "routersol": 133, "routeradv": 134, "neighbrsol": 135,
+    "neighbradv": 136, "redir": 137, "routrrenum": 138, "wrureq": 139, "wrurep": 140,
+    "mtraceresp": 200, "mtrace": 201,
+}  # fmt: skip
+ICMP_CODES = {
+    "net-unr": 0, "host-unr": 1, "proto-unr": 2, "port-unr": 3, "needfrag": 4,
+    "srcfail": 5, "net-unk": 6, "host-unk": 7, "isolate": 8, "net-prohib": 9,
+    "host-prohib": 10, "net-tos": 11, "host-tos": 12, "filter-prohib": 13,
+    "host-preced": 14, "cutoff-preced": 15, "transit": 0, "reassemb": 1,
+}  # fmt: skip
+_ICMP_TYPE_PRINT = {v: k for k, v in reversed(ICMP_TYPES.items())}
+_ICMP6_TYPE_PRINT = {v: k for k, v in reversed(ICMP6_TYPES.items())}
+
+
+def port_match(op: int, a1: int, a2: int, p: int) -> bool:
+    """pf_match for ports (facts 3.4)."""
+    if op == PF_OP_EQ:
+        return p == a1
+    if op == PF_OP_NE:
+        return p != a1
+    if op == PF_OP_LT:
+        return p < a1
+    if op == PF_OP_LE:
+        return p <= a1
+    if op == PF_OP_GT:
+        return p > a1
+    if op == PF_OP_GE:
+        return p >= a1
+    if op == PF_OP_IRG:
+        return a1 < p < a2
+    if op == PF_OP_XRG:
+        return p < a1 or p > a2
+    if op == PF_OP_RRG:
+        return a1 <= p <= a2
+    return False
+
+
+def port_str(spec: tuple[int, int, int]) -> str:
+    op, a1, a2 = spec
+    if op == PF_OP_RRG:
+        return f"port {a1}:{a2}"
+    if op in (PF_OP_IRG, PF_OP_XRG):
+        return f"port {a1} {PORT_OP_NAMES[op]} {a2}"
+    return f"port {PORT_OP_NAMES[op]} {a1}"
+
+
+def _bits(af: int) -> int:
+    return 32 if af == AF_INET else 128
+
+
+def addr_str(af: int, value: int) -> str:
+    if af == AF_INET:
+        return str(ipaddress.IPv4Address(value))
+    return str(ipaddress.IPv6Address(value))
+
+
+class Table:
+    """A pf table: longest-prefix match over hosts and networks, with `!` entries.
+
+    Entries live in one dict per (family, prefix length) keyed by the masked address
+    int; lookups try the longest prefix first, so a negated /32 inside a positive /24
+    makes that host "not in the table", as pfr_match_addr does.
+    """
+
+    __slots__ = ("_lpm", "const", "counters", "entries", "name", "persist")
+
+    def __init__(self, name: str, persist: bool = False, const: bool = False,
+                 counters: bool = False) -> None:
+        self.name = name
+        self.persist = persist
+        self.const = const
+        self.counters = counters
+        # (af, prefixlen, address int) -> negated
+        self.entries: dict[tuple[int, int, int], bool] = {}
+        self._lpm: dict[int, list[tuple[int, dict[int, bool]]]] = {AF_INET: [], AF_INET6: []}
+
+    def add(self, af: int, addr: int, plen: int, neg: bool = False) -> None:
+        bits = _bits(af)
+        mask = ((1 << bits) - 1) ^ ((1 << (bits - plen)) - 1)
+        self.entries[(af, plen, addr & mask)] = neg
+        self._rebuild()
+
+    def add_many(self, items: Iterable[tuple[int, int, int, bool]]) -> None:
+        for af, addr, plen, neg in items:
+            bits = _bits(af)
+            mask = ((1 << bits) - 1) ^ ((1 << (bits - plen)) - 1)
+            self.entries[(af, plen, addr & mask)] = neg
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        per: dict[int, dict[int, dict[int, bool]]] = {AF_INET: {}, AF_INET6: {}}
+        for (af, plen, net), neg in self.entries.items():
+            per[af].setdefault(plen, {})[net] = not neg
+        for af, by_len in per.items():
+            bits = _bits(af)
+            full = (1 << bits) - 1
+            self._lpm[af] = [
+                (full ^ ((1 << (bits - plen)) - 1), by_len[plen])
+                for plen in sorted(by_len, reverse=True)
+            ]
+
+    def contains(self, af: int, addr: int) -> bool:
+        """True when the longest matching entry exists and is not negated."""
+        for mask, d in self._lpm[af]:
+            hit = d.get(addr & mask)
+            if hit is not None:
+                return hit
+        return False
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __str__(self) -> str:
+        flags = "".join(f" {f}" for f in ("persist", "const", "counters") if getattr(self, f))
+        items = []
+        for (af, plen, net), neg in sorted(self.entries.items()):
+            text = addr_str(af, net) + ("" if plen == _bits(af) else f"/{plen}")
+            items.append(("!" if neg else "") + text)
+        body = " ".join(items)
+        return f"table <{self.name}>{flags} {{ {body} }}" if items else f"table <{self.name}>{flags}"
+
+
+class Addr:
+    """One side of `from`/`to`: any, a host/network (pre-masked int) or a table."""
+
+    __slots__ = ("af", "kind", "mask", "neg", "net", "plen", "table")
+
+    def __init__(self, kind: str = "any", af: int = 0, net: int = 0, plen: int = 0,
+                 neg: bool = False, table: Table | None = None) -> None:
+        self.kind = kind  # "any" | "net" | "table"
+        self.af = af
+        self.plen = plen
+        self.neg = neg
+        self.table = table
+        if kind == "net":
+            bits = _bits(af)
+            self.mask = ((1 << bits) - 1) ^ ((1 << (bits - plen)) - 1)
+            self.net = net & self.mask
+        else:
+            self.mask = 0
+            self.net = 0
+
+    def key(self) -> tuple[Any, ...]:
+        """What pf_addr_wrap_neq compares (plus negation) for skip steps."""
+        return (self.kind, self.neg, self.af, self.net, self.plen,
+                self.table.name if self.table is not None else None)
+
+    def __str__(self) -> str:
+        neg = "! " if self.neg else ""
+        if self.kind == "any":
+            return neg + "any"
+        if self.kind == "table":
+            assert self.table is not None
+            return f"{neg}<{self.table.name}>"
+        text = addr_str(self.af, self.net)
+        return neg + (text if self.plen == _bits(self.af) else f"{text}/{self.plen}")
+
+
+ANY = Addr()
+
+
+class Rule:
+    """One expanded pf rule, with pf's field names where the engine reads them."""
+
+    __slots__ = (
+        "action", "adaptive_default", "af", "bytes", "direction", "dport", "dst",
+        "evaluations", "flags", "flagset", "icmp_code", "icmp_type", "if_bound", "ifname",
+        "ifnot", "keep_state", "label", "line", "log", "log_all", "max_states", "no_sync",
+        "nr", "packets", "pflow", "policy", "proto", "quick", "return_mode", "skip",
+        "sloppy", "sport", "src", "state_type", "states_cur", "states_tot", "timeouts",
+    )  # fmt: skip
+
+    def __init__(self) -> None:
+        self.nr = 0
+        self.line = 0
+        self.action = "pass"
+        self.direction = PF_INOUT
+        self.quick = False
+        self.log = False
+        self.log_all = False
+        self.return_mode: str | None = None
+        self.policy = "drop"  # the ruleset's block-policy, for printing plain `block`
+        self.ifname: str | None = None
+        self.ifnot = False
+        self.af = 0
+        self.proto = 0
+        self.src: Addr = ANY
+        self.dst: Addr = ANY
+        self.sport: tuple[int, int, int] | None = None
+        self.dport: tuple[int, int, int] | None = None
+        self.flags = 0
+        self.flagset = 0
+        self.icmp_type: int | None = None
+        self.icmp_code: int | None = None
+        self.keep_state = False
+        self.state_type: str | None = None
+        self.max_states = 0
+        self.no_sync = False
+        self.sloppy = False
+        self.pflow = False
+        self.if_bound: bool | None = None
+        self.timeouts: dict[int, int] = {}
+        self.adaptive_default = False
+        self.label: str | None = None
+        self.evaluations = 0
+        self.packets = 0
+        self.bytes = 0
+        self.states_cur = 0
+        self.states_tot = 0
+        self.skip: list[int] = [0] * PF_SKIP_COUNT
+
+    def copy(self) -> Rule:
+        r = Rule.__new__(Rule)
+        for name in Rule.__slots__:
+            setattr(r, name, getattr(self, name))
+        r.timeouts = dict(self.timeouts)
+        r.skip = list(self.skip)
+        return r
+
+    def _state_opts(self) -> list[str]:
+        opts = []
+        if self.max_states:
+            opts.append(f"max {self.max_states}")
+        if self.no_sync:
+            opts.append("no-sync")
+        if self.if_bound is not None:
+            opts.append("if-bound" if self.if_bound else "floating")
+        if self.sloppy:
+            opts.append("sloppy")
+        if self.pflow:
+            opts.append("pflow")
+        names = {v: k for k, v in TIMEOUT_NAMES.items()}
+        for idx in sorted(self.timeouts):
+            if self.adaptive_default and idx in (PFTM.ADAPTIVE_START, PFTM.ADAPTIVE_END):
+                continue
+            opts.append(f"{names[idx]} {self.timeouts[idx]}")
+        return opts
+
+    def __str__(self) -> str:
+        """The rule as `pfctl -sr` prints it (ports numerically)."""
+        out = [self.action]
+        if self.action == "block":
+            out.append(self.return_mode or self.policy)
+        if self.direction == PF_IN:
+            out.append("in")
+        elif self.direction == PF_OUT:
+            out.append("out")
+        if self.log:
+            out.append("log (all)" if self.log_all else "log")
+        if self.quick:
+            out.append("quick")
+        if self.ifname is not None:
+            out.append(f"on ! {self.ifname}" if self.ifnot else f"on {self.ifname}")
+        if self.af:
+            out.append("inet" if self.af == AF_INET else "inet6")
+        if self.proto:
+            out.append(f"proto {PROTO_PRINT.get(self.proto, str(self.proto))}")
+        if (self.src.kind == "any" and not self.src.neg and self.dst.kind == "any"
+                and not self.dst.neg and self.sport is None and self.dport is None):
+            out.append("all")
+        else:
+            out.append(f"from {self.src}")
+            if self.sport is not None:
+                out.append(port_str(self.sport))
+            out.append(f"to {self.dst}")
+            if self.dport is not None:
+                out.append(port_str(self.dport))
+        if self.flags or self.flagset:
+            out.append(f"flags {flags_str(self.flags)}/{flags_str(self.flagset)}")
+        elif (self.action == "pass" and self.keep_state
+              and self.proto in (0, IPPROTO_TCP)):
+            out.append("flags any")
+        if self.icmp_type is not None:
+            kw = "icmp6-type" if self.proto == IPPROTO_ICMPV6 else "icmp-type"
+            names = _ICMP6_TYPE_PRINT if self.proto == IPPROTO_ICMPV6 else _ICMP_TYPE_PRINT
+            out.append(f"{kw} {names.get(self.icmp_type, str(self.icmp_type))}")
+            if self.icmp_code is not None:
+                out.append(f"code {self.icmp_code}")
+        if self.action == "pass":
+            if not self.keep_state:
+                out.append("no state")
+            else:
+                out.append(f"{self.state_type or 'keep'} state")
+                opts = self._state_opts()
+                if opts:
+                    out.append("(" + ", ".join(opts) + ")")
+        if self.label is not None:
+            out.append('label "' + self.label.replace("\\", "\\\\").replace('"', '\\"') + '"')
+        return " ".join(out)
+
+    def __repr__(self) -> str:
+        return f"<Rule @{self.nr} {self}>"
+
+
+def calc_skip_steps(rules: list[Rule]) -> None:
+    """pf_calc_skip_steps: skip[i] = index of the first later rule whose field i differs."""
+    n = len(rules)
+    keys = [
+        lambda r: (r.ifname, r.ifnot),
+        lambda r: r.direction,
+        lambda r: (-1, r.ifnot),  # onrdomain is always "none" here
+        lambda r: r.af,
+        lambda r: r.proto,
+        lambda r: r.src.key(),
+        lambda r: r.dst.key(),
+        lambda r: r.sport,
+        lambda r: r.dport,
+    ]
+    for field, key in enumerate(keys):
+        head = 0
+        for cur in range(1, n + 1):
+            if cur == n or key(rules[cur]) != key(rules[cur - 1]):
+                for j in range(head, cur):
+                    rules[j].skip[field] = cur
+                head = cur
+
+
+# The packet's "virtual protocol" class, decided once per packet.
+_V_FRAG = 0
+_V_TCP = 1
+_V_UDP = 2
+_V_ICMP = 3
+_V_OTHER = 4
+
+
+class Ruleset:
+    """A loaded pf.conf: rules plus options, tables and the compiled evaluation program."""
+
+    def __init__(self, source: str = "pf.conf") -> None:
+        self.source = source
+        self.rules: list[Rule] = []
+        self.tables: dict[str, Table] = {}
+        self.timeouts: list[int] = list(DEFAULT_TIMEOUTS)
+        self.limit_states = PFSTATE_HIWAT
+        self.limits: dict[str, int] = {"states": PFSTATE_HIWAT}
+        self.skip_ifaces: set[str] = set()
+        self.block_policy = "drop"
+        self.state_policy = "floating"
+        self.hostid: int | None = None
+        self.debug = "urgent"
+        self.options: dict[str, str] = {}
+        self.macros: dict[str, str] = {}
+        self.checksum = b""
+        self._prog: list[tuple[Any, ...]] = []
+
+    def block_return(self, rule: Rule) -> str:
+        """The block mode in force for a rule: its own, or the ruleset's block-policy."""
+        return rule.return_mode or self.block_policy
+
+    def finish(self) -> None:
+        """Number the rules, compute skip steps, checksum and the evaluation program."""
+        for i, r in enumerate(self.rules):
+            r.nr = i
+            r.policy = self.block_policy
+        calc_skip_steps(self.rules)
+        md5 = hashlib.md5()
+        for r in self.rules:
+            md5.update(str(r).encode())
+            md5.update(b"\n")
+        self.checksum = md5.digest()
+        self._compile()
+
+    def _compile(self) -> None:
+        prog = []
+        for r in self.rules:
+            prog.append((
+                r, tuple(r.skip), r.ifname, r.ifnot, r.direction, r.af, r.proto,
+                _addr_test(r.src), _addr_test(r.dst), r.sport, r.dport,
+                (r.flags, r.flagset) if r.flagset else None,
+                (r.icmp_type, r.icmp_code)
+                if (r.icmp_type is not None or r.icmp_code is not None) else None,
+            ))
+        self._prog = prog
+
+    def evaluate(self, pkt: Any, direction: int, ifname: str) -> Rule | None:
+        """pf_test_rule's rule walk: the winning pass/block rule, or None (default pass)."""
+        af = pkt.af
+        proto = pkt.proto
+        src = int.from_bytes(pkt.src, "big")
+        dst = int.from_bytes(pkt.dst, "big")
+        if getattr(pkt, "frag_off", 0):
+            v = _V_FRAG
+        elif proto == IPPROTO_TCP:
+            v = _V_TCP
+        elif proto == IPPROTO_UDP:
+            v = _V_UDP
+        elif proto in (IPPROTO_ICMP, IPPROTO_ICMPV6):
+            v = _V_ICMP
+        else:
+            v = _V_OTHER
+        prog = self._prog
+        n = len(prog)
+        match = None
+        i = 0
+        while i < n:
+            r, sk, rif, rifnot, rdir, raf, rproto, sa, da, sp, dp, fl, ic = prog[i]
+            r.evaluations += 1
+            if rif is not None and (rif == ifname) is rifnot:
+                i = sk[0]
+                continue
+            if rdir and rdir != direction:
+                i = sk[1]
+                continue
+            if raf and raf != af:
+                i = sk[3]
+                continue
+            if rproto and rproto != proto:
+                i = sk[4]
+                continue
+            if sa is not None:
+                mask, net, neg, table = sa
+                if table is None:
+                    if ((src & mask) == net) is neg:
+                        i = sk[5]
+                        continue
+                elif table.contains(af, src) is neg:
+                    i = sk[5]
+                    continue
+            if da is not None:
+                mask, net, neg, table = da
+                if table is None:
+                    if ((dst & mask) == net) is neg:
+                        i = sk[6]
+                        continue
+                elif table.contains(af, dst) is neg:
+                    i = sk[6]
+                    continue
+            if v == _V_TCP:
+                if fl is not None and (pkt.tcp_flags & fl[1]) != fl[0]:
+                    i += 1
+                    continue
+            elif v == _V_FRAG:
+                if sp is not None or dp is not None or ic is not None or (
+                        fl is not None and proto == IPPROTO_TCP):
+                    i += 1
+                    continue
+                sp = dp = None
+            elif v == _V_ICMP and ic is not None and (
+                    (ic[0] is not None and ic[0] != pkt.icmp_type)
+                    or (ic[1] is not None and ic[1] != pkt.icmp_code)):
+                i += 1
+                continue
+            if sp is not None:
+                op, a1, a2 = sp
+                if not (pkt.sport == a1 if op == PF_OP_EQ else port_match(op, a1, a2, pkt.sport)):
+                    i = sk[7]
+                    continue
+            if dp is not None:
+                op, a1, a2 = dp
+                if not (pkt.dport == a1 if op == PF_OP_EQ else port_match(op, a1, a2, pkt.dport)):
+                    i = sk[8]
+                    continue
+            match = r
+            if r.quick:
+                break
+            i += 1
+        return match
+
+    def __str__(self) -> str:
+        return "\n".join(f"@{r.nr} {r}" for r in self.rules)
+
+
+def _addr_test(a: Addr) -> tuple[int, int, bool, Table | None] | None:
+    """(mask, net, neg, table) for the loop; None when the address cannot fail."""
+    if a.kind == "any":
+        return None if not a.neg else (0, 1, False, None)  # "! any" never matches
+    if a.kind == "table":
+        return (0, 0, a.neg, a.table)
+    return (a.mask, a.net, a.neg, None)

@@ -1,0 +1,247 @@
+"""pfsync v4 (OpenBSD <= 4.4): the baseline the v5 thesis measured against.
+
+The v4 wire format is what the thesis diff removes from ``if_pfsync.h`` 1.35: a
+20-byte header carrying ONE action and a u8 count, followed by ``count`` records of
+that action's type. The full state record is the same 240-byte ``pfsync_state`` as
+OpenBSD 4.5 (pfvar.h 1.282 is shared), so it reuses ``wire.State``; the compressed
+records have their own v4 layouts.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from pfcluster.pfsync import wire
+from pfcluster.pfsync.wire import State, StatePeer, Tdb, WireError
+
+# --- v4 wire ---------------------------------------------------------------------
+
+PFSYNC_V4_VERSION = 4
+
+V4_ACTIONS: dict[str, int] = {
+    "CLR": 0, "INS": 1, "UPD": 2, "DEL": 3, "UPD_C": 4, "DEL_C": 5, "INS_F": 6,
+    "DEL_F": 7, "UREQ": 8, "BUS": 9, "TDB_UPD": 10,
+}  # fmt: skip
+V4_ACTION_NAMES: dict[int, str] = {v: k for k, v in V4_ACTIONS.items()}
+V4_ACT_MAX = 11
+# tcpdump 4.4 PFSYNC_ACTIONS strings.
+V4_TCPDUMP_NAMES = ("CLR ST", "INS ST", "UPD ST", "DEL ST", "UPD ST COMP", "DEL ST COMP",
+                    "INS FR", "DEL FR", "UPD REQ", "BLK UPD STAT", "TDB UPD")  # fmt: skip
+
+
+class StateUpd(wire._Msg):
+    """struct pfsync_state_upd (v4 "compressed" update, 88 bytes)."""
+
+    __slots__ = ("id", "src", "dst", "creatorid", "expire", "timeout", "updates")  # noqa: RUF023 (C field order)
+
+    def __init__(self, id: int = 0, src: StatePeer | None = None, dst: StatePeer | None = None,
+                 creatorid: int = 0, expire: int = 0, timeout: int = 0, updates: int = 0) -> None:  # fmt: skip
+        self.id = id
+        self.src = src if src is not None else StatePeer()
+        self.dst = dst if dst is not None else StatePeer()
+        self.creatorid = creatorid
+        self.expire = expire
+        self.timeout = timeout
+        self.updates = updates
+
+
+class StateDel(wire._Msg):
+    """struct pfsync_state_del (16 bytes); ``src_state``/``dst_state`` are the C
+    ``src.state``/``dst.state`` bytes."""
+
+    __slots__ = ("id", "creatorid", "src_state", "dst_state")  # noqa: RUF023 (C field order)
+
+    def __init__(self, id: int = 0, creatorid: int = 0, src_state: int = 0,
+                 dst_state: int = 0) -> None:  # fmt: skip
+        self.id = id
+        self.creatorid = creatorid
+        self.src_state = src_state
+        self.dst_state = dst_state
+
+
+class StateUpdReq(wire.InsAck):
+    """struct pfsync_state_upd_req (16 bytes: id, creatorid, pad)."""
+
+    __slots__ = ()
+
+
+class StateClr(wire.Clr):
+    """struct pfsync_state_clr (24 bytes: ifname, creatorid, pad)."""
+
+    __slots__ = ()
+
+
+class StateBus(wire.Bus):
+    """struct pfsync_state_bus (16 bytes: creatorid, endtime, status, pad[7])."""
+
+    __slots__ = ()
+
+
+def _peer(t: tuple[Any, ...], i: int) -> StatePeer:
+    return StatePeer(*t[i : i + 11])
+
+
+_P = wire._PEER_FMT
+_V4_CODECS: dict[int, wire._Codec] = {
+    0: wire._Codec("!16sI4x", StateClr, lambda t: StateClr(wire._cstr(t[0]), t[1]),
+                   lambda m: (m.ifname.encode("latin-1"), m.creatorid)),
+    4: wire._Codec("!Q" + _P + _P + "IIBB6x", StateUpd,
+                   lambda t: StateUpd(t[0], _peer(t, 1), _peer(t, 12), *t[23:27]),
+                   lambda m: (m.id, *m.src.astuple(), *m.dst.astuple(), m.creatorid, m.expire,
+                              m.timeout, m.updates)),
+    5: wire._Codec("!QIBB2x", StateDel, lambda t: StateDel(*t),
+                   lambda m: (m.id, m.creatorid, m.src_state, m.dst_state)),
+    8: wire._Codec("!QI4x", StateUpdReq, lambda t: StateUpdReq(*t),
+                   lambda m: (m.id, m.creatorid)),
+    9: wire._Codec("!IIB7x", StateBus, lambda t: StateBus(*t),
+                   lambda m: (m.creatorid, m.endtime, m.status)),
+    10: wire._Codec("!I28sIQBB2x", Tdb, lambda t: Tdb(*t),
+                    lambda m: (m.spi, m.dst, m.rpl, m.cur_bytes, m.sproto, m.updates)),
+}  # fmt: skip
+_STATE_CODEC = wire.TABLES["openbsd45"][1][2]
+assert _STATE_CODEC is not None
+for _a in (1, 2, 3):
+    _V4_CODECS[_a] = _STATE_CODEC
+
+_V4_CHECKS = {
+    1: wire._make_ins_check("openbsd45"),
+    2: wire._peer_bad,
+    4: wire._peer_bad,
+}
+
+
+def v4_message_size(action: int | str) -> int:
+    """Size of one v4 record of ``action`` (0 for the unimplemented INS_F/DEL_F)."""
+    if isinstance(action, str):
+        action = V4_ACTIONS[action]
+    codec = _V4_CODECS.get(action)
+    if codec is None:
+        if action in V4_ACTION_NAMES:
+            return 0
+        raise KeyError(action)
+    return codec.size
+
+
+class V4Frame:
+    """A pfsync v4 packet: header (version, af, action, count, pf_chksum) + records."""
+
+    __slots__ = ("action", "af", "count", "errors", "invalid", "messages", "pf_chksum", "version")
+
+    def __init__(self, action: int = 0, messages: list[Any] | None = None, count: int | None = None,
+                 af: int = 0, pf_chksum: bytes = bytes(16), version: int = PFSYNC_V4_VERSION,
+                 errors: list[str] | None = None, invalid: list[int] | None = None) -> None:  # fmt: skip
+        self.version = version
+        self.af = af
+        self.action = action
+        self.messages = messages if messages is not None else []
+        self.count = len(self.messages) if count is None else count
+        self.pf_chksum = pf_chksum
+        self.errors = errors if errors is not None else []
+        self.invalid = invalid if invalid is not None else []
+
+    @property
+    def action_name(self) -> str:
+        return V4_ACTION_NAMES.get(self.action, f"ACT{self.action}")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, V4Frame):
+            return NotImplemented
+        return (self.version, self.af, self.action, self.count, bytes(self.pf_chksum),
+                self.messages, self.errors) == (other.version, other.af, other.action,
+                other.count, bytes(other.pf_chksum), other.messages, other.errors)  # fmt: skip
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return (f"V4Frame({self.action_name}, count={self.count}, messages={self.messages!r}, "
+                f"errors={self.errors!r})")  # fmt: skip
+
+
+_V4_HEADER = struct.Struct("!BBBB16s")
+V4_HEADER_LEN = _V4_HEADER.size  # 20
+
+
+def decode_v4(data: bytes | bytearray | memoryview) -> V4Frame:
+    """Decode a v4 payload as OpenBSD 4.4 ``pfsync_input`` would: hdrops, badver, badact
+    (action >= 11 or the unimplemented INS_F/DEL_F), badlen (count records do not fit);
+    per-record badval notes go to ``errors``. Raises only ``WireError``."""
+    mv = memoryview(data)
+    if mv.ndim != 1 or mv.itemsize != 1:
+        mv = mv.cast("B")
+    if len(mv) < V4_HEADER_LEN:
+        raise WireError("hdrops", f"{len(mv)} bytes, header needs {V4_HEADER_LEN}")
+    version, af, action, count, cksum = _V4_HEADER.unpack_from(mv, 0)
+    frame = V4Frame(action, [], count, af, cksum, version)
+
+    def fail(reason: str, detail: str) -> WireError:
+        frame.errors.append(f"{reason}: {detail}")
+        return WireError(reason, detail, frame)
+
+    if version != PFSYNC_V4_VERSION:
+        raise fail("badver", f"version {version}, expected {PFSYNC_V4_VERSION}")
+    codec = _V4_CODECS.get(action)
+    if codec is None:
+        what = "unsupported" if action in V4_ACTION_NAMES else "unknown"
+        raise fail("badact", f"{what} action {V4_ACTION_NAMES.get(action, action)}")
+    size = codec.size
+    avail = len(mv) - V4_HEADER_LEN
+    try:
+        if size * count > avail:
+            frame.messages = codec.decode_many(mv, V4_HEADER_LEN, avail // size, size)
+            raise fail("badlen", f"count {count} needs {size * count} bytes, {avail} left")
+        frame.messages = codec.decode_many(mv, V4_HEADER_LEN, count, size)
+    except (struct.error, ValueError, IndexError, UnicodeError) as e:
+        if isinstance(e, WireError):
+            raise
+        raise fail("badlen", str(e)) from None
+    check = _V4_CHECKS.get(action)
+    if check is not None:
+        name = frame.action_name
+        for i, m in enumerate(frame.messages):
+            bad = check(m)
+            if bad:
+                frame.errors.append(f"badval: {name}[{i}] {bad}")
+                frame.invalid.append(i)
+    return frame
+
+
+def encode_v4(frame: V4Frame) -> bytes:
+    """Encode a v4 frame (count = number of records, at most 255)."""
+    codec = _V4_CODECS.get(frame.action)
+    if codec is None:
+        raise WireError("encode", f"cannot encode v4 action {frame.action}")
+    n = len(frame.messages)
+    if n > 255:
+        raise WireError("encode", f"{n} records; the v4 count is a u8")
+    buf = bytearray(V4_HEADER_LEN + n * codec.size)
+    try:
+        _V4_HEADER.pack_into(buf, 0, frame.version, frame.af, frame.action, n,
+                             bytes(frame.pf_chksum))  # fmt: skip
+        off = V4_HEADER_LEN
+        for m in frame.messages:
+            codec.encode_into(buf, off, m)
+            off += codec.size
+    except (struct.error, AttributeError, TypeError, IndexError, UnicodeError) as e:
+        raise WireError("encode", f"{type(e).__name__}: {e}") from None
+    return bytes(buf)
+
+
+__all__ = [
+    "PFSYNC_V4_VERSION",
+    "V4_ACTIONS",
+    "V4_ACTION_NAMES",
+    "State",
+    "StateBus",
+    "StateClr",
+    "StateDel",
+    "StateUpd",
+    "StateUpdReq",
+    "Tdb",
+    "V4Frame",
+    "decode_v4",
+    "encode_v4",
+    "v4_message_size",
+]
+
+# --- end of v4 wire (v4 behaviour goes below) --------------------------------------

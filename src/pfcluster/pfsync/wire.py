@@ -1,0 +1,1095 @@
+"""pfsync v5/v6 wire codecs, one table per dialect.
+
+Every dialect is described by ONE table, ``action -> (name, record size, codec, check)``;
+the frame walkers are shared, so the whole protocol of a dialect can be read in one
+place (DESIGN.md, "tables, not switches"). Layouts follow
+``reference/pfsync-wire-facts.md`` section 2; validation mirrors each dialect's
+``pfsync_input`` (facts section 4) and names errors after the ``pfsyncstats`` counters.
+
+Conventions (shared with dump, the engine and the tests):
+
+* Numeric fields hold the integer the C field holds after byte-order conversion.
+  ``id`` and ``creatorid`` are read big-endian (as tcpdump prints them), ports are host
+  ints, ``rule``/``anchor`` keep the raw u32 (``signed32`` gives -1 back).
+* Addresses are raw 16-byte ``pf_addr`` values (IPv4 in the first 4 bytes).
+* ``af`` is the sender OS's number (``af_to_wire`` / ``af_from_wire`` convert).
+* Padding is written as zero; a frame round-trips byte for byte when its pads are zero
+  (as every sender writes them), except the 4.5 EOF body which is kept verbatim.
+
+Decoding never raises anything but ``WireError``; per-message problems the receiver
+counts as ``badval`` are appended to ``Frame.errors`` and the message index to
+``Frame.invalid`` while decoding continues.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import struct
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from pfcluster.pf.constants import IPPROTO_PFSYNC, PF_OUT, PF_TCPS_PROXY_DST, PFTM_MAX
+
+__all__ = [
+    "ACTIONS",
+    "DIALECTS",
+    "PFSYNC_DFLTTL",
+    "STATE_FIELDS",
+    "Bus",
+    "Clr",
+    "DelC",
+    "Eof",
+    "Frame",
+    "InsAck",
+    "IpEnvelope",
+    "Section",
+    "State",
+    "StateKey",
+    "StatePeer",
+    "Tdb",
+    "UpdC",
+    "UpdReq",
+    "WireError",
+    "addr_from_str",
+    "addr_str",
+    "af_from_wire",
+    "af_to_wire",
+    "decode",
+    "decode_ip",
+    "encode",
+    "encode_ip",
+    "record_size",
+    "signed32",
+]
+
+DIALECTS = ("openbsd45", "freebsd1301", "freebsd1400", "openbsd6")
+VERSION = {"openbsd45": 5, "freebsd1301": 5, "freebsd1400": 5, "openbsd6": 6}
+PFSYNC_DFLTTL = 255
+HEADER_LEN = 20
+SUBHEADER_LEN = 4
+IPTOS_LOWDELAY = 0x10
+IP_DF = 0x4000
+
+_AF_INET6_WIRE = {"openbsd45": 24, "openbsd6": 24, "freebsd1301": 28, "freebsd1400": 28}
+
+
+class WireError(ValueError):
+    """The one exception decoders raise: ``reason`` is a pfsyncstats counter name
+    (hdrops, badver, badlen, badact, ...), ``frame`` what decoded before the error."""
+
+    def __init__(self, reason: str, detail: str = "", frame: Any = None) -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+        self.frame = frame
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def signed32(value: int) -> int:
+    """The signed view of a raw u32 (``rule``/``anchor`` 0xffffffff -> -1)."""
+    return value - 0x100000000 if value & 0x80000000 else value
+
+
+def af_to_wire(dialect: str, socket_af: int) -> int:
+    """Local ``socket.AF_*`` -> the sender OS's ``sa_family_t`` value on the wire."""
+    if socket_af == socket.AF_INET:
+        return 2
+    if socket_af == socket.AF_INET6:
+        return _AF_INET6_WIRE[dialect]
+    return socket_af
+
+
+def af_from_wire(dialect: str, value: int) -> int | None:
+    """Wire ``af`` byte -> local ``socket.AF_*``; None when it is neither family."""
+    if value == 2:
+        return socket.AF_INET
+    if value == _AF_INET6_WIRE.get(dialect, -1):
+        return socket.AF_INET6
+    return None
+
+
+def addr_str(raw: bytes, socket_af: int | None) -> str:
+    """A pf_addr as text: dotted quad for AF_INET, RFC 5952 for AF_INET6, else hex."""
+    if socket_af == socket.AF_INET:
+        return socket.inet_ntop(socket.AF_INET, raw[:4])
+    if socket_af == socket.AF_INET6:
+        return socket.inet_ntop(socket.AF_INET6, raw[:16])
+    return raw.hex()
+
+
+def addr_from_str(text: str) -> bytes:
+    """Text address -> 16-byte pf_addr (IPv4 in the first 4 bytes, rest zero)."""
+    a = ipaddress.ip_address(text)
+    return a.packed.ljust(16, b"\0")
+
+
+def _cstr(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode("latin-1")
+
+
+# --------------------------------------------------------------------------- messages
+
+
+class _Msg:
+    """Base for the message records: field-wise equality and a readable repr.
+
+    ``_fields`` lists every slot along the MRO (subclasses such as ``UpdReq`` add none),
+    in C order.
+    """
+
+    __slots__ = ()
+    _fields: tuple[str, ...] = ()
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        cls._fields = tuple(
+            s for c in reversed(cls.__mro__) for s in c.__dict__.get("__slots__", ())
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if type(self) is not type(other):
+            return NotImplemented
+        return all(getattr(self, s) == getattr(other, s) for s in self._fields)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        body = ", ".join(f"{s}={getattr(self, s)!r}" for s in self._fields)
+        return f"{type(self).__name__}({body})"
+
+
+class StatePeer(_Msg):
+    """struct pfsync_state_peer (with the scrub part flattened, C names kept)."""
+
+    __slots__ = ("pfss_flags", "pfss_ttl", "scrub_flag", "pfss_ts_mod", "seqlo", "seqhi",  # noqa: RUF023 (C field order)
+                 "seqdiff", "max_win", "mss", "state", "wscale")  # fmt: skip
+
+    def __init__(self, pfss_flags: int = 0, pfss_ttl: int = 0, scrub_flag: int = 0,
+                 pfss_ts_mod: int = 0, seqlo: int = 0, seqhi: int = 0, seqdiff: int = 0,
+                 max_win: int = 0, mss: int = 0, state: int = 0, wscale: int = 0) -> None:  # fmt: skip
+        self.pfss_flags = pfss_flags
+        self.pfss_ttl = pfss_ttl
+        self.scrub_flag = scrub_flag
+        self.pfss_ts_mod = pfss_ts_mod
+        self.seqlo = seqlo
+        self.seqhi = seqhi
+        self.seqdiff = seqdiff
+        self.max_win = max_win
+        self.mss = mss
+        self.state = state
+        self.wscale = wscale
+
+    def astuple(self) -> tuple[int, ...]:
+        return (self.pfss_flags, self.pfss_ttl, self.scrub_flag, self.pfss_ts_mod, self.seqlo,
+                self.seqhi, self.seqdiff, self.max_win, self.mss, self.state, self.wscale)  # fmt: skip
+
+
+class StateKey(_Msg):
+    """struct pfsync_state_key: ``addr`` two raw pf_addr, ``port`` two host ints;
+    ``rdomain``/``af`` exist on the wire only in openbsd6 (0 elsewhere)."""
+
+    __slots__ = ("addr", "port", "rdomain", "af")  # noqa: RUF023 (C field order)
+
+    def __init__(self, addr: list[bytes] | None = None, port: list[int] | None = None,
+                 rdomain: int = 0, af: int = 0) -> None:  # fmt: skip
+        self.addr = addr if addr is not None else [bytes(16), bytes(16)]
+        self.port = port if port is not None else [0, 0]
+        self.rdomain = rdomain
+        self.af = af
+
+
+class Clr(_Msg):
+    """struct pfsync_clr."""
+
+    __slots__ = ("ifname", "creatorid")  # noqa: RUF023 (C field order)
+
+    def __init__(self, ifname: str = "", creatorid: int = 0) -> None:
+        self.ifname = ifname
+        self.creatorid = creatorid
+
+
+class InsAck(_Msg):
+    """struct pfsync_ins_ack."""
+
+    __slots__ = ("id", "creatorid")  # noqa: RUF023 (C field order)
+
+    def __init__(self, id: int = 0, creatorid: int = 0) -> None:
+        self.id = id
+        self.creatorid = creatorid
+
+
+class UpdReq(InsAck):
+    """struct pfsync_upd_req (id 0 + creatorid 0 asks for a bulk update)."""
+
+    __slots__ = ()
+
+
+class DelC(InsAck):
+    """struct pfsync_del_c."""
+
+    __slots__ = ()
+
+
+class UpdC(_Msg):
+    """struct pfsync_upd_c (``state_flags`` is a pad byte before openbsd6)."""
+
+    __slots__ = ("id", "src", "dst", "creatorid", "expire", "timeout", "state_flags")  # noqa: RUF023 (C field order)
+
+    def __init__(self, id: int = 0, src: StatePeer | None = None,
+                 dst: StatePeer | None = None, creatorid: int = 0, expire: int = 0,
+                 timeout: int = 0, state_flags: int = 0) -> None:  # fmt: skip
+        self.id = id
+        self.src = src if src is not None else StatePeer()
+        self.dst = dst if dst is not None else StatePeer()
+        self.creatorid = creatorid
+        self.expire = expire
+        self.timeout = timeout
+        self.state_flags = state_flags
+
+
+class Bus(_Msg):
+    """struct pfsync_bus (status 1 START, 2 END)."""
+
+    __slots__ = ("creatorid", "endtime", "status")
+
+    def __init__(self, creatorid: int = 0, endtime: int = 0, status: int = 0) -> None:
+        self.creatorid = creatorid
+        self.endtime = endtime
+        self.status = status
+
+
+class Tdb(_Msg):
+    """struct pfsync_tdb; ``dst`` is the raw 28-byte sockaddr_union, ``rdomain`` exists
+    only in openbsd6 (a pad before)."""
+
+    __slots__ = ("spi", "dst", "rpl", "cur_bytes", "sproto", "updates", "rdomain")  # noqa: RUF023 (C field order)
+
+    def __init__(self, spi: int = 0, dst: bytes = bytes(28), rpl: int = 0, cur_bytes: int = 0,
+                 sproto: int = 0, updates: int = 0, rdomain: int = 0) -> None:  # fmt: skip
+        self.spi = spi
+        self.dst = dst
+        self.rpl = rpl
+        self.cur_bytes = cur_bytes
+        self.sproto = sproto
+        self.updates = updates
+        self.rdomain = rdomain
+
+
+class Eof(_Msg):
+    """struct pfsync_eof (4.5 only: 20 bytes, never written by the sender)."""
+
+    __slots__ = ("hmac",)
+
+    def __init__(self, hmac: bytes = bytes(20)) -> None:
+        self.hmac = hmac
+
+
+_STATE_DEFAULTS: dict[str, Any] = {
+    "id": 0, "ifname": "", "key": None, "src": None, "dst": None, "rt_addr": bytes(16),
+    "rule": 0xFFFFFFFF, "anchor": 0xFFFFFFFF, "nat_rule": 0xFFFFFFFF, "creation": 0,
+    "expire": 0, "packets": None, "bytes": None, "creatorid": 0, "af": 0, "proto": 0,
+    "direction": 0, "log": 0, "state_flags": 0, "timeout": 0, "sync_flags": 0, "updates": 0,
+    "rtableid": None, "max_mss": 0, "min_ttl": 0, "set_tos": 0, "rt": 0, "set_prio": None,
+    "qid": 0, "pqid": 0, "dnpipe": 0, "dnrpipe": 0, "rt_ifname": "", "spare": 0,
+}  # fmt: skip
+_LIST_DEFAULTS: dict[str, Callable[[], Any]] = {
+    "key": lambda: [StateKey(), StateKey()],
+    "src": StatePeer,
+    "dst": StatePeer,
+    "packets": lambda: [0, 0],
+    "bytes": lambda: [0, 0],
+    "rtableid": lambda: [0, 0],
+    "set_prio": lambda: [0, 0],
+}
+
+
+class State(_Msg):
+    """struct pfsync_state, the superset of all dialects' fields (C names).
+
+    Fields a dialect's layout does not have keep their defaults (``STATE_FIELDS`` lists
+    each dialect's fields in wire order). ``rtableid`` is ``[wire, stack]`` in openbsd6
+    and a single int in freebsd1400; the encoders accept either form.
+    """
+
+    __slots__ = tuple(_STATE_DEFAULTS)
+    id: int
+    ifname: str
+    key: list[StateKey]
+    src: StatePeer
+    dst: StatePeer
+    rt_addr: bytes
+    rule: int
+    anchor: int
+    nat_rule: int
+    creation: int
+    expire: int
+    packets: list[int]
+    bytes: list[int]
+    creatorid: int
+    af: int
+    proto: int
+    direction: int
+    log: int
+    state_flags: int
+    timeout: int
+    sync_flags: int
+    updates: int
+    rtableid: Any
+    max_mss: int
+    min_ttl: int
+    set_tos: int
+    rt: int
+    set_prio: list[int]
+    qid: int
+    pqid: int
+    dnpipe: int
+    dnrpipe: int
+    rt_ifname: str
+    spare: int
+
+    def __init__(self, **fields: Any) -> None:
+        for name, default in _STATE_DEFAULTS.items():
+            if name in fields:
+                value = fields.pop(name)
+            elif name in _LIST_DEFAULTS:
+                value = _LIST_DEFAULTS[name]()
+            else:
+                value = default
+            setattr(self, name, value)
+        if fields:
+            raise TypeError(f"unknown pfsync_state fields: {sorted(fields)}")
+
+
+class RawMessage(bytes):
+    """Bytes of a message in a section the receiver skips (openbsd6 unknown action)."""
+
+
+# --------------------------------------------------------------------------- codecs
+
+
+class _Codec:
+    """One message layout: a precompiled Struct plus tuple <-> object converters."""
+
+    __slots__ = ("cls", "from_tuple", "size", "st", "to_tuple")
+
+    def __init__(self, fmt: str, cls: type, from_tuple: Callable[[tuple[Any, ...]], Any],
+                 to_tuple: Callable[[Any], Sequence[Any]]) -> None:  # fmt: skip
+        self.st = struct.Struct(fmt)
+        self.size = self.st.size
+        self.cls = cls
+        self.from_tuple = from_tuple
+        self.to_tuple = to_tuple
+
+    def decode_many(self, mv: memoryview, off: int, count: int, stride: int) -> list[Any]:
+        conv = self.from_tuple
+        if stride == self.size:
+            return [conv(t) for t in self.st.iter_unpack(mv[off : off + count * stride])]
+        unpack = self.st.unpack_from
+        return [conv(unpack(mv, off + k * stride)) for k in range(count)]
+
+    def encode_into(self, buf: bytearray, off: int, msg: Any) -> None:
+        self.st.pack_into(buf, off, *self.to_tuple(msg))
+
+
+_PEER_FMT = "HBBIIIIHHBB6x"  # 11 values, 32 bytes
+
+
+def _id_creator_codec(cls: type) -> _Codec:
+    return _Codec("!QI", cls, lambda t: cls(t[0], t[1]), lambda m: (m.id, m.creatorid))
+
+
+def _clr_codec() -> _Codec:
+    return _Codec("!16sI", Clr, lambda t: Clr(_cstr(t[0]), t[1]),
+                  lambda m: (m.ifname.encode("latin-1"), m.creatorid))  # fmt: skip
+
+
+def _upd_c_codec(v6: bool) -> _Codec:
+    if v6:
+        fmt = "!Q" + _PEER_FMT + _PEER_FMT + "IIBB2x"
+
+        def from_t(t: tuple[Any, ...]) -> UpdC:
+            return UpdC(t[0], StatePeer(*t[1:12]), StatePeer(*t[12:23]), t[23], t[24], t[25],
+                        t[26])  # fmt: skip
+
+        def to_t(m: UpdC) -> tuple[Any, ...]:
+            return (m.id, *m.src.astuple(), *m.dst.astuple(), m.creatorid, m.expire,
+                    m.timeout, m.state_flags)  # fmt: skip
+    else:
+        fmt = "!Q" + _PEER_FMT + _PEER_FMT + "IIB3x"
+
+        def from_t(t: tuple[Any, ...]) -> UpdC:
+            return UpdC(t[0], StatePeer(*t[1:12]), StatePeer(*t[12:23]), t[23], t[24], t[25])
+
+        def to_t(m: UpdC) -> tuple[Any, ...]:
+            return (m.id, *m.src.astuple(), *m.dst.astuple(), m.creatorid, m.expire,
+                    m.timeout)  # fmt: skip
+
+    return _Codec(fmt, UpdC, from_t, to_t)
+
+
+def _bus_codec() -> _Codec:
+    return _Codec("!IIB3x", Bus, lambda t: Bus(*t), lambda m: (m.creatorid, m.endtime, m.status))
+
+
+def _tdb_codec(variant: str) -> _Codec:
+    """variant: "v5" (rpl u32, pad), "v6" (rpl u32, rdomain), "v6r64" (rpl u64, rdomain)."""
+    rpl = "Q" if variant == "v6r64" else "I"
+    tail = "2x" if variant == "v5" else "H"
+    fmt = f"!I28s{rpl}QBB{tail}"
+    if variant == "v5":
+        return _Codec(fmt, Tdb, lambda t: Tdb(*t),
+                      lambda m: (m.spi, m.dst, m.rpl, m.cur_bytes, m.sproto, m.updates))  # fmt: skip
+    return _Codec(fmt, Tdb, lambda t: Tdb(*t),
+                  lambda m: (m.spi, m.dst, m.rpl, m.cur_bytes, m.sproto, m.updates, m.rdomain))  # fmt: skip
+
+
+def _eof_codec() -> _Codec:
+    return _Codec("!20s", Eof, lambda t: Eof(t[0]), lambda m: (m.hmac,))
+
+
+# State layouts: (attribute, kind). Kinds map to struct format and value count.
+_KINDS: dict[str, tuple[str, int]] = {
+    "u8": ("B", 1), "u16": ("H", 1), "u32": ("I", 1), "i32": ("i", 1), "u64": ("Q", 1),
+    "ifname": ("16s", 1), "addr": ("16s", 1), "peer": (_PEER_FMT, 11),
+    "keys5": ("16s16sHH" * 2, 8), "keys6": ("16s16sHHHBx" * 2, 12),
+    "u64pair": ("QQ", 2), "i32pair": ("ii", 2), "u8pair": ("BB", 2),
+}  # fmt: skip
+
+_STATE_HEAD: list[tuple[str, str]] = [
+    ("id", "u64"), ("ifname", "ifname"), ("key", "keys5"), ("src", "peer"), ("dst", "peer"),
+    ("rt_addr", "addr"), ("rule", "u32"), ("anchor", "u32"), ("nat_rule", "u32"),
+    ("creation", "u32"), ("expire", "u32"), ("packets", "u64pair"), ("bytes", "u64pair"),
+    ("creatorid", "u32"),
+]  # fmt: skip
+
+_STATE_LAYOUTS: dict[str, list[tuple[str, str]]] = {
+    # OpenBSD 4.5 pfvar.h 1.282: 240 bytes
+    "openbsd45": [*_STATE_HEAD, ("af", "u8"), ("proto", "u8"), ("direction", "u8"),
+                  ("log", "u8"), ("state_flags", "u8"), ("timeout", "u8"),
+                  ("sync_flags", "u8"), ("updates", "u8")],
+    # FreeBSD pfsync_state_1301: 242 bytes (__spare[2] after direction)
+    "freebsd1301": [*_STATE_HEAD, ("af", "u8"), ("proto", "u8"), ("direction", "u8"),
+                    ("spare", "u16"), ("log", "u8"), ("state_flags", "u8"), ("timeout", "u8"),
+                    ("sync_flags", "u8"), ("updates", "u8")],
+    # FreeBSD pfsync_state_1400: 277 bytes
+    "freebsd1400": [*_STATE_HEAD, ("af", "u8"), ("proto", "u8"), ("direction", "u8"),
+                    ("state_flags", "u16"), ("log", "u8"), ("spare", "u8"), ("timeout", "u8"),
+                    ("sync_flags", "u8"), ("updates", "u8"), ("qid", "u16"), ("pqid", "u16"),
+                    ("dnpipe", "u16"), ("dnrpipe", "u16"), ("rtableid", "i32"),
+                    ("min_ttl", "u8"), ("set_tos", "u8"), ("max_mss", "u16"),
+                    ("set_prio", "u8pair"), ("rt", "u8"), ("rt_ifname", "ifname")],
+    # OpenBSD current pfvar.h 1.543: 264 bytes (key with rdomain + af)
+    "openbsd6": [*[(("key", "keys6") if a == "key" else (a, k)) for a, k in _STATE_HEAD],
+                 ("rtableid", "i32pair"), ("max_mss", "u16"), ("af", "u8"), ("proto", "u8"),
+                 ("direction", "u8"), ("log", "u8"), ("rt", "u8"), ("timeout", "u8"),
+                 ("sync_flags", "u8"), ("updates", "u8"), ("min_ttl", "u8"), ("set_tos", "u8"),
+                 ("state_flags", "u16"), ("set_prio", "u8pair")],
+}  # fmt: skip
+
+STATE_FIELDS: dict[str, tuple[str, ...]] = {
+    d: tuple(a for a, _ in layout) for d, layout in _STATE_LAYOUTS.items()
+}
+
+
+def _state_codec(layout: list[tuple[str, str]]) -> _Codec:
+    fmt = "!" + "".join(_KINDS[k][0] for _, k in layout)
+    ops = [(a, k, _KINDS[k][1]) for a, k in layout]
+    new = State.__new__
+    defaults = [(n, v) for n, v in _STATE_DEFAULTS.items() if n not in _LIST_DEFAULTS]
+    present = {a for a, _ in layout}
+    lazy = [(n, f) for n, f in _LIST_DEFAULTS.items() if n not in present]
+
+    def from_t(t: tuple[Any, ...]) -> State:
+        st = new(State)
+        for name, value in defaults:
+            setattr(st, name, value)
+        for name, factory in lazy:
+            setattr(st, name, factory())
+        i = 0
+        for attr, kind, n in ops:
+            if kind == "peer":
+                v: Any = StatePeer(*t[i : i + 11])
+            elif kind == "keys5":
+                v = [StateKey([t[i], t[i + 1]], [t[i + 2], t[i + 3]]),
+                     StateKey([t[i + 4], t[i + 5]], [t[i + 6], t[i + 7]])]  # fmt: skip
+            elif kind == "keys6":
+                v = [StateKey([t[i], t[i + 1]], [t[i + 2], t[i + 3]], t[i + 4], t[i + 5]),
+                     StateKey([t[i + 6], t[i + 7]], [t[i + 8], t[i + 9]], t[i + 10], t[i + 11])]  # fmt: skip
+            elif kind == "ifname":
+                v = _cstr(t[i])
+            elif n == 2:
+                v = [t[i], t[i + 1]]
+            else:
+                v = t[i]
+            setattr(st, attr, v)
+            i += n
+        return st
+
+    def to_t(m: State) -> list[Any]:
+        out: list[Any] = []
+        for attr, kind, _n in ops:
+            v = getattr(m, attr)
+            if kind == "peer":
+                out.extend(v.astuple())
+            elif kind == "keys5":
+                for k in v:
+                    out.extend((k.addr[0], k.addr[1], k.port[0], k.port[1]))
+            elif kind == "keys6":
+                for k in v:
+                    out.extend((k.addr[0], k.addr[1], k.port[0], k.port[1], k.rdomain, k.af))
+            elif kind == "ifname":
+                out.append(v.encode("latin-1"))
+            elif kind in ("u64pair", "u8pair"):
+                out.extend((v[0], v[1]))
+            elif kind == "i32pair":
+                out.extend((v, v) if isinstance(v, int) else (v[0], v[1]))
+            elif kind == "i32" and not isinstance(v, int):
+                out.append(v[0])
+            else:
+                out.append(v)
+        return out
+
+    return _Codec(fmt, State, from_t, to_t)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _peer_bad(m: State | UpdC) -> str | None:
+    if m.timeout >= PFTM_MAX:
+        return f"timeout {m.timeout}"
+    if m.src.state > PF_TCPS_PROXY_DST:
+        return f"src.state {m.src.state}"
+    if m.dst.state > PF_TCPS_PROXY_DST:
+        return f"dst.state {m.dst.state}"
+    return None
+
+
+def _make_ins_check(dialect: str) -> Callable[[Any], str | None]:
+    inet6 = _AF_INET6_WIRE[dialect]
+    v6 = dialect == "openbsd6"
+
+    def check(m: State) -> str | None:
+        bad = _peer_bad(m)
+        if bad:
+            return bad
+        if m.direction > PF_OUT:
+            return f"direction {m.direction}"
+        if m.af not in (2, inet6):
+            return f"af {m.af}"
+        if v6:
+            for k in m.key:
+                if k.af and k.af not in (2, inet6):
+                    return f"key.af {k.af}"
+        return None
+
+    return check
+
+
+# --------------------------------------------------------------------------- tables
+
+# (name, record size, codec or None when unsupported, check or None)
+Entry = tuple[str, int, "_Codec | None", "Callable[[Any], str | None] | None"]
+
+_ACT_NAMES_V5 = ("CLR", "INS", "INS_ACK", "UPD", "UPD_C", "UPD_REQ", "DEL", "DEL_C",
+                 "INS_F", "DEL_F", "BUS", "TDB", "EOF")  # fmt: skip
+
+
+def _build_tables() -> dict[str, dict[int, Entry]]:
+    iack, ureq, delc = _id_creator_codec(InsAck), _id_creator_codec(UpdReq), _id_creator_codec(DelC)
+    clr, bus = _clr_codec(), _bus_codec()
+    tables: dict[str, dict[int, Entry]] = {}
+
+    def v5_table(dialect: str, state: _Codec, eof: _Codec | None) -> dict[int, Entry]:
+        ins = _make_ins_check(dialect)
+        upd_c = _upd_c_codec(False)
+        tdb = _tdb_codec("v5")
+        return {
+            0: ("CLR", clr.size, clr, None),
+            1: ("INS", state.size, state, ins),
+            2: ("INS_ACK", iack.size, iack, None),
+            3: ("UPD", state.size, state, _peer_bad),
+            4: ("UPD_C", upd_c.size, upd_c, _peer_bad),
+            5: ("UPD_REQ", ureq.size, ureq, None),
+            6: ("DEL", state.size, state, None),
+            7: ("DEL_C", delc.size, delc, None),
+            8: ("INS_F", 0, None, None),
+            9: ("DEL_F", 0, None, None),
+            10: ("BUS", bus.size, bus, None),
+            11: ("TDB", tdb.size, tdb, None),
+            12: ("EOF", eof.size if eof else 0, eof, None),
+        }
+
+    s45 = _state_codec(_STATE_LAYOUTS["openbsd45"])
+    s1301 = _state_codec(_STATE_LAYOUTS["freebsd1301"])
+    s1400 = _state_codec(_STATE_LAYOUTS["freebsd1400"])
+    s6 = _state_codec(_STATE_LAYOUTS["openbsd6"])
+    tables["openbsd45"] = v5_table("openbsd45", s45, _eof_codec())
+    tables["freebsd1301"] = v5_table("freebsd1301", s1301, None)
+    t14 = v5_table("freebsd1400", s1301, None)
+    ins14 = _make_ins_check("freebsd1400")
+    t14[1] = ("INS_1301", s1301.size, s1301, ins14)
+    t14[3] = ("UPD_1301", s1301.size, s1301, _peer_bad)
+    t14[13] = ("INS", s1400.size, s1400, ins14)
+    t14[14] = ("UPD", s1400.size, s1400, _peer_bad)
+    tables["freebsd1400"] = t14
+
+    upd_c6 = _upd_c_codec(True)
+    tdb6, tdb6r = _tdb_codec("v6"), _tdb_codec("v6r64")
+    tables["openbsd6"] = {
+        0: ("CLR", clr.size, clr, None),
+        1: ("OINS", 0, None, None),
+        2: ("INS_ACK", iack.size, iack, None),
+        3: ("OUPD", 0, None, None),
+        4: ("UPD_C", upd_c6.size, upd_c6, _peer_bad),
+        5: ("UPD_REQ", ureq.size, ureq, None),
+        6: ("DEL", s6.size, s6, None),
+        7: ("DEL_C", delc.size, delc, None),
+        8: ("INS_F", 0, None, None),
+        9: ("DEL_F", 0, None, None),
+        10: ("BUS", bus.size, bus, None),
+        11: ("OTDB", tdb6.size, None, None),
+        12: ("EOF", 0, None, None),
+        13: ("INS", s6.size, s6, _make_ins_check("openbsd6")),
+        14: ("UPD", s6.size, s6, _peer_bad),
+        15: ("TDB", tdb6r.size, tdb6r, None),
+    }
+    return tables
+
+
+TABLES: dict[str, dict[int, Entry]] = _build_tables()
+ACTIONS: dict[str, dict[str, int]] = {d: {e[0]: a for a, e in t.items()} for d, t in TABLES.items()}
+ACTION_NAMES: dict[str, dict[int, str]] = {
+    d: {a: e[0] for a, e in t.items()} for d, t in TABLES.items()
+}
+
+# tcpdump's PFSYNC_ACTIONS strings, for the text printer.
+TCPDUMP_NAMES: dict[str, str] = {
+    "CLR": "CLR ST", "INS": "INS ST", "INS_ACK": "INS ST ACK", "UPD": "UPD ST",
+    "UPD_C": "UPD ST COMP", "UPD_REQ": "UPD ST REQ", "DEL": "DEL ST", "DEL_C": "DEL ST COMP",
+    "INS_F": "INS FR", "DEL_F": "DEL FR", "BUS": "BULK UPD STAT", "TDB": "TDB UPD", "EOF": "EOF",
+    "OINS": "INS ST OLD", "OUPD": "UPD ST OLD", "OTDB": "UPD TDB OLD",
+    "INS_1301": "INS ST 1301", "UPD_1301": "UPD ST 1301",
+}  # fmt: skip
+
+
+def _table(dialect: str) -> dict[int, Entry]:
+    try:
+        return TABLES[dialect]
+    except KeyError:
+        raise WireError("baddialect", f"unknown dialect {dialect!r}") from None
+
+
+def record_size(dialect: str, action: int | str) -> int:
+    """Size in bytes of one message of ``action`` (number or name) in ``dialect``."""
+    table = _table(dialect)
+    if isinstance(action, str):
+        action = ACTIONS[dialect][action]
+    return table[action][1]
+
+
+# --------------------------------------------------------------------------- frames
+
+
+class Section:
+    """One subheader and its messages.
+
+    ``mlen`` is the openbsd6 per-message length when it differs from ours (None
+    otherwise); ``skipped`` marks an openbsd6 section the receiver steps over (unknown
+    action or short ``mlen``: its messages are ``RawMessage`` bytes); ``truncated``
+    marks the section an error cut short (only in ``WireError.frame``).
+    """
+
+    __slots__ = ("action", "action_id", "count", "messages", "mlen", "skipped", "truncated")
+
+    def __init__(self, action: str, action_id: int, count: int | None = None,
+                 messages: list[Any] | None = None, mlen: int | None = None,
+                 skipped: bool = False, truncated: bool = False) -> None:  # fmt: skip
+        self.action = action
+        self.action_id = action_id
+        self.messages = messages if messages is not None else []
+        self.count = len(self.messages) if count is None else count
+        self.mlen = mlen
+        self.skipped = skipped
+        self.truncated = truncated
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Section):
+            return NotImplemented
+        return (self.action, self.action_id, self.count, self.messages, self.mlen,
+                self.skipped) == (other.action, other.action_id, other.count, other.messages,
+                                  other.mlen, other.skipped)  # fmt: skip
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return (f"Section({self.action!r}, {self.action_id}, count={self.count}, "
+                f"messages={self.messages!r})")  # fmt: skip
+
+
+class Frame:
+    """A decoded pfsync frame (pfsync_header + sections).
+
+    ``len`` is the header's length field as received (``encode`` always recomputes it);
+    ``errors`` holds per-message ``badval`` notes ("badval: INS[3] timeout 25") and, in a
+    ``WireError.frame``, the fatal reason; ``invalid`` the (section, message) indices of
+    messages a receiver would skip.
+    """
+
+    __slots__ = ("errors", "invalid", "len", "pfcksum", "sections", "version")
+
+    def __init__(self, version: int = 5, len: int | None = None,
+                 pfcksum: bytes = bytes(16), sections: list[Section] | None = None,
+                 errors: list[str] | None = None,
+                 invalid: list[tuple[int, int]] | None = None) -> None:  # fmt: skip
+        self.version = version
+        self.len = len
+        self.pfcksum = pfcksum
+        self.sections = sections if sections is not None else []
+        self.errors = errors if errors is not None else []
+        self.invalid = invalid if invalid is not None else []
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Frame):
+            return NotImplemented
+        if self.len is not None and other.len is not None and self.len != other.len:
+            return False
+        return (self.version, bytes(self.pfcksum), self.sections, self.errors) == (
+            other.version, bytes(other.pfcksum), other.sections, other.errors)  # fmt: skip
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return (f"Frame(version={self.version}, len={self.len}, sections={self.sections!r}, "
+                f"errors={self.errors!r})")  # fmt: skip
+
+    def messages(self, action: str) -> Iterable[Any]:
+        """All messages of sections named ``action`` (convenience for the engine)."""
+        for s in self.sections:
+            if s.action == action and not s.skipped:
+                yield from s.messages
+
+
+_HEADER = struct.Struct("!BBH16s")
+_SUBH = struct.Struct("!BBH")
+
+
+def decode(data: bytes | bytearray | memoryview, dialect: str = "openbsd45") -> Frame:
+    """Decode a pfsync payload (starting at pfsync_header) as ``dialect`` sends it.
+
+    Raises only ``WireError`` (reason = pfsyncstats name, ``.frame`` = partial frame).
+    """
+    table = _table(dialect)
+    mv = memoryview(data)
+    if mv.ndim != 1 or mv.itemsize != 1:
+        mv = mv.cast("B")
+    total = len(mv)
+    if total < HEADER_LEN:
+        raise WireError("hdrops", f"{total} bytes, header needs {HEADER_LEN}")
+    version, _pad, hlen, cksum = _HEADER.unpack_from(mv, 0)
+    frame = Frame(version, hlen, cksum)
+    want = VERSION[dialect]
+    if version != want:
+        frame.errors.append(f"badver: version {version}, expected {want}")
+        raise WireError("badver", f"version {version}, expected {want}", frame)
+    if hlen > total:
+        # The receiver drops the packet; walk what arrived so the caller can show it.
+        try:
+            if version == 6:
+                _walk_v6(mv, total, frame, table)
+            else:
+                _walk_v5(mv, total, total, frame, table, dialect)
+        except (WireError, struct.error, IndexError, ValueError, UnicodeError):
+            pass
+        frame.invalid.clear()
+        frame.errors[:] = [f"badlen: header len {hlen} > {total} bytes"]
+        raise WireError("badlen", f"header len {hlen} > {total} bytes", frame)
+    try:
+        if version == 6:
+            _walk_v6(mv, hlen, frame, table)
+        else:
+            _walk_v5(mv, total, hlen, frame, table, dialect)
+    except WireError as e:
+        e.frame = frame
+        frame.errors.append(str(e))
+        raise
+    except (struct.error, IndexError, ValueError, UnicodeError) as e:  # defensive: never leak
+        frame.errors.append(f"badlen: {e}")
+        raise WireError("badlen", str(e), frame) from None
+    return frame
+
+
+def _check_section(frame: Frame, sec: Section, check: Callable[[Any], str | None]) -> None:
+    si = len(frame.sections) - 1
+    for mi, m in enumerate(sec.messages):
+        bad = check(m)
+        if bad:
+            frame.errors.append(f"badval: {sec.action}[{mi}] {bad}")
+            frame.invalid.append((si, mi))
+
+
+def _walk_v5(mv: memoryview, total: int, hlen: int, frame: Frame, table: dict[int, Entry],
+             dialect: str) -> None:  # fmt: skip
+    """4.5: loop until EOF (reading past the packet = badlen, EOF not at the end =
+    badact). FreeBSD: loop while a subheader fits in header.len; EOF ends the frame."""
+    obsd = dialect == "openbsd45"
+    end = total if obsd else hlen
+    off = HEADER_LEN
+    while True:
+        if off + SUBHEADER_LEN > end:
+            if obsd:
+                raise WireError("badlen", f"no EOF: subheader at {off} beyond {end}")
+            return
+        action, _pad, count = _SUBH.unpack_from(mv, off)
+        off += SUBHEADER_LEN
+        entry = table.get(action)
+        if entry is None:
+            frame.sections.append(Section(f"ACT{action}", action, count, truncated=True))
+            raise WireError("badact", f"unknown action {action} at {off - SUBHEADER_LEN}")
+        name, size, codec, check = entry
+        if name == "EOF":
+            sec = Section(name, action, count)
+            frame.sections.append(sec)
+            if obsd:
+                if off != total - size:
+                    raise WireError("badact", f"EOF at {off}, packet ends at {total}")
+                assert codec is not None
+                sec.messages = codec.decode_many(mv, off, 1, size)
+            elif off != total:
+                raise WireError("badlen", f"EOF at {off}, packet ends at {total}")
+            return
+        if codec is None:
+            frame.sections.append(Section(name, action, count, truncated=True))
+            raise WireError("badact", f"{name} unsupported")
+        need = size * count
+        if off + need > end:
+            fit = max(0, (end - off) // size) if size else 0
+            msgs = codec.decode_many(mv, off, min(fit, count), size)
+            frame.sections.append(Section(name, action, count, msgs, truncated=True))
+            raise WireError("badlen", f"{name} count {count} needs {need} bytes, {end - off} left")
+        sec = Section(name, action, count, codec.decode_many(mv, off, count, size))
+        frame.sections.append(sec)
+        if check is not None:
+            _check_section(frame, sec, check)
+        off += need
+
+
+def _walk_v6(mv: memoryview, hlen: int, frame: Frame, table: dict[int, Entry]) -> None:
+    """OpenBSD 4.8..2015: bounded by header.len; stride = the sender's subh.len; unknown
+    actions or a too-short len are skipped when count and len are nonzero."""
+    end = hlen
+    off = HEADER_LEN
+    while off + SUBHEADER_LEN <= end:
+        action, dwords, count = _SUBH.unpack_from(mv, off)
+        off += SUBHEADER_LEN
+        mlen = dwords << 2
+        entry = table.get(action)
+        name = entry[0] if entry else f"ACT{action}"
+        codec = entry[2] if entry else None
+        size = entry[1] if entry else 0
+        if entry is None or (codec is not None and mlen < size):
+            if count > 0 and mlen > 0:
+                need = count * mlen
+                if off + need > end:
+                    frame.sections.append(Section(name, action, count, mlen=mlen, skipped=True,
+                                                  truncated=True))  # fmt: skip
+                    raise WireError(
+                        "badlen", f"skipped {name} needs {need} bytes, {end - off} left"
+                    )
+                raw = [RawMessage(mv[off + k * mlen : off + (k + 1) * mlen]) for k in range(count)]
+                frame.sections.append(Section(name, action, count, raw, mlen=mlen, skipped=True))
+                off += need
+                continue
+            frame.sections.append(Section(name, action, count, mlen=mlen, truncated=True))
+            raise WireError("badact", f"action {action} len {mlen} count {count}")
+        if codec is None:
+            frame.sections.append(Section(name, action, count, mlen=mlen, truncated=True))
+            raise WireError("badact", f"{name} deprecated")
+        need = mlen * count
+        if off + need > end:
+            fit = max(0, (end - off) // mlen) if mlen else 0
+            msgs = codec.decode_many(mv, off, min(fit, count), mlen)
+            frame.sections.append(Section(name, action, count, msgs,
+                                          mlen=None if mlen == size else mlen, truncated=True))  # fmt: skip
+            raise WireError("badlen", f"{name} count {count} needs {need} bytes, {end - off} left")
+        sec = Section(name, action, count, codec.decode_many(mv, off, count, mlen),
+                      mlen=None if mlen == size else mlen)  # fmt: skip
+        frame.sections.append(sec)
+        if entry[3] is not None:
+            _check_section(frame, sec, entry[3])
+        off += need
+
+
+def _section_layout(sec: Section, table: dict[int, Entry], v6: bool) -> tuple[int, int, Any]:
+    """(message stride, count to write, codec or None for raw) for encoding a section."""
+    entry = table.get(sec.action_id)
+    if sec.skipped or entry is None or entry[2] is None:
+        if not v6 and entry is not None and entry[0] == "EOF":
+            return 0, sec.count, None
+        stride = sec.mlen if sec.mlen is not None else (len(sec.messages[0]) if sec.messages else 0)
+        return stride, len(sec.messages) if sec.messages else sec.count, None
+    size = entry[1]
+    stride = sec.mlen if (v6 and sec.mlen is not None) else size
+    if size == 0:  # FreeBSD EOF: subheader only
+        return 0, sec.count, None
+    return stride, len(sec.messages), entry[2]
+
+
+def encode(frame: Frame, dialect: str = "openbsd45") -> bytes:
+    """Encode ``frame`` as ``dialect`` sends it; header.len is recomputed. v5 dialects
+    get an EOF section appended when the frame does not end with one."""
+    table = _table(dialect)
+    v6 = VERSION[dialect] == 6
+    sections = list(frame.sections)
+    eof_id = 12
+    if not v6 and (not sections or sections[-1].action_id != eof_id):
+        eof = Section("EOF", eof_id, 1, [Eof()] if dialect == "openbsd45" else [])
+        sections.append(eof)
+    plan = []
+    total = HEADER_LEN
+    for sec in sections:
+        stride, count, codec = _section_layout(sec, table, v6)
+        if v6 and stride & 3:
+            raise WireError("encode", f"{sec.action}: message length {stride} not a dword multiple")
+        n = len(sec.messages) if (codec is not None or sec.messages) else 0
+        plan.append((sec, stride, count, codec, n))
+        total += SUBHEADER_LEN + stride * n
+    if total > 0xFFFF:
+        raise WireError("encode", f"frame of {total} bytes exceeds 65535")
+    buf = bytearray(total)
+    try:
+        _HEADER.pack_into(buf, 0, VERSION[dialect], 0, total, bytes(frame.pfcksum))
+        off = HEADER_LEN
+        for sec, stride, count, codec, n in plan:
+            _SUBH.pack_into(buf, off, sec.action_id, (stride >> 2) if v6 else 0, count)
+            off += SUBHEADER_LEN
+            if codec is not None:
+                enc = codec.encode_into
+                for m in sec.messages:
+                    enc(buf, off, m)
+                    off += stride
+            else:
+                for m in sec.messages[:n]:
+                    raw = bytes(m.hmac) if isinstance(m, Eof) else bytes(m)
+                    buf[off : off + len(raw[:stride])] = raw[:stride]
+                    off += stride
+    except (struct.error, AttributeError, TypeError, IndexError, UnicodeError) as e:
+        raise WireError("encode", f"{type(e).__name__}: {e}") from None
+    return bytes(buf)
+
+
+# --------------------------------------------------------------------------- IP envelope
+
+
+class IpEnvelope(_Msg):
+    """What the IP header said: addresses as text, ``ttl`` (hop limit for IPv6)."""
+
+    __slots__ = ("version", "src", "dst", "ttl", "tos", "proto", "ident", "df", "hlen",  # noqa: RUF023 (C field order)
+                 "total_len")  # fmt: skip
+
+    def __init__(self, version: int, src: str, dst: str, ttl: int, tos: int = 0, proto: int = 240,
+                 ident: int = 0, df: bool = False, hlen: int = 20, total_len: int = 0) -> None:  # fmt: skip
+        self.version = version
+        self.src = src
+        self.dst = dst
+        self.ttl = ttl
+        self.tos = tos
+        self.proto = proto
+        self.ident = ident
+        self.df = df
+        self.hlen = hlen
+        self.total_len = total_len
+
+
+_IP4 = struct.Struct("!BBHHHBBH4s4s")
+_IP6 = struct.Struct("!IHBB16s16s")
+_IP6_EXT = (0, 43, 60)  # hop-by-hop, routing, destination options
+
+
+def split_ip(data: bytes | bytearray | memoryview) -> tuple[IpEnvelope, memoryview]:
+    """Parse an IPv4/IPv6 header -> (envelope, payload view trimmed to the IP length).
+
+    Raises WireError("hdrops") when the header does not fit.
+    """
+    mv = memoryview(data)
+    if mv.ndim != 1 or mv.itemsize != 1:
+        mv = mv.cast("B")
+    if len(mv) < 1:
+        raise WireError("hdrops", "empty packet")
+    ver = mv[0] >> 4
+    if ver == 4:
+        if len(mv) < 20:
+            raise WireError("hdrops", f"IPv4 header needs 20 bytes, have {len(mv)}")
+        vhl, tos, tlen, ident, frag, ttl, proto, _ck, src, dst = _IP4.unpack_from(mv, 0)
+        hl = (vhl & 0x0F) * 4
+        if hl < 20 or hl > len(mv):
+            raise WireError("hdrops", f"IPv4 header length {hl}")
+        end = min(len(mv), tlen) if tlen >= hl else len(mv)
+        env = IpEnvelope(4, socket.inet_ntop(socket.AF_INET, bytes(src)),
+                         socket.inet_ntop(socket.AF_INET, bytes(dst)), ttl, tos, proto, ident,
+                         bool(frag & IP_DF), hl, tlen)  # fmt: skip
+        return env, mv[hl:end]
+    if ver == 6:
+        if len(mv) < 40:
+            raise WireError("hdrops", f"IPv6 header needs 40 bytes, have {len(mv)}")
+        vtf, plen, nxt, hlim, src, dst = _IP6.unpack_from(mv, 0)
+        end = min(len(mv), 40 + plen)
+        off = 40
+        while nxt in _IP6_EXT:
+            if off + 8 > end:
+                raise WireError("hdrops", "IPv6 extension header truncated")
+            nxt, elen = mv[off], (mv[off + 1] + 1) * 8
+            off += elen
+        if off > end:
+            raise WireError("hdrops", "IPv6 extension header truncated")
+        env = IpEnvelope(6, socket.inet_ntop(socket.AF_INET6, bytes(src)),
+                         socket.inet_ntop(socket.AF_INET6, bytes(dst)), hlim,
+                         (vtf >> 20) & 0xFF, nxt, 0, False, off, 40 + plen)  # fmt: skip
+        return env, mv[off:end]
+    raise WireError("hdrops", f"not IP (version nibble {ver})")
+
+
+def decode_ip(
+    data: bytes | bytearray | memoryview, dialect: str = "openbsd45"
+) -> tuple[IpEnvelope, Frame]:
+    """Decode an IP packet carrying pfsync. A TTL other than 255 is noted as
+    ``badttl`` in ``frame.errors`` (the receiver would drop it) but still decoded."""
+    env, payload = split_ip(data)
+    if env.proto != IPPROTO_PFSYNC:
+        raise WireError("badproto", f"IP protocol {env.proto}, not {IPPROTO_PFSYNC}")
+    try:
+        frame = decode(payload, dialect)
+    except WireError as e:
+        if e.frame is not None and env.ttl != PFSYNC_DFLTTL:
+            e.frame.errors.insert(0, f"badttl: ttl {env.ttl}")
+        raise
+    if env.ttl != PFSYNC_DFLTTL:
+        frame.errors.insert(0, f"badttl: ttl {env.ttl}")
+    return env, frame
+
+
+def _ip_checksum(hdr: bytes | bytearray) -> int:
+    s = sum(struct.unpack(f"!{len(hdr) // 2}H", hdr))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+def encode_ip(frame: Frame, dialect: str, src: str, dst: str, ttl: int = PFSYNC_DFLTTL,
+              ident: int = 0) -> bytes:  # fmt: skip
+    """The frame in an IP packet as pfsync sends it: IPv4 tos 0x10, DF, TTL 255, proto
+    240, no options; IPv6 next header 240, hop limit ``ttl``."""
+    payload = encode(frame, dialect)
+    a_src, a_dst = ipaddress.ip_address(src), ipaddress.ip_address(dst)
+    if a_src.version != a_dst.version:
+        raise WireError("encode", "src and dst address families differ")
+    if a_src.version == 4:
+        hdr = bytearray(_IP4.pack(0x45, IPTOS_LOWDELAY, 20 + len(payload), ident & 0xFFFF, IP_DF,
+                                  ttl, IPPROTO_PFSYNC, 0, a_src.packed, a_dst.packed))  # fmt: skip
+        struct.pack_into("!H", hdr, 10, _ip_checksum(hdr))
+        return bytes(hdr) + payload
+    hdr6 = _IP6.pack(6 << 28, len(payload), IPPROTO_PFSYNC, ttl, a_src.packed, a_dst.packed)
+    return hdr6 + payload

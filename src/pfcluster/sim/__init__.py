@@ -1,0 +1,1 @@
+"""In-process simulations: a TCP pair and an active-active firewall cluster."""
