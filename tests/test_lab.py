@@ -142,7 +142,7 @@ def test_cli_compare_writes_table_chart_json(no_leftovers: None, tmp_path) -> No
 
     out = tmp_path / "cmp"
     result = CliRunner().invoke(
-        lab_cmd, ["compare", "--firewall", "plain", "--seconds", "0.5", "--streams", "2",
+        lab_cmd, ["compare", "--firewall", "plain", "--seconds", "1", "--streams", "2",
                   "--out", str(out)],
     )
     assert result.exit_code == 0, result.output

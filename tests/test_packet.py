@@ -808,3 +808,11 @@ def test_build_icmp_unreach_v6(payload: int) -> None:
     p = parse(out)
     assert p.inner is not None and (p.inner.sport, p.inner.dport) == (5000, 53)
     assert p.inner.truncated == (len(orig_bytes) > 1232)
+
+
+def test_bench_parse_runs() -> None:
+    from pfcluster.packet import bench_parse
+
+    figures = bench_parse(n=50, repeat=1)
+    assert {"tcp_ack_v4", "tcp_syn_opts_v4", "tcp_ack_v6", "icmp_unreach_v4"} <= set(figures)
+    assert all(f["parse_per_s"] > 0 and f["parse_into_per_s"] > 0 for f in figures.values())

@@ -38,3 +38,13 @@ def bench_sync(json_path: str | None, quick: bool) -> None:
     from pfcluster.bench.sync import run
 
     write_json(json_path, run(quick=quick))
+
+
+@bench.command("daemon")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write figures here")
+@click.option("--seconds", type=float, default=3.0, show_default=True, help="iperf3 run length")
+def bench_daemon(json_path: str | None, seconds: float) -> None:
+    """One daemon in namespaces: pps through it vs. a queue that accepts everything (root)."""
+    from pfcluster.bench.daemon import run
+
+    write_json(json_path, run(seconds))

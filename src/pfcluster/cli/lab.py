@@ -28,7 +28,7 @@ firewall_option = click.option(
     help="daemon: pfcluster daemon per firewall; plain: stateless Linux routers; "
          "auto: the daemon when it is installed",
 )
-seconds_option = click.option("--seconds", type=click.FloatRange(0.5, 600), default=10.0,
+seconds_option = click.option("--seconds", type=click.IntRange(1, 600), default=10,
                               show_default=True, help="iperf3 duration per run")
 streams_option = click.option("--streams", type=click.IntRange(1, 64), default=4,
                               show_default=True, help="parallel TCP streams (iperf3 -P)")
@@ -125,7 +125,7 @@ def run_cmd(json_path: str | None, integrity_mb: int, **opts: Any) -> None:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False),
               help="also write the JSON here")
 @click.option("--rules", type=click.Path(exists=True, dir_okay=False), default=None)
-def compare_cmd(seconds: float, streams: int, firewall: str, out_dir: str,
+def compare_cmd(seconds: int, streams: int, firewall: str, out_dir: str,
                 json_path: str | None, rules: str | None) -> None:
     """The main job: single firewall, symmetric pair, split v5, split v4, ECMP v5."""
     _need_root()
@@ -175,7 +175,7 @@ def _rates(text: str) -> tuple[int, ...]:
 @firewall_option
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="out/sweep",
               show_default=True, help="writes sweep.json and sweep.png here")
-def sweep_cmd(rates: str, mss: int, sync: str, seconds: float, streams: int, firewall: str,
+def sweep_cmd(rates: str, mss: int, sync: str, seconds: int, streams: int, firewall: str,
               out_dir: str) -> None:
     """Split paths at rising packet rates: goodput ratio and state-mismatch vs pps."""
     _need_root()

@@ -138,8 +138,8 @@ class RunConfig:
             raise ValueError(f"paths must be one of {PATHS}")
         if self.sync not in SYNC_MODES:
             raise ValueError(f"sync must be one of {SYNC_MODES}")
-        if not 0 < self.seconds <= 600:
-            raise ValueError("seconds must be in (0, 600]")
+        if not 1 <= self.seconds <= 600 or self.seconds != int(self.seconds):
+            raise ValueError("seconds must be a whole number 1..600 (iperf3 -t)")
         if self.paths != "symmetric" and self.firewalls < 2:
             raise ValueError(f"{self.paths} paths need at least 2 firewalls")
         if self.failover and self.firewalls < 2:

@@ -76,7 +76,8 @@ def client_argv(
 ) -> list[str]:
     argv = [
         IPERF, "-c", server, "-p", str(port), "-J",
-        "-t", f"{seconds:g}", "-P", str(streams), "-i", f"{INTERVAL:g}",
+        "-t", str(max(1, round(seconds))),  # iperf3 reads whole seconds
+        "-P", str(streams), "-i", f"{INTERVAL:g}",
         "--connect-timeout", "3000",
     ]
     if bitrate:

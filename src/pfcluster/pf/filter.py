@@ -119,6 +119,11 @@ class Verdict:
 
 SKIPPED = Verdict(PASS, "skip")
 
+# One int object per port number, shared by every state key (ints above 256 are not
+# cached by CPython, so each key would otherwise carry two 32-byte ints of its own).
+PORT_OBJECTS: tuple[int, ...] = tuple(range(65536))
+INTERN_LIMIT = 1 << 16
+
 
 class StateListener(Protocol):
     """What pfsync hears from pf (pfsync_insert_state / _update_state / _delete_state)."""
@@ -155,6 +160,7 @@ class Filter:
         self._next_id = (int(time.time()) & 0xFFFFFFFF) << 32
         self._last_purge = now
         self.log_enabled = True
+        self._intern: dict[bytes, bytes] = {}
         self._apply_ruleset(ruleset)
 
     # -- configuration ------------------------------------------------------------
@@ -424,10 +430,23 @@ class Filter:
             sp = dp = pkt.icmp_id
         else:
             sp = dp = 0
+        # Share address and port objects between states: a table of a million states
+        # holds far fewer distinct hosts than states.
+        intern = self._intern
+        src = intern.get(pkt.src)
+        if src is None:
+            if len(intern) >= INTERN_LIMIT:
+                intern.clear()
+            src = intern.setdefault(pkt.src, pkt.src)
+        dst = intern.get(pkt.dst)
+        if dst is None:
+            dst = intern.setdefault(pkt.dst, pkt.dst)
+        sp = PORT_OBJECTS[sp]
+        dp = PORT_OBJECTS[dp]
         if direction == PF_IN:
-            key = (pkt.af, proto, pkt.src, pkt.dst, sp, dp)
+            key = (pkt.af, proto, src, dst, sp, dp)
         else:
-            key = (pkt.af, proto, pkt.dst, pkt.src, dp, sp)
+            key = (pkt.af, proto, dst, src, dp, sp)
         st = State(key, direction, self.creatorid, self.next_state_id(), now, rule)
         if proto == IPPROTO_TCP:
             tcpmod.init_src_peer(st, pkt)

@@ -358,6 +358,11 @@ class Engine:
             self.counters["defer_dropped"] += 1
         self._releases.append((d.handle, not drop))
 
+    def release_all(self, now: float) -> None:
+        """Let every held packet go (shutdown: better late than dropped)."""
+        for st in list(self._deferrals):
+            self._undefer(st, drop=False)
+
     def deferred_count(self) -> int:
         return len(self._deferrals)
 
