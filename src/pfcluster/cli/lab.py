@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -61,9 +62,15 @@ def _interrupted() -> None:
     sys.exit(130)
 
 
+def _sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # same clean teardown as Ctrl-C
+
+
 @click.group("lab")
 def lab() -> None:
     """Namespace lab: real TCP through N firewalls, symmetric, split or ECMP paths."""
+    with contextlib.suppress(ValueError):  # not the main thread (e.g. in a test runner)
+        signal.signal(signal.SIGTERM, _sigterm)
 
 
 @lab.command("run")

@@ -199,7 +199,13 @@ class Lab:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.close()
+        try:
+            self.close()
+        except LabError as teardown:
+            if exc is None:
+                raise
+            # keep the original error; the teardown trouble goes into its notes
+            exc.add_note(str(teardown))
 
     # names
     def ns(self, role: str) -> str:
@@ -343,6 +349,10 @@ class Lab:
                 except Exception as exc:  # keep tearing down
                     errors.append(f"{proc.name}: {exc}")
             for name in reversed(self.namespaces):
+                if name not in list_namespaces():
+                    # removed behind our back: nothing left to delete, but say so
+                    errors.append(f"netns {name} vanished during the run")
+                    continue
                 try:
                     kill_ns_processes(name)
                     netns.remove(name)
