@@ -99,6 +99,9 @@ class TcpConn:
             src, dst, sp, dp = self.server, self.client, self.dport, self.sport
             nxt, peer = self.s_nxt, self.c_nxt
             w = self.s_win if win is None else win
+        if win is None and "S" not in flags and self.c_ws is not None and self.s_ws is not None:
+            # after a scaled handshake a stack advertises its window >> its own shift
+            w >>= self.c_ws if from_client else self.s_ws
         if seq is None:
             seq = nxt
         if ack is None:
@@ -155,12 +158,10 @@ class TcpConn:
     def handshake(self, now: float = 0.0) -> Verdict:
         v = self.c("S", now=now)
         assert v.passed, v
-        st = v.state
         v = self.s("SA", now=now)
         assert v.passed, v
         v = self.c("A", now=now)
         assert v.passed, v
-        assert st is not None
         return v
 
 

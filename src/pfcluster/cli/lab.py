@@ -62,8 +62,17 @@ def _interrupted() -> None:
     sys.exit(130)
 
 
+_OWNER = os.getpid()
+
+
 def _sigterm(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt  # same clean teardown as Ctrl-C
+    """SIGTERM: the same clean teardown as Ctrl-C, but only in this process: children
+    forked by pyroute2 inherit the handler and must simply die."""
+    if os.getpid() != _OWNER:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    raise KeyboardInterrupt
 
 
 @click.group("lab")

@@ -41,6 +41,12 @@ def default_prefix() -> str:
     return f"pfc{os.getpid()}"
 
 
+def ipr_in(ns: str) -> IPRoute:
+    """Netlink inside an existing namespace. flags=0: pyroute2's default (O_CREAT) would
+    silently create a missing namespace, turning a vanished one into a leak."""
+    return IPRoute(netns=ns, flags=0)
+
+
 def check_ifname(name: str) -> str:
     if not 0 < len(name) <= IFNAMSIZ:
         raise LabError(f"interface name {name!r} is not 1..{IFNAMSIZ} characters")
@@ -187,6 +193,7 @@ class Lab:
     procs: list[Proc] = field(default_factory=list)
     workdir: Path | None = None
     keep_logs: bool = False
+    owner: int = field(default_factory=os.getpid)
     _closed: bool = False
 
     def __enter__(self) -> Lab:
@@ -224,14 +231,14 @@ class Lab:
             raise LabError(f"namespace {name} already exists")
         netns.create(name)
         self.namespaces.append(name)
-        with IPRoute(netns=name) as ipr:
+        with ipr_in(name) as ipr:
             ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
         return name
 
     # links
     def add_bridge(self, ns: str, ifname: str) -> None:
         """A plain learning bridge, STP off, so ports forward at once."""
-        with IPRoute(netns=ns) as ipr:
+        with ipr_in(ns) as ipr:
             ipr.link("add", ifname=check_ifname(ifname), kind="bridge", br_stp_state=0,
                      br_forward_delay=0)
             ipr.link("set", index=ipr.link_lookup(ifname=ifname)[0], state="up")
@@ -241,7 +248,7 @@ class Lab:
         self, switch_ns: str, bridge: str, port: str, peer_ns: str, peer_ifname: str
     ) -> None:
         """A veth from `bridge` in the switch namespace to `peer_ifname` in `peer_ns`."""
-        with IPRoute(netns=switch_ns) as ipr:
+        with ipr_in(switch_ns) as ipr:
             ipr.link(
                 "add",
                 ifname=check_ifname(port),
@@ -251,7 +258,7 @@ class Lab:
             idx = ipr.link_lookup(ifname=port)[0]
             br = ipr.link_lookup(ifname=bridge)[0]
             ipr.link("set", index=idx, master=br, state="up")
-        with IPRoute(netns=peer_ns) as ipr:
+        with ipr_in(peer_ns) as ipr:
             ipr.link("set", index=ipr.link_lookup(ifname=peer_ifname)[0], state="up")
         offloads_off(switch_ns, port)
         offloads_off(peer_ns, peer_ifname)
@@ -261,7 +268,7 @@ class Lab:
         kw: dict[str, object] = {}
         if iface.version == 6:
             kw["flags"] = 0x02  # IFA_F_NODAD: usable at once, no 1-2 s DAD wait
-        with IPRoute(netns=ns) as ipr:
+        with ipr_in(ns) as ipr:
             ipr.addr(
                 "add",
                 index=ipr.link_lookup(ifname=ifname)[0],
@@ -272,20 +279,20 @@ class Lab:
 
     def set_route(self, ns: str, dst: str, gateways: Sequence[str]) -> None:
         """Replace the route to `dst` with one gateway or an equal-cost multipath set."""
-        with IPRoute(netns=ns) as ipr:
+        with ipr_in(ns) as ipr:
             if len(gateways) == 1:
                 ipr.route("replace", dst=dst, gateway=gateways[0])
             else:
                 ipr.route("replace", dst=dst, multipath=[{"gateway": g} for g in gateways])
 
     def link_state(self, ns: str, ifname: str, up: bool) -> None:
-        with IPRoute(netns=ns) as ipr:
+        with ipr_in(ns) as ipr:
             ipr.link("set", index=ipr.link_lookup(ifname=ifname)[0], state="up" if up else "down")
 
     def link_stats(self, ns: str) -> dict[str, dict[str, int]]:
         """Per-interface kernel counters (rx/tx packets and bytes) inside a namespace."""
         out: dict[str, dict[str, int]] = {}
-        with IPRoute(netns=ns) as ipr:
+        with ipr_in(ns) as ipr:
             for link in ipr.get_links():
                 stats = link.get("stats64") or link.get("stats") or {}
                 out[link.get("ifname")] = {k: int(v) for k, v in dict(stats).items()}
@@ -334,7 +341,9 @@ class Lab:
     # teardown
     def close(self) -> None:
         """Stop processes, delete namespaces (newest first), remove the work directory."""
-        if self._closed:
+        if self._closed or os.getpid() != self.owner:
+            # a forked child (pyroute2 forks to enter namespaces) unwinding on a signal
+            # must not tear down the parent's lab
             return
         self._closed = True
         previous = signal.getsignal(signal.SIGINT)

@@ -14,7 +14,7 @@ import math
 import time
 from typing import Any, Protocol
 
-from pfcluster.packet import Packet, build_icmp_unreach, build_tcp_ack, build_tcp_rst
+from pfcluster.packet import Packet, _build_tcp, build_icmp_unreach, build_tcp_ack, build_tcp_rst
 from pfcluster.pf import tcp as tcpmod
 from pfcluster.pf.constants import (
     AF_INET,
@@ -28,6 +28,7 @@ from pfcluster.pf.constants import (
     PFRES_BADSTATE,
     PFRES_MATCH,
     PFRES_MAXSTATES,
+    PFRES_MEMORY,
     PFRES_NAMES,
     PFRES_STATEINS,
     PFSTATE_NOSYNC,
@@ -225,10 +226,10 @@ class Filter:
         st = self.states.get(key)
         if st is None:
             return None
-        if now - st.expire >= self._expiry_floor or len(self.states) > self._adaptive_start:
-            if state_expires(st, self.timeouts, len(self.states)) <= now:
-                self.remove_state(st, now)
-                return None
+        if (now - st.expire >= self._expiry_floor or len(self.states) > self._adaptive_start) \
+                and state_expires(st, self.timeouts, len(self.states)) <= now:
+            self.remove_state(st, now)
+            return None
         return st
 
     def _count_pass(self, st: State, direction: int, pkt: Packet, now: float) -> None:
@@ -291,7 +292,9 @@ class Filter:
             return Verdict(PASS, "state", st.rule, st)
         assert isinstance(res, tcpmod.TrackFailure)
         if not res.checks:
-            reply = None if flags & TH_RST else build_tcp_rst(pkt)
+            # Handshake mismatch: pf_send_tcp(..., seq = th_ack, ack = 0, TH_RST) -- a bare
+            # RST, not the RST|ACK of `block return`.
+            reply = None if flags & TH_RST else _build_tcp(pkt, pkt.ack, 0, TH_RST, 64)
             return self._block(direction, PFRES_BADSTATE, st.rule, st, reply)
         log: list[str] = []
         if self.log_enabled:
@@ -374,7 +377,9 @@ class Filter:
             seq = (inner.seq - src.seqdiff) & tcpmod.M32
             if not (tcpmod.sdiff(src.seqhi, seq) >= 0 and tcpmod.sdiff(seq, src.seqlo - (dst.max_win << dws)) >= 0):
                 self.extra["bad-icmp"] += 1
-                log = [f"pf: BAD ICMP {pkt.icmp_type}:{pkt.icmp_code} {print_state(st)} seq={seq}"] if self.log_enabled else []
+                # pf: "BAD ICMP %d:%d " src " -> " dst " state: " pf_print_state " seq=%u"
+                log = [f"pf: BAD ICMP {pkt.icmp_type}:{pkt.icmp_code} {_addr(pkt.af, pkt.src)} -> "
+                       f"{_addr(pkt.af, pkt.dst)} state: {print_state(st)} seq={seq}"] if self.log_enabled else []
                 return self._block(direction, PFRES_BADSTATE, st.rule, st, None, log)
         self._count_pass(st, direction, pkt, now)
         return Verdict(PASS, "state", st.rule, st)
@@ -411,8 +416,12 @@ class Filter:
             if pkt.icmp_type not in queries or pkt.icmp_id < 0:
                 # Replies and errors never open a state.
                 return Verdict(PASS, "match", rule, None, False, None, log)
-        if len(self.states) >= self.limit_states or (rule.max_states and rule.states_cur >= rule.max_states):
+        # pf_create_state: the rule's `max` first (PFRES_MAXSTATES, "state-limit"); a full
+        # state pool (`set limit states`) makes pool_get fail: PFRES_MEMORY, "memory".
+        if rule.max_states and rule.states_cur >= rule.max_states:
             return self._block(direction, PFRES_MAXSTATES, rule, None, None, log)
+        if len(self.states) >= self.limit_states:
+            return self._block(direction, PFRES_MEMORY, rule, None, None, log)
         st = self._create_state(rule, direction, pkt, now)
         if st is None:
             return self._block(direction, PFRES_STATEINS, rule, None, None, log)
@@ -528,10 +537,13 @@ class Filter:
         count = n + 1 if full else max(1024, math.ceil(n * elapsed / interval))
         removed = 0
         timeouts = self.timeouts
-        for st in self.states.next_purge_slice(count):
-            if st.linked and state_expires(st, timeouts, n) <= now:
-                if self.remove_state(st, now):
-                    removed += 1
+        # Collect first, remove afterwards (pf_purge_expired_states' gcl list): every
+        # state of the slice is judged against the same state counts, global and per rule.
+        expired = [st for st in self.states.next_purge_slice(count)
+                   if st.linked and state_expires(st, timeouts, n) <= now]
+        for st in expired:
+            if self.remove_state(st, now):
+                removed += 1
         return removed
 
     def next_deadline(self, now: float) -> float:
@@ -614,24 +626,25 @@ class Filter:
         h, rem = divmod(rem, 3600)
         m, s = divmod(rem, 60)
         secs = max(now - self.started, 1e-9)
+        status = f"Status: Enabled for {d} days {h:02d}:{m:02d}:{s:02d}"
+        debug = f"Debug: {getattr(self.ruleset, 'debug', 'err') or 'err'}"
+        # pfctl print_status, printf for printf.
         lines = [
-            f"Status: Enabled for {d} days {h:02d}:{m:02d}:{s:02d}"
-            f"{'':14}Debug: {getattr(self.ruleset, 'debug', 'err') or 'err'}",
+            f"{status:<44}{debug:>15}",
             "",
             f"Hostid:   0x{self.creatorid:08x}",
             f"Checksum: 0x{self.ruleset.checksum.hex()}",
             "",
-            f"{'State Table':<29}{'Total':>14}{'Rate':>17}",
+            f"{'State Table':<27} {'Total':>14} {'Rate':>16}",
         ]
         t = self.states
-        rows = [("current entries", len(t), None), ("searches", t.searches, t.searches / secs),
-                ("inserts", t.inserts, t.inserts / secs), ("removals", t.removals, t.removals / secs)]
-        for name, total, rate in rows:
-            r = f"{rate:.1f}/s" if rate is not None else ""
-            lines.append(f"  {name:<27}{total:>14}{r:>17}")
+        lines.append(f"  {'current entries':<25} {len(t):>14} {'':>14}")
+        for name, total in (("searches", t.searches), ("inserts", t.inserts),
+                            ("removals", t.removals)):
+            lines.append(f"  {name:<25} {total:>14} {total / secs:>14.1f}/s")
         lines.append("Counters")
         for i, name in enumerate(PFRES_NAMES):
-            lines.append(f"  {name:<27}{self.counters[i]:>14}{self.counters[i] / secs:>15.1f}/s")
+            lines.append(f"  {name:<25} {self.counters[i]:>14} {self.counters[i] / secs:>14.1f}/s")
         return lines
 
 

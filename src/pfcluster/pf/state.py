@@ -26,6 +26,7 @@ from pfcluster.pf.constants import (
     IPPROTO_TCP,
     IPPROTO_UDP,
     PF_IN,
+    PF_OUT,
     PF_WSCALE_MASK,
     PFTM,
     PFTM_MAX,
@@ -170,6 +171,14 @@ def peer_state_name(proto: int, value: int) -> str:
     return PFUDPS_NAMES[value] if 0 <= value < len(PFUDPS_NAMES) else str(value)
 
 
+# What pfctl prints: getprotobynumber()'s official name from OpenBSD's /etc/protocols
+# (58 is "ipv6-icmp", with icmp6 only an alias), else the number.
+PFCTL_PROTO_NAMES = {
+    1: "icmp", 2: "igmp", 6: "tcp", 17: "udp", 41: "ipv6", 47: "gre", 50: "esp", 51: "ah",
+    58: "ipv6-icmp", 89: "ospf", 103: "pim", 112: "carp", 132: "sctp", 240: "pfsync",
+}  # fmt: skip
+
+
 def format_state_line(st: State) -> str:
     """The `pfctl -ss` line: `all tcp 198.51.100.2:40000 -> 203.0.113.10:5201  ESTABLISHED:ESTABLISHED`.
 
@@ -177,7 +186,7 @@ def format_state_line(st: State) -> str:
     state (stack side first), ``<-`` for an inbound one.
     """
     af, proto, a0, a1, p0, p1 = st.key
-    pname = PROTO_NAMES.get(proto, str(proto))
+    pname = PFCTL_PROTO_NAMES.get(proto, str(proto))
     # key slot 1 is the source of an outbound packet; slot 0 the source of an inbound one.
     if st.direction == PF_IN:
         left = host_port(af, a1, p1, proto)
@@ -187,11 +196,21 @@ def format_state_line(st: State) -> str:
         left = host_port(af, a1, p1, proto)
         right = host_port(af, a0, p0, proto)
         arrow = "->"
+    # pfctl's print_state: an outbound state prints src:dst, any other prints dst:src, so
+    # the left-hand peer state always belongs to the left-hand host.
+    src, dst = _print_peers(st)
     if proto in (IPPROTO_ICMP, IPPROTO_ICMPV6):
-        states = f"{st.src.state}:{st.dst.state}"
+        states = f"{src.state}:{dst.state}"
     else:
-        states = f"{peer_state_name(proto, st.src.state)}:{peer_state_name(proto, st.dst.state)}"
+        states = f"{peer_state_name(proto, src.state)}:{peer_state_name(proto, dst.state)}"
     return f"{st.ifname} {pname} {left} {arrow} {right}       {states}"
+
+
+def _print_peers(st: State) -> tuple[Peer, Peer]:
+    """The peers in pfctl's print order (src = &s->dst for a state that is not PF_OUT)."""
+    if st.direction == PF_OUT:
+        return st.src, st.dst
+    return st.dst, st.src
 
 
 class StateTable:
@@ -357,7 +376,8 @@ def format_state_verbose(st: State, now: float, timeouts: list[int], nstates: in
                 s += f" wscale {p.wscale & PF_WSCALE_MASK}"
             return s
 
-        lines.append(f"   {win(st.src)}  {win(st.dst)}")
+        src, dst = _print_peers(st)
+        lines.append(f"   {win(src)}  {win(dst)}")
     age = int(now - st.creation)
     exp = max(0, int(state_expires(st, timeouts, nstates) - now))
     lines.append(

@@ -179,9 +179,10 @@ def track_full(st: State, pkt: Packet, fwd: bool, now: float) -> int | TrackFail
         if win > src.max_win:
             src.max_win = win
     else:
-        ack = (th_ack - dst.seqdiff) & M32
-        if src.seqdiff:
-            seq = (seq + src.seqdiff) & M32
+        # pf rewrites th_seq to seq + src->seqdiff on the wire, but tracks the sender's
+        # own (unmodulated) seq against src->seqlo; only the ack is demodulated, and only
+        # when this side is modulated (both are, once the responder has spoken).
+        ack = (th_ack - dst.seqdiff) & M32 if src.seqdiff else th_ack
         end = (seq + p_len) & M32
         if flags & TH_SYN:
             end = (end + 1) & M32

@@ -38,7 +38,7 @@ from pfcluster.pf.constants import (
 )
 from pfcluster.pf.filter import Filter
 from pfcluster.pf.state import SYNC_NONE, State
-from pfcluster.pf.tcp import M32, sdiff, set_timeout_ladder
+from pfcluster.pf.tcp import M32, TM_FIRST, sdiff, set_timeout_ladder
 from pfcluster.pfsync import legacy, wire
 from pfcluster.pfsync.convert import (
     ImportError_,
@@ -771,7 +771,9 @@ class Engine:
         if st.key[1] == IPPROTO_TCP:
             sync = _merge_tcp_peer(st.src, src) + _merge_tcp_peer(st.dst, dst)
             st.expire = now
-            set_timeout_ladder(st, st.src, st.dst)
+            # tcp.first lasts until some node sees a second packet; then the ladder.
+            if st.timeout != TM_FIRST or timeout != TM_FIRST:
+                set_timeout_ladder(st, st.src, st.dst)
         else:
             sync = 0
             for local, remote in ((st.src, src), (st.dst, dst)):
