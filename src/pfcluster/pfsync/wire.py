@@ -350,17 +350,32 @@ class State(_Msg):
     rt_ifname: str
     spare: int
 
-    def __init__(self, **fields: Any) -> None:
-        for name, default in _STATE_DEFAULTS.items():
-            if name in fields:
-                value = fields.pop(name)
-            elif name in _LIST_DEFAULTS:
-                value = _LIST_DEFAULTS[name]()
-            else:
-                value = default
-            setattr(self, name, value)
-        if fields:
-            raise TypeError(f"unknown pfsync_state fields: {sorted(fields)}")
+
+
+def _gen_state_init() -> Callable[..., None]:
+    """State.__init__ with one keyword per field, generated so that building a record
+    (once per state in a bulk transfer) is plain attribute stores, not a setattr loop."""
+    params, body = [], []
+    for name, default in _STATE_DEFAULTS.items():
+        params.append(f"{name}=_D_{name}")
+        if name in _LIST_DEFAULTS:
+            body.append(f"    self.{name} = _F_{name}() if {name} is _D_{name} else {name}")
+        else:
+            body.append(f"    self.{name} = {name}")
+    src = f"def __init__(self, *, {', '.join(params)}):\n" + "\n".join(body) + "\n"
+    env: dict[str, Any] = {}
+    for name, default in _STATE_DEFAULTS.items():
+        env[f"_D_{name}"] = default if name not in _LIST_DEFAULTS else _MISSING
+        if name in _LIST_DEFAULTS:
+            env[f"_F_{name}"] = _LIST_DEFAULTS[name]
+    exec(src, env)  # generated from the field table above, no outside input
+    init: Callable[..., None] = env["__init__"]
+    init.__doc__ = "Keyword per C field; omitted fields take their defaults."
+    return init
+
+
+_MISSING: Any = object()
+State.__init__ = _gen_state_init()  # type: ignore[method-assign]
 
 
 class RawMessage(bytes):
@@ -495,64 +510,72 @@ STATE_FIELDS: dict[str, tuple[str, ...]] = {
 
 
 def _state_codec(layout: list[tuple[str, str]]) -> _Codec:
+    """A codec for one pfsync_state layout, its two converters generated as straight-line
+    code (unpacked tuple -> record, record -> tuple to pack): the loop over fields is
+    unrolled once here instead of on every message."""
     fmt = "!" + "".join(_KINDS[k][0] for _, k in layout)
-    ops = [(a, k, _KINDS[k][1]) for a, k in layout]
-    new = State.__new__
-    defaults = [(n, v) for n, v in _STATE_DEFAULTS.items() if n not in _LIST_DEFAULTS]
     present = {a for a, _ in layout}
-    lazy = [(n, f) for n, f in _LIST_DEFAULTS.items() if n not in present]
+    dec = ["def from_t(t):", "    st = new(State)"]
+    for name, value in _STATE_DEFAULTS.items():
+        if name in present:
+            continue
+        if name in _LIST_DEFAULTS:
+            dec.append(f"    st.{name} = F_{name}()")
+        else:
+            dec.append(f"    st.{name} = {value!r}")
+    enc_items: list[str] = []
+    i = 0
+    for attr, kind in layout:
+        n = _KINDS[kind][1]
+        if kind == "peer":
+            dec.append(f"    st.{attr} = StatePeer(*t[{i}:{i + 11}])")
+            enc_items.append(f"*m.{attr}.astuple()")
+        elif kind == "keys5":
+            dec.append(f"    st.{attr} = [StateKey([t[{i}], t[{i + 1}]], [t[{i + 2}], t[{i + 3}]]), "
+                       f"StateKey([t[{i + 4}], t[{i + 5}]], [t[{i + 6}], t[{i + 7}]])]")
+            for k in (0, 1):
+                enc_items.append(f"m.{attr}[{k}].addr[0], m.{attr}[{k}].addr[1], "
+                                 f"m.{attr}[{k}].port[0], m.{attr}[{k}].port[1]")
+        elif kind == "keys6":
+            dec.append(f"    st.{attr} = [StateKey([t[{i}], t[{i + 1}]], [t[{i + 2}], t[{i + 3}]], t[{i + 4}], t[{i + 5}]), "
+                       f"StateKey([t[{i + 6}], t[{i + 7}]], [t[{i + 8}], t[{i + 9}]], t[{i + 10}], t[{i + 11}])]")
+            for k in (0, 1):
+                enc_items.append(f"m.{attr}[{k}].addr[0], m.{attr}[{k}].addr[1], "
+                                 f"m.{attr}[{k}].port[0], m.{attr}[{k}].port[1], "
+                                 f"m.{attr}[{k}].rdomain, m.{attr}[{k}].af")
+        elif kind == "ifname":
+            dec.append(f"    st.{attr} = cstr(t[{i}])")
+            enc_items.append(f"m.{attr}.encode('latin-1')")
+        elif kind in ("u64pair", "u8pair"):
+            dec.append(f"    st.{attr} = [t[{i}], t[{i + 1}]]")
+            enc_items.append(f"m.{attr}[0], m.{attr}[1]")
+        elif kind == "i32pair":
+            dec.append(f"    st.{attr} = [t[{i}], t[{i + 1}]]")
+            enc_items.append(f"*pair(m.{attr})")
+        elif kind == "i32":
+            dec.append(f"    st.{attr} = t[{i}]")
+            enc_items.append(f"one(m.{attr})")
+        else:
+            dec.append(f"    st.{attr} = t[{i}]")
+            enc_items.append(f"m.{attr}")
+        i += n
+    dec.append("    return st")
+    enc = ["def to_t(m):", f"    return ({', '.join(enc_items)},)"]
+    env: dict[str, Any] = {
+        "new": State.__new__, "State": State, "StatePeer": StatePeer, "StateKey": StateKey,
+        "cstr": _cstr, "pair": _as_pair, "one": _as_one,
+    }  # fmt: skip
+    env.update({f"F_{n}": f for n, f in _LIST_DEFAULTS.items()})
+    exec("\n".join(dec) + "\n\n" + "\n".join(enc) + "\n", env)  # generated from the layout table
+    return _Codec(fmt, State, env["from_t"], env["to_t"])
 
-    def from_t(t: tuple[Any, ...]) -> State:
-        st = new(State)
-        for name, value in defaults:
-            setattr(st, name, value)
-        for name, factory in lazy:
-            setattr(st, name, factory())
-        i = 0
-        for attr, kind, n in ops:
-            if kind == "peer":
-                v: Any = StatePeer(*t[i : i + 11])
-            elif kind == "keys5":
-                v = [StateKey([t[i], t[i + 1]], [t[i + 2], t[i + 3]]),
-                     StateKey([t[i + 4], t[i + 5]], [t[i + 6], t[i + 7]])]  # fmt: skip
-            elif kind == "keys6":
-                v = [StateKey([t[i], t[i + 1]], [t[i + 2], t[i + 3]], t[i + 4], t[i + 5]),
-                     StateKey([t[i + 6], t[i + 7]], [t[i + 8], t[i + 9]], t[i + 10], t[i + 11])]  # fmt: skip
-            elif kind == "ifname":
-                v = _cstr(t[i])
-            elif n == 2:
-                v = [t[i], t[i + 1]]
-            else:
-                v = t[i]
-            setattr(st, attr, v)
-            i += n
-        return st
 
-    def to_t(m: State) -> list[Any]:
-        out: list[Any] = []
-        for attr, kind, _n in ops:
-            v = getattr(m, attr)
-            if kind == "peer":
-                out.extend(v.astuple())
-            elif kind == "keys5":
-                for k in v:
-                    out.extend((k.addr[0], k.addr[1], k.port[0], k.port[1]))
-            elif kind == "keys6":
-                for k in v:
-                    out.extend((k.addr[0], k.addr[1], k.port[0], k.port[1], k.rdomain, k.af))
-            elif kind == "ifname":
-                out.append(v.encode("latin-1"))
-            elif kind in ("u64pair", "u8pair"):
-                out.extend((v[0], v[1]))
-            elif kind == "i32pair":
-                out.extend((v, v) if isinstance(v, int) else (v[0], v[1]))
-            elif kind == "i32" and not isinstance(v, int):
-                out.append(v[0])
-            else:
-                out.append(v)
-        return out
+def _as_pair(v: Any) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (v[0], v[1])
 
-    return _Codec(fmt, State, from_t, to_t)
+
+def _as_one(v: Any) -> int:
+    return v if isinstance(v, int) else v[0]
 
 
 # --------------------------------------------------------------------------- checks
