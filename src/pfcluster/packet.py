@@ -571,7 +571,8 @@ def _build_tcp(pkt: Packet, seq: int, ack: int, flags: int, ttl: int) -> bytes:
 def build_tcp_rst(pkt: Packet, ttl: int = 64) -> bytes:
     """The RST|ACK that ``block return-rst`` sends back for ``pkt`` (as pf_send_tcp).
 
-    seq = pkt.ack when ACK is set (else 0); ack = pkt.seq + payload (+1 for SYN, +1 for FIN).
+    seq = pkt.ack (pf uses th_ack whatever the flags); ack = pkt.seq + payload (+1 for SYN,
+    +1 for FIN).
     Callers must not answer an RST with an RST; this builder does not judge.
     """
     ack = pkt.seq + pkt.p_len
@@ -579,8 +580,7 @@ def build_tcp_rst(pkt: Packet, ttl: int = 64) -> bytes:
         ack += 1
     if pkt.tcp_flags & TH_FIN:
         ack += 1
-    seq = pkt.ack if pkt.tcp_flags & TH_ACK else 0
-    return _build_tcp(pkt, seq, ack, TH_RST | TH_ACK, ttl)
+    return _build_tcp(pkt, pkt.ack, ack, TH_RST | TH_ACK, ttl)
 
 
 def build_tcp_ack(pkt: Packet, seq: int, ack: int, ttl: int = 64) -> bytes:

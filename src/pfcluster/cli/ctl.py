@@ -69,7 +69,7 @@ def rules(ctx: click.Context, as_json: bool) -> None:
 
 @ctl.command()
 @click.option("--host", multiple=True,
-              help="kill states from or to this address (pfctl -k host); twice: from A to B")
+              help="kill states from this address (pfctl -k host); twice: from A to B")
 @click.option("--id", "state_id", help="kill the state with this id (hex, or id/creatorid)")
 @json_option
 @click.pass_context

@@ -558,7 +558,11 @@ class Filter:
 
     def kill_states(self, now: float, host: str | None = None, host2: str | None = None,
                     state_id: str | None = None) -> int:
-        """pfctl -k host [-k host] / -k id: remove matching states, returning the count."""
+        """pfctl -k src [-k dst] / -k id: remove matching states, returning the count.
+
+        As pfctl: one host kills the states originating from it; a second one narrows
+        that to states towards it. "Originating" is the creating packet's source.
+        """
         import ipaddress
 
         def addr_of(text: str) -> bytes:
@@ -580,7 +584,7 @@ class Filter:
                 a0, a1 = st.key[2], st.key[3]
                 # slot 0 holds the source of an inbound state, slot 1 of an outbound one
                 srcaddr, dstaddr = (a0, a1) if st.direction == PF_IN else (a1, a0)
-                if h1 is not None and h1 != srcaddr and (h2 is not None or h1 != dstaddr):
+                if h1 is not None and h1 != srcaddr:
                     continue
                 if h2 is not None and h2 != dstaddr:
                     continue

@@ -418,7 +418,7 @@ class Ruleset:
         self.block_policy = "drop"
         self.state_policy = "floating"
         self.hostid: int | None = None
-        self.debug = "urgent"
+        self.debug = "err"
         self.options: dict[str, str] = {}
         self.macros: dict[str, str] = {}
         self.checksum = b""
