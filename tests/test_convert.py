@@ -130,3 +130,17 @@ def test_stateless_rule_number_is_minus_one() -> None:
     st.rule = None
     rec = export_state(st, 100.0, "openbsd6", f.timeouts, 1)
     assert rec.rule == 0xFFFFFFFF and wire.signed32(rec.rule) == -1
+
+
+@pytest.mark.parametrize("dialect", wire.DIALECTS)
+def test_packed_state_equals_encoded_record(dialect: str) -> None:
+    from pfcluster.pfsync.convert import pack_state
+
+    f = established()
+    for st in f.states:
+        st.state_flags |= PFSTATE_NOSYNC
+        rec = export_state(st, 140.0, dialect, f.timeouts, 1)
+        codec = wire.TABLES[dialect][wire.ACTIONS[dialect]["INS"]][2]
+        buf = bytearray(codec.size)
+        codec.encode_into(buf, 0, rec)
+        assert pack_state(st, 140.0, dialect, f.timeouts, 1) == bytes(buf)

@@ -46,7 +46,7 @@ def daemon_lab(need_root: None) -> Iterator[None]:
 def test_split_v5_transfer_intact_no_mismatch(daemon_lab: None) -> None:
     """The issue's lab test: short split transfer, data intact, 0 state-mismatch."""
     doc = run_one(RunConfig(paths="split", sync="v5", firewall="daemon", seconds=3,
-                            integrity_bytes=8 * MB))
+                            defer=True, integrity_bytes=8 * MB))
     assert doc["integrity"]["intact"], doc["integrity"]
     assert doc["state_mismatch"] == 0, doc["firewalls"]
     assert doc["ok"], doc["errors"]
@@ -56,7 +56,7 @@ def test_split_v5_transfer_intact_no_mismatch(daemon_lab: None) -> None:
 def test_split_v5_near_symmetric_and_v4_stalls(daemon_lab: None) -> None:
     runs = {
         name: run_one(RunConfig(name=name, paths=paths, sync=sync, firewall="daemon",
-                                seconds=4))
+                                seconds=4, defer=True))
         for name, paths, sync in (("symmetric", "symmetric", "v5"),
                                   ("split-v5", "split", "v5"),
                                   ("split-v4", "split", "v4"))
@@ -70,6 +70,6 @@ def test_split_v5_near_symmetric_and_v4_stalls(daemon_lab: None) -> None:
 
 def test_failover_no_reset(daemon_lab: None) -> None:
     doc = run_one(RunConfig(paths="split", sync="v5", firewall="daemon", seconds=4,
-                            failover=True))
+                            defer=True, failover=True))
     assert doc["failover"]["survived"], (doc["iperf"], doc["errors"])
     assert doc["resets"]["during"] == {"client": 0, "server": 0}

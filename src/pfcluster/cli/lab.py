@@ -141,14 +141,18 @@ def run_cmd(json_path: str | None, integrity_mb: int, **opts: Any) -> None:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False),
               help="also write the JSON here")
 @click.option("--rules", type=click.Path(exists=True, dir_okay=False), default=None)
+@click.option("--defer/--no-defer", default=True, show_default=True,
+              help="daemon --defer on the synced pairs (split paths race the state insert "
+                   "without it)")
 def compare_cmd(seconds: int, streams: int, firewall: str, out_dir: str,
-                json_path: str | None, rules: str | None) -> None:
+                json_path: str | None, rules: str | None, defer: bool) -> None:
     """The main job: single firewall, symmetric pair, split v5, split v4, ECMP v5."""
     _need_root()
     from pfcluster.lab.experiment import RunConfig, compare_configs, resolve_mode, run_compare
     from pfcluster.lab.report import compare_chart, compare_markdown, print_compare, write_json
 
-    base = RunConfig(seconds=seconds, streams=streams, firewall=firewall, rules=rules)
+    base = RunConfig(seconds=seconds, streams=streams, firewall=firewall, rules=rules,
+                     defer=defer)
     kind = resolve_mode(firewall)
     base = replace(base, firewall=kind)
     if kind == "plain":
@@ -186,20 +190,22 @@ def _rates(text: str) -> tuple[int, ...]:
 @click.option("--mss", type=click.IntRange(536, 1448), default=1000, show_default=True,
               help="fixed segment size (iperf3 -M)")
 @click.option("--sync", type=click.Choice(["v5", "v4"]), default="v5", show_default=True)
+@click.option("--defer/--no-defer", default=True, show_default=True, help="daemon --defer")
 @seconds_option
 @streams_option
 @firewall_option
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="out/sweep",
               show_default=True, help="writes sweep.json and sweep.png here")
-def sweep_cmd(rates: str, mss: int, sync: str, seconds: int, streams: int, firewall: str,
-              out_dir: str) -> None:
+def sweep_cmd(rates: str, mss: int, sync: str, defer: bool, seconds: int, streams: int,
+              firewall: str, out_dir: str) -> None:
     """Split paths at rising packet rates: goodput ratio and state-mismatch vs pps."""
     _need_root()
     from pfcluster.lab.experiment import RunConfig, resolve_mode, run_sweep
     from pfcluster.lab.report import sweep_chart, sweep_table, write_json
 
     kind = resolve_mode(firewall)
-    base = RunConfig(seconds=seconds, streams=streams, firewall=kind, mss=mss, sync=sync)
+    base = RunConfig(seconds=seconds, streams=streams, firewall=kind, mss=mss, sync=sync,
+                     defer=defer)
     parsed = _rates(rates)
     try:
         with progress_display(len(parsed)) as update:

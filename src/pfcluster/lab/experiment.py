@@ -476,6 +476,12 @@ def run_one(cfg: RunConfig, progress: ProgressFn | None = None) -> dict[str, Any
                     last_words[1] = runner.info(topo.fw(1))
                 except (LabError, ValueError):
                     pass
+                # proof that the transfer really crossed fw1 before it died
+                legs = _leg_stats(lab, topo.fw(1))
+                failed_over["fw1_packets_before"] = (
+                    legs[FW_CLIENT_IF]["rx_packets"] - before_legs[1][FW_CLIENT_IF]["rx_packets"]
+                    + legs[FW_SERVER_IF]["rx_packets"] - before_legs[1][FW_SERVER_IF]["rx_packets"]
+                )
                 t0 = time.monotonic()
                 runner.crash(topo.fw(1))
                 topo.fail_over(1)
@@ -550,6 +556,7 @@ def run_one(cfg: RunConfig, progress: ProgressFn | None = None) -> dict[str, Any
         result["failover"] = {
             **failed_over,
             "survived": bool(res.ok and failed_over and res.error is None
+                             and failed_over.get("fw1_packets_before", 0) > 1000
                              and resets["during"] == {"client": 0, "server": 0}),
             "no_reset": resets["during"] == {"client": 0, "server": 0}
             and "reset" not in str(res.error or "").lower(),

@@ -42,7 +42,7 @@ from pfcluster.pf.tcp import M32, TM_FIRST, sdiff, set_timeout_ladder
 from pfcluster.pfsync import legacy, wire
 from pfcluster.pfsync.convert import (
     ImportError_,
-    export_state,
+    pack_state,
     import_state,
     peer_to_wire,
     seconds_left,
@@ -554,8 +554,7 @@ class Engine:
             msgs: list[Any] = []
             if q in (Q_INS, Q_UPD):
                 for st in queue:
-                    rec = export_state(st, now, dialect, timeouts, nstates)
-                    msgs.append(rec)
+                    msgs.append(pack_state(st, now, dialect, timeouts, nstates))
                     st.sync_state = SYNC_NONE
                     st.pfsync_sent = now
             elif q == Q_UPD_C:

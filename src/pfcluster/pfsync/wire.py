@@ -378,6 +378,11 @@ _MISSING: Any = object()
 State.__init__ = _gen_state_init()  # type: ignore[method-assign]
 
 
+class PackedRecord(bytes):
+    """A message already in wire form (the pfsync engine packs states straight from the
+    state table); `encode` copies it as is."""
+
+
 class RawMessage(bytes):
     """Bytes of a message in a section the receiver skips (openbsd6 unknown action)."""
 
@@ -406,6 +411,11 @@ class _Codec:
         return [conv(unpack(mv, off + k * stride)) for k in range(count)]
 
     def encode_into(self, buf: bytearray, off: int, msg: Any) -> None:
+        if msg.__class__ is PackedRecord:
+            if len(msg) != self.size:
+                raise WireError("encode", f"packed record of {len(msg)} bytes, expected {self.size}")
+            buf[off : off + self.size] = msg
+            return
         self.st.pack_into(buf, off, *self.to_tuple(msg))
 
 
