@@ -18,6 +18,9 @@ def write_json(path: str | None, figures: dict[str, object]) -> None:
 @click.group()
 def bench() -> None:
     """Benchmarks that print figures (engine, sync)."""
+    from pfcluster.tuning import tune_gc
+
+    tune_gc()  # as the daemon runs
 
 
 @bench.command("engine")

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pfcluster.io.config import DaemonConfig
+from pfcluster.tuning import tune_gc
 from pfcluster.io.control import ControlClientConn, ControlServer
 from pfcluster.io.iptables import IptablesRules
 from pfcluster.io.syncsock import SyncSet, SyncSocket
@@ -189,6 +190,7 @@ class Daemon:
 
     def run(self) -> int:
         """Set up, loop until SIGTERM/SIGINT, tear down. Returns the exit status."""
+        tune_gc()
         try:
             self.setup()
             self.loop()
