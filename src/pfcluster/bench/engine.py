@@ -75,7 +75,7 @@ def bench_fastpath(nstates: int = 10000, rounds: int = 10) -> dict[str, float]:
     t1 = time.perf_counter()
     mismatch = f.counters[10]
     # Second pass with parse_into on a reused descriptor, as the daemon does.
-    f2, flows2 = _established_filter(nstates, now)
+    f2, _ = _established_filter(nstates, now)
     scratch = Packet()
     test2 = f2.test
     t2 = time.perf_counter()

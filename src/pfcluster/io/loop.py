@@ -25,10 +25,10 @@ from collections.abc import Callable
 from typing import Any
 
 from pfcluster.io.config import DaemonConfig
-from pfcluster.tuning import tune_gc
 from pfcluster.io.control import ControlClientConn, ControlServer
 from pfcluster.io.iptables import IptablesRules
 from pfcluster.io.syncsock import SyncSet, SyncSocket
+from pfcluster.tuning import tune_gc
 
 log = logging.getLogger("pfcluster.daemon")
 

@@ -265,13 +265,13 @@ class Filter:
         if flags & (TH_SYN | TH_ACK) == TH_SYN:
             if st.src.state >= FIN_WAIT_2 and st.dst.state >= FIN_WAIT_2:
                 # Port reuse: the old connection is gone; the SYN meets the rules afresh.
-                log = []
+                reuse_log = []
                 if self.log_enabled:
-                    log.append(f"pf: state reuse {print_state(st)}{print_flags(flags)}")
+                    reuse_log.append(f"pf: state reuse {print_state(st)}{print_flags(flags)}")
                 self.extra["state-reuse"] += 1
                 self.remove_state(st, now)
                 v = self._test_rules(direction, ifname, pkt, now)
-                v.log[:0] = log
+                v.log[:0] = reuse_log
                 return v
             if st.src.state >= ESTABLISHED and st.dst.state >= ESTABLISHED:
                 # A SYN on a live connection: answer with a challenge ACK, drop the SYN.
@@ -294,8 +294,8 @@ class Filter:
         if not res.checks:
             # Handshake mismatch: pf_send_tcp(..., seq = th_ack, ack = 0, TH_RST) -- a bare
             # RST, not the RST|ACK of `block return`.
-            reply = None if flags & TH_RST else _build_tcp(pkt, pkt.ack, 0, TH_RST, 64)
-            return self._block(direction, PFRES_BADSTATE, st.rule, st, reply)
+            rst = None if flags & TH_RST else _build_tcp(pkt, pkt.ack, 0, TH_RST, 64)
+            return self._block(direction, PFRES_BADSTATE, st.rule, st, rst)
         log: list[str] = []
         if self.log_enabled:
             log = bad_state_lines(st, pkt, direction, res)

@@ -323,7 +323,7 @@ def state_expires(st: State, timeouts: list[int], nstates: int) -> float:
     if end and states > start and start < end:
         if states >= end:
             return st.expire
-        timeout = timeout * (end - states) / (end - start)
+        return st.expire + timeout * (end - states) / (end - start)
     return st.expire + timeout
 
 

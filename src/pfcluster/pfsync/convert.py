@@ -129,6 +129,7 @@ def _gen_packer(dialect: str) -> Any:
     a bulk update spends most of its time building and taking apart those objects."""
     layout = wire._STATE_LAYOUTS[dialect]
     codec = wire.TABLES[dialect][wire.ACTIONS[dialect]["INS"]][2]
+    assert codec is not None
     items = []
     for attr, kind in layout:
         if kind in ("keys5", "keys6"):

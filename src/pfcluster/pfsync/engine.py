@@ -42,8 +42,8 @@ from pfcluster.pf.tcp import M32, TM_FIRST, sdiff, set_timeout_ladder
 from pfcluster.pfsync import legacy, wire
 from pfcluster.pfsync.convert import (
     ImportError_,
-    pack_state,
     import_state,
+    pack_state,
     peer_to_wire,
     seconds_left,
 )

@@ -315,6 +315,9 @@ class State(_Msg):
     """
 
     __slots__ = tuple(_STATE_DEFAULTS)
+
+    def __init__(self, **fields: Any) -> None:  # replaced by _gen_state_init() below
+        raise NotImplementedError
     id: int
     ifname: str
     key: list[StateKey]
@@ -356,7 +359,7 @@ def _gen_state_init() -> Callable[..., None]:
     """State.__init__ with one keyword per field, generated so that building a record
     (once per state in a bulk transfer) is plain attribute stores, not a setattr loop."""
     params, body = [], []
-    for name, default in _STATE_DEFAULTS.items():
+    for name in _STATE_DEFAULTS:
         params.append(f"{name}=_D_{name}")
         if name in _LIST_DEFAULTS:
             body.append(f"    self.{name} = _F_{name}() if {name} is _D_{name} else {name}")

@@ -12,7 +12,8 @@ import heapq
 import itertools
 import random
 from collections.abc import Callable
-from typing import Any
+from functools import partial
+from typing import Any, cast
 
 from pfcluster.packet import parse
 from pfcluster.pf.constants import PF_IN, PF_OUT, PFRES_BADSTATE
@@ -127,11 +128,10 @@ class Cluster:
                 if peer is node or not peer.up:
                     continue
                 for t in self.link.deliveries(now):
-                    self.at(t, lambda when, p=peer, f=frame: self._deliver_frame(p, f, when))
+                    self.at(t, partial(self._deliver_frame, peer, frame))
         for handle, ok in node.engine.take_releases():
             if ok:
-                deliver = handle
-                self.at(now + self.host_delay, deliver)
+                self.at(now + self.host_delay, cast(Callable[[float], None], handle))
 
     def _deliver_frame(self, node: Node, frame: bytes, now: float) -> None:
         if not node.up:
@@ -206,6 +206,10 @@ class Cluster:
         self.pump(node, now)
         return ok
 
+    def _forward_at(self, node: Node, raw: bytes, to_server: bool,
+                    deliver: Callable[[float], None], now: float) -> None:  # fmt: skip
+        self.forward(node, raw, to_server, now, deliver)
+
     # -- a TCP transfer ----------------------------------------------------------------
     def transfer(self, xfer: TcpTransfer, c2s: str = "A", s2c: str = "B",
                  rate_pps: float = 10000.0, max_time: float = 30.0,
@@ -225,12 +229,9 @@ class Cluster:
         def send(seg: Segment, now: float) -> None:
             counters["c2s_packets" if seg.to_server else "s2c_packets"] += 1
             node = path(seg.to_server, now)
-            if seg.to_server:
-                self.at(now + self.host_delay, lambda t, r=seg.raw, n=node: self.forward(
-                    n, r, True, t, lambda t2, r2=r: to_server_host(r2, t2)))
-            else:
-                self.at(now + self.host_delay, lambda t, r=seg.raw, n=node: self.forward(
-                    n, r, False, t, lambda t2, r2=r: to_client_host(r2, t2)))
+            host = to_server_host if seg.to_server else to_client_host
+            self.at(now + self.host_delay,
+                    partial(self._forward_at, node, seg.raw, seg.to_server, partial(host, seg.raw)))
 
         def to_server_host(raw: bytes, now: float) -> None:
             for seg in xfer.server_receive(raw, now):
