@@ -117,6 +117,14 @@ class Dataplane:
     clock: Callable[[], float] = time.monotonic
     counters: DataplaneCounters = field(default_factory=DataplaneCounters)
     log_verdicts: bool = True
+    # Packets decided per pfsync flush. pfsync's softnet run covers what one interrupt
+    # brought in; draining a whole NFQUEUE burst (thousands of packets under load) first
+    # would hold every state update, and every verdict, for tens of milliseconds, which
+    # on a split path is more than pf's window fuzz allows for.
+    mini_batch: int = 32
+    # Called after each mini-batch: the loop sends the engine's frames and reads what the
+    # peers sent meanwhile, so both firewalls' views stay within a mini-batch of each other.
+    between_batches: Callable[[], None] | None = None
 
     def __post_init__(self) -> None:
         from netfilterqueue import NetfilterQueue
@@ -129,10 +137,17 @@ class Dataplane:
         self._ifnames: dict[int, str] = {}
         self.pending = 0  # deferred packets whose verdict the engine still holds
         self.nfq = NetfilterQueue()
-        append = self._batch.append
-        # The callback runs inside nfq_handle_packet; the payload buffer dies with it.
-        self.nfq.bind(self.queue_num, lambda p: append((p, p.get_payload())),
-                      max_len=self.max_len)
+        batch = self._batch
+        append = batch.append
+        limit = self.mini_batch
+
+        def on_packet(p: Any) -> None:
+            # The callback runs inside nfq_handle_packet; the payload buffer dies with it.
+            append((p, p.get_payload()))
+            if len(batch) >= limit:
+                self._decide_batch()
+
+        self.nfq.bind(self.queue_num, on_packet, max_len=self.max_len)
 
     def fileno(self) -> int:
         return int(self.nfq.get_fd())
@@ -155,12 +170,18 @@ class Dataplane:
     # --- the batch ---------------------------------------------------------------
 
     def on_readable(self) -> int:
-        """Drain the queue socket, decide the batch, flush pfsync. Returns batch size."""
+        """Drain the queue socket in mini-batches; returns the packets decided."""
+        before = self.counters.packets
         self.nfq.run(block=False)
+        self._decide_batch()
+        return self.counters.packets - before
+
+    def _decide_batch(self) -> None:
+        """Decide what the callback collected, then flush pfsync once for all of it."""
         batch = self._batch
         n = len(batch)
         if not n:
-            return 0
+            return
         now = self.clock()
         try:
             for pkt, payload in batch:
@@ -182,7 +203,8 @@ class Dataplane:
             c.max_batch = n
         if self.engine is not None:
             self.engine.end_of_batch(now)
-        return n
+        if self.between_batches is not None:
+            self.between_batches()
 
     def _decide(self, pkt: Any, payload: bytes, now: float) -> None:
         c = self.counters

@@ -113,7 +113,7 @@ class Daemon:
         self.sel.register(self.control, selectors.EVENT_READ, (K_LISTEN, None))
         self.replies = ReplySender()
         self.dataplane = Dataplane(cfg.queue, self.filter, self.engine, self.replies,
-                                   clock=self.clock)
+                                   clock=self.clock, between_batches=self._between_batches)
         self.sel.register(self.dataplane.fileno(), selectors.EVENT_READ, (K_QUEUE, None))
         if self.install_iptables:
             self.iptables = IptablesRules(cfg.queue, self.skip_ifaces(), cfg.fail_open)
@@ -210,6 +210,8 @@ class Daemon:
         while self.stop_signal is None:
             now = self.clock()
             events = sel.select(self.timeout(now))
+            # Peer updates first: packets decided after them see the freshest windows.
+            events.sort(key=lambda ev: ev[0].data[0] != K_SYNC)
             for key, mask in events:
                 kind, obj = key.data
                 if kind == K_QUEUE:
@@ -244,6 +246,13 @@ class Daemon:
         if take_log is not None:
             for line in take_log():
                 log.info("%s", line)
+
+    def _between_batches(self) -> None:
+        """Between two mini-batches of packets: our frames out, the peers' frames in."""
+        self._flush()
+        for sock in self.sync.sockets:
+            self._sync_readable(sock)
+        self._flush()
 
     def _sync_readable(self, sock: SyncSocket) -> None:
         now = self.clock()
