@@ -1,13 +1,12 @@
 """Acceptance of the active-active lab with the real daemon (issue 6 on top of issue 5).
 
-Disabled until the daemon lands: set ENABLED = True here (or PFCLUSTER_LAB_DAEMON=1).
-Once enabled these tests FAIL, never skip, when the daemon cannot be imported, so a
-missing daemon cannot hide behind a skip count. Each test runs <= 5 s of traffic.
+These tests FAIL, never skip, when the daemon cannot be imported, so a missing daemon
+cannot hide behind a skip count; without root they skip and say so. Each test runs
+<= 5 s of traffic.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
@@ -21,14 +20,7 @@ from pfcluster.lab.experiment import (
 )
 from pfcluster.lab.netns import default_prefix, leftovers
 
-ENABLED = False  # the lead flips this when `pfcluster daemon` is complete
-enabled = ENABLED or os.environ.get("PFCLUSTER_LAB_DAEMON") == "1"
-
-pytestmark = [
-    pytest.mark.root,
-    pytest.mark.skipif(not enabled, reason="lab daemon tests not enabled yet "
-                       "(ENABLED in tests/test_lab_daemon.py or PFCLUSTER_LAB_DAEMON=1)"),
-]
+pytestmark = [pytest.mark.root]
 
 MB = 1 << 20
 
