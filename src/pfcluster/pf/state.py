@@ -58,7 +58,8 @@ class Peer:
         self.state = 0
         self.wscale = 0
 
-    def copy_from(self, other: Peer) -> None:
+    def copy_from(self, other: Any) -> None:
+        """Take every tracked field from a Peer or a pfsync_state_peer record."""
         self.seqlo = other.seqlo
         self.seqhi = other.seqhi
         self.seqdiff = other.seqdiff

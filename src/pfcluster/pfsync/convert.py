@@ -26,16 +26,6 @@ def peer_to_wire(p: Peer) -> wire.StatePeer:
     return wire.StatePeer(0, 0, 0, 0, p.seqlo, p.seqhi, p.seqdiff, p.max_win, p.mss, p.state, p.wscale)
 
 
-def peer_from_wire(dst: Peer, w: wire.StatePeer) -> None:
-    dst.seqlo = w.seqlo
-    dst.seqhi = w.seqhi
-    dst.seqdiff = w.seqdiff
-    dst.max_win = w.max_win
-    dst.mss = w.mss
-    dst.state = w.state
-    dst.wscale = w.wscale
-
-
 def seconds_left(st: State, now: float, timeouts: list[int], nstates: int) -> int:
     e = state_expires(st, timeouts, nstates)
     return 0 if e <= now else min(U32, int(e - now))
@@ -87,8 +77,8 @@ def import_state(rec: wire.State, now: float, dialect: str, timeouts: list[int])
     alen = 4 if af == AF_INET else 16
     key = (af, rec.proto, bytes(k.addr[0][:alen]), bytes(k.addr[1][:alen]), k.port[0], k.port[1])
     st = State(key, rec.direction, rec.creatorid, rec.id, now, None, rec.ifname or "all")
-    peer_from_wire(st.src, rec.src)
-    peer_from_wire(st.dst, rec.dst)
+    st.src.copy_from(rec.src)
+    st.dst.copy_from(rec.dst)
     st.creation = now - rec.creation
     st.timeout = rec.timeout
     st.expire = expire_from_age(st, rec.expire, now, timeouts)

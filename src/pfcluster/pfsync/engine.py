@@ -38,7 +38,7 @@ from pfcluster.pf.constants import (
 )
 from pfcluster.pf.filter import Filter
 from pfcluster.pf.state import SYNC_NONE, State
-from pfcluster.pf.tcp import M32, TM_FIRST, sdiff, set_timeout_ladder
+from pfcluster.pf.tcp import TM_FIRST, sdiff, set_timeout_ladder
 from pfcluster.pfsync import legacy, wire
 from pfcluster.pfsync.convert import (
     ImportError_,
@@ -880,10 +880,10 @@ def _merge_tcp_peer(local: Any, remote: wire.StatePeer) -> int:
         # synproxy states: trust the later phase only.
         if ls > rs:
             return 1
-        _copy_peer(local, remote)
+        local.copy_from(remote)
         return 0
     if local.seqlo == 0 and ls <= rs:
-        _copy_peer(local, remote)
+        local.copy_from(remote)
         return 0
     if remote.seqlo == 0 and rs <= ls:
         return 1 if (ls > rs or local.seqlo) else 0
@@ -913,13 +913,3 @@ def _merge_tcp_peer(local: Any, remote: wire.StatePeer) -> int:
     if remote.mss and not local.mss:
         local.mss = remote.mss
     return stale
-
-
-def _copy_peer(local: Any, remote: wire.StatePeer) -> None:
-    local.seqlo = remote.seqlo & M32
-    local.seqhi = remote.seqhi & M32
-    local.seqdiff = remote.seqdiff
-    local.max_win = remote.max_win
-    local.mss = remote.mss
-    local.state = remote.state
-    local.wscale = remote.wscale
