@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pfcluster.pf.constants import AF_INET, PFSTATE_ACK, PFTM_MAX
+from pfcluster.pf.constants import AF_INET, AF_INET6, PF_TCPS_PROXY_DST, PFSTATE_ACK, PFTM_MAX
 from pfcluster.pf.state import Peer, State, state_expires, timeout_seconds
 from pfcluster.pfsync import wire
 
@@ -66,30 +66,114 @@ class ImportError_(ValueError):
 
 def import_state(rec: wire.State, now: float, dialect: str, timeouts: list[int]) -> tuple[State, int, bool]:
     """A pf state from a record: (state, rule number or -1, the sender asked for an INS_ACK)."""
-    af = wire.af_from_wire(dialect, rec.af)
-    if af is None:
-        raise ImportError_(f"af {rec.af}")
-    if rec.creatorid == 0:
-        raise ImportError_("creatorid 0")
-    if rec.timeout >= PFTM_MAX:
-        raise ImportError_(f"timeout {rec.timeout}")
-    k = rec.key[0]
-    alen = 4 if af == AF_INET else 16
-    key = (af, rec.proto, bytes(k.addr[0][:alen]), bytes(k.addr[1][:alen]), k.port[0], k.port[1])
-    st = State(key, rec.direction, rec.creatorid, rec.id, now, None, rec.ifname or "all")
-    st.src.copy_from(rec.src)
-    st.dst.copy_from(rec.dst)
-    st.creation = now - rec.creation
-    st.timeout = rec.timeout
-    st.expire = expire_from_age(st, rec.expire, now, timeouts)
-    st.packets0, st.packets1 = rec.packets[0], rec.packets[1]
-    st.bytes0, st.bytes1 = rec.bytes[0], rec.bytes[1]
-    st.log = rec.log
-    wants_ack = bool(rec.state_flags & PFSTATE_ACK)
-    st.state_flags = rec.state_flags & ~PFSTATE_ACK
-    st.pfsync_time = now
-    rule = wire.signed32(rec.rule)
-    return st, rule, wants_ack
+    codec = wire.TABLES[dialect][wire.ACTIONS[dialect]["INS"]][2]
+    assert codec is not None
+    return state_importer(dialect)(tuple(codec.to_tuple(rec)), now, timeouts)
+
+
+class StateFields:
+    """Where the fields the engine reads sit in an unpacked pfsync_state tuple."""
+
+    __slots__ = ("creatorid", "dst", "id", "src", "timeout")
+
+    def __init__(self, index: dict[str, int]) -> None:
+        self.id = index["id"]
+        self.creatorid = index["creatorid"]
+        self.timeout = index["timeout"]
+        self.src = index["src"]
+        self.dst = index["dst"]
+
+
+def _field_index(dialect: str) -> dict[str, int]:
+    index: dict[str, int] = {}
+    i = 0
+    for attr, kind in wire._STATE_LAYOUTS[dialect]:
+        index[attr] = i
+        i += wire._KINDS[kind][1]
+    return index
+
+
+STATE_FIELDS: dict[str, StateFields] = {d: StateFields(_field_index(d)) for d in wire.DIALECTS}
+
+# Offsets inside the 11 values of a pfsync_state_peer (after the 4 scrub fields).
+_PEER_FIELDS = ("seqlo", "seqhi", "seqdiff", "max_win", "mss", "state", "wscale")
+
+
+def _gen_importer(dialect: str) -> Any:
+    """Unpacked pfsync_state tuple -> pf State, with pfsync's checks, in one generated
+    function: validating and importing straight from the tuple spares a bulk update the
+    five record objects per state that decoding into wire.State would build."""
+    ix = _field_index(dialect)
+    layout = dict(wire._STATE_LAYOUTS[dialect])
+    keys6 = layout["key"] == "keys6"
+    k = ix["key"]
+    src = ix["src"]
+    dst = ix["dst"]
+    lines = [
+        "def imp(t, now, timeouts):",
+        f"    waf = t[{ix['af']}]",
+        "    af = AFMAP.get(waf)",
+        "    if af is None:",
+        "        raise Err(f'af {waf}')",
+        f"    if not t[{ix['creatorid']}]:",
+        "        raise Err('creatorid 0')",
+        f"    tm = t[{ix['timeout']}]",
+        "    if tm >= PFTM_MAX:",
+        "        raise Err(f'timeout {tm}')",
+        f"    if t[{src + 9}] > PEER_MAX or t[{dst + 9}] > PEER_MAX:",
+        "        raise Err('peer state')",
+        f"    direction = t[{ix['direction']}]",
+        "    if direction > 2:",
+        "        raise Err(f'direction {direction}')",
+    ]
+    if keys6:
+        lines += [f"    if t[{k + 5}] and t[{k + 5}] not in AFMAP:", "        raise Err('key af')"]
+    lines += [
+        "    alen = 4 if af == AF_INET else 16",
+        f"    key = (af, t[{ix['proto']}], t[{k}][:alen], t[{k + 1}][:alen], t[{k + 2}], t[{k + 3}])",
+        f"    st = State(key, direction, t[{ix['creatorid']}], t[{ix['id']}], now, None,"
+        f" cstr(t[{ix['ifname']}]) or 'all')",
+        "    s = st.src",
+        *(f"    s.{name} = t[{src + 4 + j}]" for j, name in enumerate(_PEER_FIELDS)),
+        "    d = st.dst",
+        *(f"    d.{name} = t[{dst + 4 + j}]" for j, name in enumerate(_PEER_FIELDS)),
+        f"    st.creation = now - t[{ix['creation']}]",
+        "    st.timeout = tm",
+        f"    st.expire = expire_from_age(st, t[{ix['expire']}], now, timeouts)",
+        f"    st.packets0 = t[{ix['packets']}]",
+        f"    st.packets1 = t[{ix['packets'] + 1}]",
+        f"    st.bytes0 = t[{ix['bytes']}]",
+        f"    st.bytes1 = t[{ix['bytes'] + 1}]",
+        f"    st.log = t[{ix['log']}]",
+        f"    fl = t[{ix['state_flags']}]",
+        "    st.state_flags = fl & ~ACK",
+        "    st.pfsync_time = now",
+        f"    r = t[{ix['rule']}]",
+        "    return st, (r - 0x100000000 if r & 0x80000000 else r), bool(fl & ACK)",
+    ]
+    inet6 = wire.af_to_wire(dialect, AF_INET6)
+    env: dict[str, Any] = {
+        "AFMAP": {2: AF_INET, inet6: AF_INET6}, "Err": ImportError_, "PFTM_MAX": PFTM_MAX,
+        "PEER_MAX": PF_TCPS_PROXY_DST, "AF_INET": AF_INET, "State": State, "cstr": _cstr,
+        "expire_from_age": expire_from_age, "ACK": PFSTATE_ACK,
+    }  # fmt: skip
+    exec("\n".join(lines) + "\n", env)  # generated from the layout table
+    return env["imp"]
+
+
+def _cstr(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode("latin-1")
+
+
+_IMPORTERS: dict[str, Any] = {}
+
+
+def state_importer(dialect: str) -> Any:
+    """The (tuple, now, timeouts) -> (State, rule, wants_ack) importer for `dialect`."""
+    imp = _IMPORTERS.get(dialect)
+    if imp is None:
+        imp = _IMPORTERS[dialect] = _gen_importer(dialect)
+    return imp
 
 
 def expire_from_age(st: State, remaining: int, now: float, timeouts: list[int]) -> float:

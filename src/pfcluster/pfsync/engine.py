@@ -31,6 +31,7 @@ from typing import Any
 from pfcluster.pf.constants import (
     IPPROTO_PFSYNC,
     IPPROTO_TCP,
+    PF_TCPS_PROXY_DST,
     PF_TCPS_PROXY_SRC,
     PFSTATE_ACK,
     PFSTATE_NOSYNC,
@@ -41,11 +42,12 @@ from pfcluster.pf.state import SYNC_NONE, State
 from pfcluster.pf.tcp import TM_FIRST, sdiff, set_timeout_ladder
 from pfcluster.pfsync import legacy, wire
 from pfcluster.pfsync.convert import (
+    STATE_FIELDS,
     ImportError_,
-    import_state,
     pack_state,
     peer_to_wire,
     seconds_left,
+    state_importer,
 )
 
 log = logging.getLogger("pfcluster.pfsync")
@@ -203,6 +205,10 @@ class Engine:
         self.sync_ok = True
         self.on_sync_ok: Callable[[bool], None] | None = None
         self._now = now
+        state_dialect = "openbsd45" if self.v4 else self.dialect  # v4 shares the 4.5 record
+        self._fields = STATE_FIELDS[state_dialect]
+        self._importer = state_importer(state_dialect)
+        self._state_codec = wire.TABLES[state_dialect][wire.ACTIONS[state_dialect]["INS"]][2]
         self._handlers: dict[str, Callable[[list[Any], float], None]] = {
             "CLR": self._in_clr,
             "INS": self._in_ins,
@@ -213,7 +219,7 @@ class Engine:
             "UPD_C": self._in_upd_c,
             "UPD_REQ": self._in_ureq,
             "UREQ": self._in_ureq,
-            "DEL": self._in_del,
+            "DEL": self._in_del_full,
             "DEL_C": self._in_del,
             "BUS": self._in_bus,
             "TDB": self._in_tdb,
@@ -658,7 +664,7 @@ class Engine:
             self._receive_v4(payload, now)
             return
         try:
-            frame = wire.decode(payload, self.dialect)
+            frame = wire.decode(payload, self.dialect, raw_states=True)
         except wire.WireError as e:
             c[e.reason if e.reason in c else "badlen"] += 1
             frame = e.frame
@@ -692,6 +698,11 @@ class Engine:
             c["badval"] += len(frame.invalid)
         bad = set(frame.invalid)
         msgs = [m for i, m in enumerate(frame.messages) if i not in bad]
+        if msgs and isinstance(msgs[0], wire.State):
+            # the v4 state record is the 4.5 one: hand the handlers the same tuples
+            codec = self._state_codec
+            assert codec is not None
+            msgs = [tuple(codec.to_tuple(m)) for m in msgs]
         self._bind_rules = bytes(frame.pf_chksum) == bytes(self.filter.ruleset.checksum[:16])
         handler = self._handlers.get(frame.action_name)
         if handler is not None:
@@ -707,12 +718,13 @@ class Engine:
                 st.state_flags |= PFSTATE_NOSYNC
                 filt.remove_state(st, now)
 
-    def _import(self, rec: wire.State, now: float) -> State | None:
+    def _import(self, t: tuple[Any, ...], now: float) -> State | None:
+        """A state from an unpacked pfsync_state tuple (INS, or UPD for an unknown id)."""
         filt = self.filter
-        if rec.creatorid == filt.creatorid:
+        if t[self._fields.creatorid] == filt.creatorid:
             return None  # our own state echoed back
         try:
-            st, rule_nr, wants_ack = import_state(rec, now, self.dialect, filt.timeouts)
+            st, rule_nr, wants_ack = self._importer(t, now, filt.timeouts)
         except ImportError_:
             self.counters["badval"] += 1
             return None
@@ -725,11 +737,13 @@ class Engine:
         return st
 
     def _in_ins(self, msgs: list[Any], now: float) -> None:
-        for rec in msgs:
+        by_id = self.filter.states.by_id
+        f = self._fields
+        for t in msgs:
             self.counters["ins_received"] += 1
-            if self.filter.states.by_id(rec.creatorid, rec.id) is not None:
+            if by_id(t[f.creatorid], t[f.id]) is not None:
                 continue
-            self._import(rec, now)
+            self._import(t, now)
 
     def _in_iack(self, msgs: list[Any], now: float) -> None:
         by_id = self.filter.states.by_id
@@ -742,15 +756,22 @@ class Engine:
 
     def _in_upd(self, msgs: list[Any], now: float) -> None:
         by_id = self.filter.states.by_id
-        for rec in msgs:
+        f = self._fields
+        for t in msgs:
             self.counters["upd_received"] += 1
-            st = by_id(rec.creatorid, rec.id)
+            st = by_id(t[f.creatorid], t[f.id])
             if st is None:
                 if self._ureq_sent is not None:
                     self.counters["bulk_states_received"] += 1
-                self._import(rec, now)
+                self._import(t, now)
                 continue
-            self._merge(st, rec.src, rec.dst, rec.timeout, now)
+            timeout = t[f.timeout]
+            s, d = f.src, f.dst
+            if timeout >= PFTM_MAX or t[s + 9] > PF_TCPS_PROXY_DST or t[d + 9] > PF_TCPS_PROXY_DST:
+                self.counters["badval"] += 1
+                continue
+            self._merge(st, wire.StatePeer(*t[s : s + 11]), wire.StatePeer(*t[d : d + 11]),
+                        timeout, now)  # fmt: skip
 
     def _in_upd_c(self, msgs: list[Any], now: float) -> None:
         by_id = self.filter.states.by_id
@@ -819,6 +840,10 @@ class Engine:
                 continue
             st.state_flags |= PFSTATE_NOSYNC
             filt.remove_state(st, now)
+
+    def _in_del_full(self, msgs: list[Any], now: float) -> None:
+        f = self._fields
+        self._in_del([wire.DelC(t[f.id], t[f.creatorid]) for t in msgs], now)
 
     def _in_bus(self, msgs: list[Any], now: float) -> None:
         for m in msgs:

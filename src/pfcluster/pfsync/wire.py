@@ -393,6 +393,10 @@ class RawMessage(bytes):
 # --------------------------------------------------------------------------- codecs
 
 
+def _AS_TUPLE(t: tuple[Any, ...]) -> tuple[Any, ...]:
+    return t
+
+
 class _Codec:
     """One message layout: a precompiled Struct plus tuple <-> object converters."""
 
@@ -406,8 +410,17 @@ class _Codec:
         self.from_tuple = from_tuple
         self.to_tuple = to_tuple
 
+    def raw(self) -> _Codec:
+        """This layout decoding to plain tuples (for receivers that build their own
+        objects from the fields, as the pfsync engine does for state records)."""
+        return _Codec(self.st.format, tuple, _AS_TUPLE, self.to_tuple)
+
     def decode_many(self, mv: memoryview, off: int, count: int, stride: int) -> list[Any]:
         conv = self.from_tuple
+        if conv is _AS_TUPLE:
+            if stride == self.size:
+                return list(self.st.iter_unpack(mv[off : off + count * stride]))
+            return [self.st.unpack_from(mv, off + k * stride) for k in range(count)]
         if stride == self.size:
             return [conv(t) for t in self.st.iter_unpack(mv[off : off + count * stride])]
         unpack = self.st.unpack_from
@@ -697,6 +710,14 @@ def _build_tables() -> dict[str, dict[int, Entry]]:
 
 
 TABLES: dict[str, dict[int, Entry]] = _build_tables()
+# The same tables with full state records left as unpacked tuples and unchecked: the
+# pfsync engine validates and imports them in one step (convert.state_importer).
+STATE_ACTIONS = frozenset(("INS", "UPD", "DEL", "INS_1301", "UPD_1301"))
+RAW_STATE_TABLES: dict[str, dict[int, Entry]] = {
+    d: {a: ((e[0], e[1], e[2].raw(), None) if e[0] in STATE_ACTIONS and e[2] is not None else e)
+        for a, e in t.items()}
+    for d, t in TABLES.items()
+}  # fmt: skip
 ACTIONS: dict[str, dict[str, int]] = {d: {e[0]: a for a, e in t.items()} for d, t in TABLES.items()}
 ACTION_NAMES: dict[str, dict[int, str]] = {
     d: {a: e[0] for a, e in t.items()} for d, t in TABLES.items()
@@ -813,12 +834,17 @@ _HEADER = struct.Struct("!BBH16s")
 _SUBH = struct.Struct("!BBH")
 
 
-def decode(data: bytes | bytearray | memoryview, dialect: str = "openbsd45") -> Frame:
+def decode(data: bytes | bytearray | memoryview, dialect: str = "openbsd45",
+           raw_states: bool = False) -> Frame:  # fmt: skip
     """Decode a pfsync payload (starting at pfsync_header) as ``dialect`` sends it.
 
     Raises only ``WireError`` (reason = pfsyncstats name, ``.frame`` = partial frame).
+    With ``raw_states`` the full state records (INS, UPD, DEL) come back as the unpacked
+    field tuples of their layout, unchecked.
     """
     table = _table(dialect)
+    if raw_states:
+        table = RAW_STATE_TABLES[dialect]
     mv = memoryview(data)
     if mv.ndim != 1 or mv.itemsize != 1:
         mv = mv.cast("B")
