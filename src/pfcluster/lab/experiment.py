@@ -491,7 +491,7 @@ def run_one(cfg: RunConfig, progress: ProgressFn | None = None) -> dict[str, Any
         lab.stop(srv, grace=2.0)
         note("collecting counters", 0.92)
         after_host = lab.link_stats(s.ns)[HOST_IF]
-        fws_out = []
+        fws_out: list[dict[str, Any]] = []
         for fw in topo.fws:
             raw: dict[str, Any] = {}
             try:

@@ -19,7 +19,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -89,7 +89,7 @@ def run(
     return proc
 
 
-def sysctl(ns: str, values: dict[str, str | int]) -> None:
+def sysctl(ns: str, values: Mapping[str, str | int]) -> None:
     """Set sysctls inside a namespace (net.* sysctls are per namespace)."""
     args = [f"{k}={v}" for k, v in values.items()]
     run(ns, ["sysctl", "-q", "-w", *args])

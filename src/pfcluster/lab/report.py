@@ -126,7 +126,7 @@ def sweep_table(doc: dict[str, Any]) -> Table:
     return table
 
 
-def _pyplot():  # type: ignore[no-untyped-def]
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")  # no display: files only
