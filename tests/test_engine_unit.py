@@ -929,3 +929,33 @@ def test_merge_keeps_first_packet_timeout_when_nobody_saw_more() -> None:
     assert peer.timeout != first
     a.receive(pfsync_frame([("UPD_C", [updc(peer)])]), 3.0)
     assert st.timeout == peer.timeout
+
+
+def test_peer_inserts_respect_the_state_limit() -> None:
+    """A flood of INS from the sync link cannot grow the table past `set limit states`."""
+    from pfcluster.pf.filter import Filter
+    from pfcluster.pf.rules import parse_rules
+    from pfcluster.pfsync import wire
+    from pfcluster.pfsync.engine import Engine, EngineConfig
+
+    eng = Engine(Filter(parse_rules("set limit states 50\npass\n"), hostid=1), EngineConfig())
+    recs = [
+        wire.State(
+            id=i + 1,
+            creatorid=0xBEEF,
+            af=2,
+            proto=17,
+            direction=1,
+            timeout=6,
+            key=[
+                wire.StateKey([bytes([10, 0, 0, i % 250]) + bytes(12), bytes(16)], [i, 53]),
+                wire.StateKey([bytes([10, 0, 0, i % 250]) + bytes(12), bytes(16)], [i, 53]),
+            ],
+        )
+        for i in range(200)
+    ]
+    for k in range(0, 200, 5):
+        frame = wire.Frame(5, sections=[wire.Section("INS", 1, messages=recs[k : k + 5])])
+        eng.receive(wire.encode(frame, "openbsd45"), 1.0)
+    assert len(eng.filter.states) == 50
+    assert eng.counters["import_failed"] == 150

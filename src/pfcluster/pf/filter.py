@@ -518,7 +518,14 @@ class Filter:
         return True
 
     def import_state(self, st: State, rule_nr: int, now: float, bind_rule: bool = False) -> bool:
-        """Insert a state learned from a peer. Its rule is bound only if the rulesets agree."""
+        """Insert a state learned from a peer. Its rule is bound only if the rulesets agree.
+
+        A peer is held to `set limit states` like local traffic: without that, anyone on
+        the sync link could grow the table without bound.
+        """
+        if len(self.states) >= self.limit_states:
+            self.counters[PFRES_MEMORY] += 1
+            return False
         st.rule = None
         if bind_rule and 0 <= rule_nr < len(self.ruleset.rules):
             st.rule = self.ruleset.rules[rule_nr]
