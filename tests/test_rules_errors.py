@@ -9,6 +9,9 @@ from pfcluster.pf.rules import RuleSyntaxError, load_rules, parse_rules
 CASES = [
     # (text, expected error)
     ("pas in all", "pf.conf:1:1: unknown keyword 'pas'"),
+    # found by the fuzzer: an empty quoted name used to load and then print as `on `
+    ('pass in on "" all', "pf.conf:1:12: invalid interface name ''"),
+    ('pass in on "em 0" all', "pf.conf:1:12: invalid interface name 'em 0'"),
     ("pass in quick foo", "pf.conf:1:15: unknown keyword 'foo'"),
     ("pass in on $ext all", "pf.conf:1:12: macro 'ext' not defined"),
     ("pass in from 10.0.0.256", "pf.conf:1:14: invalid address '10.0.0.256'"),

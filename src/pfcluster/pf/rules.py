@@ -612,6 +612,8 @@ class _Parser:
             return (None, False)
         if len(t.text) >= 16:
             raise self.error(t, f"interface name '{t.text}' too long")
+        if not t.text or any(c.isspace() or c in "{}()!,;\"'#$<>" for c in t.text):
+            raise self.error(t, f"invalid interface name '{t.text}'")
         return (t.text, neg)
 
     def proto_item(self) -> tuple[int, Tok]:
