@@ -959,3 +959,29 @@ def test_peer_inserts_respect_the_state_limit() -> None:
         eng.receive(wire.encode(frame, "openbsd45"), 1.0)
     assert len(eng.filter.states) == 50
     assert eng.counters["import_failed"] == 150
+
+
+def test_flush_sends_one_clr_and_no_del_c() -> None:
+    """pfctl -F states: states go no-sync first, so the peer hears one CLR, not a DEL_C each."""
+    from pfcluster.sim.pair import Cluster
+
+    c = Cluster(nodes=2)
+    c.run_until(1.5)
+    a, b = c.nodes
+    from pfcluster.sim.tcpsim import tcp_packet
+
+    for i in range(5):
+        raw = tcp_packet(bytes([198, 51, 100, 2]), bytes([203, 0, 113, 10]), 40000 + i, 5201,
+                         1000, 0, 0x02, 65535)  # fmt: skip
+        c.forward(a, raw, True, 2.0, lambda t: None)
+    c.run_until(4.0)
+    assert len(b.filter.states) == 10
+    before = dict(a.engine.msgs_by_action)
+    n = a.filter.flush_states(4.0)
+    a.engine.clear_states(4.0)
+    c.pump(a, 4.0)
+    c.run_until(4.1)
+    assert n == 10
+    sent = {k: v - before.get(k, 0) for k, v in a.engine.msgs_by_action.items()}
+    assert sent.get("CLR") == 1 and not sent.get("DEL_C")
+    assert len(b.filter.states) == 0

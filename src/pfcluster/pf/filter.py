@@ -556,10 +556,13 @@ class Filter:
     def next_deadline(self, now: float) -> float:
         return self._last_purge + 1.0
 
-    def flush_states(self, now: float, notify: bool = True) -> int:
+    def flush_states(self, now: float) -> int:
+        """pfctl -F states: every state goes, marked no-sync first as pf does, so pfsync
+        sends no DEL_C for each; the caller tells peers with one CLR instead."""
         count = 0
         for st in self.states:
-            if self.remove_state(st, now, notify=notify):
+            st.state_flags |= PFSTATE_NOSYNC
+            if self.remove_state(st, now):
                 count += 1
         return count
 
