@@ -122,6 +122,10 @@ class Dataplane:
     # would hold every state update, and every verdict, for tens of milliseconds, which
     # on a split path is more than pf's window fuzz allows for.
     mini_batch: int = 32
+    # ...and at most this many bytes: a peer checks the ACKs it forwards against the data
+    # we forwarded, within pf's 67035-byte fuzz, so our updates must trail our data by
+    # well under that (16 full-size segments), while ACK-only batches may run longer.
+    mini_batch_bytes: int = 24 * 1024
     # Called after each mini-batch: the loop sends the engine's frames and reads what the
     # peers sent meanwhile, so both firewalls' views stay within a mini-batch of each other.
     between_batches: Callable[[], None] | None = None
@@ -140,11 +144,15 @@ class Dataplane:
         batch = self._batch
         append = batch.append
         limit = self.mini_batch
+        byte_limit = self.mini_batch_bytes
+        self._held_bytes = 0
 
         def on_packet(p: Any) -> None:
             # The callback runs inside nfq_handle_packet; the payload buffer dies with it.
-            append((p, p.get_payload()))
-            if len(batch) >= limit:
+            payload = p.get_payload()
+            append((p, payload))
+            self._held_bytes += len(payload)
+            if len(batch) >= limit or self._held_bytes >= byte_limit:
                 self._decide_batch()
 
         self.nfq.bind(self.queue_num, on_packet, max_len=self.max_len)
@@ -178,6 +186,7 @@ class Dataplane:
 
     def _decide_batch(self) -> None:
         """Decide what the callback collected, then flush pfsync once for all of it."""
+        self._held_bytes = 0
         batch = self._batch
         n = len(batch)
         if not n:
