@@ -20,6 +20,7 @@ import importlib
 import importlib.util
 import json
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -464,13 +465,19 @@ def run_one(cfg: RunConfig, progress: ProgressFn | None = None) -> dict[str, Any
         # up to shortly before the end ("during") as well as in total
         rst_start = {"client": _rst_count(c.ns), "server": _rst_count(s.ns)}
         rst_during: dict[str, int] = {}
-        snap_at = max(cfg.seconds - 0.5, cfg.seconds * 0.8)
+        snap_at = max(cfg.seconds - 1.0, cfg.seconds * 0.75)
+
+        def snapshot() -> None:
+            rst_during.update(client=_rst_count(c.ns) - rst_start["client"],
+                              server=_rst_count(s.ns) - rst_start["server"])
+
+        # On its own timer: a slow tick (the failover, a ctl query to a busy daemon) can
+        # last over a second, and the window before iperf3's own teardown RSTs is short.
+        snap_timer = threading.Timer(snap_at, snapshot)
+        snap_timer.daemon = True
 
         def tick(elapsed: float) -> None:
             note(f"iperf3 {elapsed:4.1f}/{cfg.seconds:g}s", 0.05 + 0.85 * min(1.0, elapsed / cfg.seconds))
-            if not rst_during and elapsed >= snap_at:
-                rst_during.update(client=_rst_count(c.ns) - rst_start["client"],
-                                  server=_rst_count(s.ns) - rst_start["server"])
             if cfg.failover and not failed_over and elapsed >= cfg.seconds / 2:
                 try:  # fw1's counters up to its death (it cannot answer afterwards)
                     last_words[1] = runner.info(topo.fw(1))
@@ -487,7 +494,11 @@ def run_one(cfg: RunConfig, progress: ProgressFn | None = None) -> dict[str, Any
                 topo.fail_over(1)
                 failed_over.update(at_s=round(elapsed, 2), took_s=round(time.monotonic() - t0, 3))
 
-        res = iperf.run_client(c.ns, argv, cfg.seconds, tick=tick)
+        snap_timer.start()
+        try:
+            res = iperf.run_client(c.ns, argv, cfg.seconds, tick=tick)
+        finally:
+            snap_timer.cancel()
         lab.stop(srv, grace=2.0)
         note("collecting counters", 0.92)
         after_host = lab.link_stats(s.ns)[HOST_IF]
