@@ -36,6 +36,7 @@ from pfcluster.pf.constants import (
     PFSTATE_ACK,
     PFSTATE_NOSYNC,
     PFTM_MAX,
+    TCPS,
 )
 from pfcluster.pf.filter import Filter
 from pfcluster.pf.state import SYNC_NONE, State
@@ -788,7 +789,9 @@ class Engine:
         """Take what the peer knows better; where ours is fresher, send ours back."""
         if st.state_flags & PFSTATE_ACK:
             self._undefer(st, drop=True)
-        if st.key[1] == IPPROTO_TCP:
+        if self.v4:
+            sync = _merge_sfail(st, src, dst, timeout, now)
+        elif st.key[1] == IPPROTO_TCP:
             sync = _merge_tcp_peer(st.src, src) + _merge_tcp_peer(st.dst, dst)
             st.expire = now
             # tcp.first lasts until some node sees a second packet; then the ladder.
@@ -938,3 +941,34 @@ def _merge_tcp_peer(local: Any, remote: wire.StatePeer) -> int:
     if remote.mss and not local.mss:
         local.mss = remote.mss
     return stale
+
+
+def _merge_sfail(st: State, src: wire.StatePeer, dst: wire.StatePeer, timeout: int,
+                 now: float) -> int:  # fmt: skip
+    """The pre-2009 merge (pfsync v4, and OpenBSD 4.5's "sfail" codes): an update is
+    taken whole or refused whole, except that a fresher src peer is kept when only the
+    dst is stale. On a split path each firewall is ahead on the peer it forwards for, so
+    it refuses the half it is missing — the stall the thesis measured. Returns the sfail
+    code (0 = applied)."""
+    ls, ld = st.src, st.dst
+    if st.key[1] == IPPROTO_TCP:
+        if ls.state > src.state and (ls.state < PF_TCPS_PROXY_SRC or src.state >= PF_TCPS_PROXY_SRC):
+            return 1
+        if sdiff(ls.seqlo, src.seqlo) > 0:
+            return 3
+        if ld.state > dst.state:
+            ls.copy_from(src)
+            return 7
+        if ld.state >= TCPS.SYN_SENT and sdiff(ld.seqlo, dst.seqlo) > 0:
+            return 4
+    else:
+        if ls.state > src.state:
+            return 5
+        if ld.state > dst.state:
+            return 6
+    ls.copy_from(src)
+    ld.copy_from(dst)
+    st.expire = now
+    if timeout < PFTM_MAX:
+        st.timeout = timeout
+    return 0
