@@ -139,7 +139,10 @@ def _gen_importer(dialect: str) -> Any:
         *(f"    d.{name} = t[{dst + 4 + j}]" for j, name in enumerate(_PEER_FIELDS)),
         f"    st.creation = now - t[{ix['creation']}]",
         "    st.timeout = tm",
-        f"    st.expire = expire_from_age(st, t[{ix['expire']}], now, timeouts)",
+        # expire_from_age() inlined: an imported state has no rule, so its timeout is
+        # the global one for its index
+        f"    rem = t[{ix['expire']}]",
+        "    st.expire = now - max(0, timeouts[tm] - rem) if rem else now",
         f"    st.packets0 = t[{ix['packets']}]",
         f"    st.packets1 = t[{ix['packets'] + 1}]",
         f"    st.bytes0 = t[{ix['bytes']}]",
@@ -215,15 +218,26 @@ def _gen_packer(dialect: str) -> Any:
             items.append("0, 0")
         else:
             items.append(_FIELD_EXPR.get(attr, "0"))
+    flags = "st.state_flags" if dialect in ("openbsd6", "freebsd1400") else "st.state_flags & 0xFF"
     src = (
-        "def pack(st, cre, exp, rule, waf, flags):\n"
+        "def pack(st, now, timeouts, nstates):\n"
         "    k = st.key\n"
         "    a0 = k[2] if len(k[2]) == 16 else k[2] + ZERO12\n"
         "    a1 = k[3] if len(k[3]) == 16 else k[3] + ZERO12\n"
+        "    cre = int(now - st.creation)\n"
+        "    cre = 0 if cre < 0 else (U32 if cre > U32 else cre)\n"
+        "    e = expires(st, timeouts, nstates)\n"
+        "    exp = 0 if e <= now else min(U32, int(e - now))\n"
+        "    r = st.rule\n"
+        "    rule = (r.nr & U32) if r is not None else U32\n"
+        "    waf = 2 if k[0] == AF_INET else AF6\n"
+        f"    flags = {flags}\n"
         f"    return Packed(PACK({', '.join(items)}))\n"
     )
     env: dict[str, Any] = {"ZERO16": bytes(16), "ZERO12": _ZERO12, "U32": U32,
-                           "PACK": codec.st.pack, "Packed": wire.PackedRecord}  # fmt: skip
+                           "PACK": codec.st.pack, "Packed": wire.PackedRecord,
+                           "expires": state_expires, "AF_INET": AF_INET,
+                           "AF6": wire.af_to_wire(dialect, AF_INET6)}  # fmt: skip
     exec(src, env)  # generated from the layout table, no outside input
     return env["pack"]
 
@@ -236,12 +250,4 @@ def pack_state(st: State, now: float, dialect: str, timeouts: list[int], nstates
     packer = _PACKERS.get(dialect)
     if packer is None:
         packer = _PACKERS[dialect] = _gen_packer(dialect)
-    flags = st.state_flags if dialect in ("openbsd6", "freebsd1400") else st.state_flags & 0xFF
-    return packer(
-        st,
-        max(0, min(U32, int(now - st.creation))),
-        seconds_left(st, now, timeouts, nstates),
-        (st.rule.nr & U32) if st.rule is not None else U32,
-        wire.af_to_wire(dialect, st.key[0]),
-        flags,
-    )
+    return packer(st, now, timeouts, nstates)
