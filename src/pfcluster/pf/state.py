@@ -188,15 +188,11 @@ def format_state_line(st: State) -> str:
     """
     af, proto, a0, a1, p0, p1 = st.key
     pname = PFCTL_PROTO_NAMES.get(proto, str(proto))
-    # key slot 1 is the source of an outbound packet; slot 0 the source of an inbound one.
-    if st.direction == PF_IN:
-        left = host_port(af, a1, p1, proto)
-        right = host_port(af, a0, p0, proto)
-        arrow = "<-"
-    else:
-        left = host_port(af, a1, p1, proto)
-        right = host_port(af, a0, p0, proto)
-        arrow = "->"
+    # Key slot 1 holds the local end for an inbound state and the source for an outbound
+    # one, so pfctl prints slot 1 first either way; only the arrow tells them apart.
+    left = host_port(af, a1, p1, proto)
+    right = host_port(af, a0, p0, proto)
+    arrow = "<-" if st.direction == PF_IN else "->"
     # pfctl's print_state: an outbound state prints src:dst, any other prints dst:src, so
     # the left-hand peer state always belongs to the left-hand host.
     src, dst = _print_peers(st)
