@@ -47,8 +47,6 @@ TM_CLOSED = int(PFTM.TCP_CLOSED)
 # Results of tracking.
 TRACK_PASS = 0
 TRACK_LOOSE = 1
-TRACK_BAD = 2
-TRACK_BAD_HANDSHAKE = 3  # both peers SYN_SENT: pf resets the sender and answers with an RST
 
 
 def sdiff(a: int, b: int) -> int:
@@ -109,7 +107,7 @@ def set_timeout_ladder(st: State, src: Peer, dst: Peer) -> None:
 class TrackFailure:
     """What pf prints when a packet fails the window test (kept off the fast path)."""
 
-    __slots__ = ("ack", "ackskew", "checks", "data_end", "orig_seq", "p_len", "seq")
+    __slots__ = ("ack", "ackskew", "checks", "orig_seq", "p_len", "seq")
 
     def __init__(
         self, seq: int, orig_seq: int, ack: int, p_len: int, ackskew: int, checks: str
@@ -120,7 +118,6 @@ class TrackFailure:
         self.p_len = p_len
         self.ackskew = ackskew
         self.checks = checks
-        self.data_end = 0
 
 
 def track_full(st: State, pkt: Packet, fwd: bool, now: float) -> int | TrackFailure:
@@ -297,8 +294,6 @@ def track_sloppy(st: State, pkt: Packet, fwd: bool, now: float) -> int:
     if flags & TH_ACK:
         if dst.state == SYN_SENT:
             dst.state = ESTABLISHED
-            if src.state == ESTABLISHED:
-                pass
         elif dst.state == CLOSING:
             dst.state = FIN_WAIT_2
         elif src.state == SYN_SENT and dst.state < SYN_SENT:
@@ -326,8 +321,6 @@ def format_tcp_peers(st: State) -> str:
 
 
 __all__ = [
-    "TRACK_BAD",
-    "TRACK_BAD_HANDSHAKE",
     "TRACK_LOOSE",
     "TRACK_PASS",
     "TrackFailure",

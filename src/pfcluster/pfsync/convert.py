@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from pfcluster.pf.constants import AF_INET, AF_INET6, PF_TCPS_PROXY_DST, PFSTATE_ACK, PFTM_MAX
-from pfcluster.pf.state import Peer, State, state_expires, timeout_seconds
+from pfcluster.pf.state import Peer, State, state_expires
 from pfcluster.pfsync import wire
 
 U32 = 0xFFFFFFFF
@@ -139,8 +139,8 @@ def _gen_importer(dialect: str) -> Any:
         *(f"    d.{name} = t[{dst + 4 + j}]" for j, name in enumerate(_PEER_FIELDS)),
         f"    st.creation = now - t[{ix['creation']}]",
         "    st.timeout = tm",
-        # expire_from_age() inlined: an imported state has no rule, so its timeout is
-        # the global one for its index
+        # rebuild the last-activity time from the seconds the sender had left; an
+        # imported state has no rule, so its timeout is the global one for its index
         f"    rem = t[{ix['expire']}]",
         "    st.expire = now - max(0, timeouts[tm] - rem) if rem else now",
         f"    st.packets0 = t[{ix['packets']}]",
@@ -158,7 +158,7 @@ def _gen_importer(dialect: str) -> Any:
     env: dict[str, Any] = {
         "AFMAP": {2: AF_INET, inet6: AF_INET6}, "Err": ImportError_, "PFTM_MAX": PFTM_MAX,
         "PEER_MAX": PF_TCPS_PROXY_DST, "AF_INET": AF_INET, "State": State, "cstr": _cstr,
-        "expire_from_age": expire_from_age, "ACK": PFSTATE_ACK,
+        "ACK": PFSTATE_ACK,
     }  # fmt: skip
     exec("\n".join(lines) + "\n", env)  # generated from the layout table
     return env["imp"]
@@ -177,14 +177,6 @@ def state_importer(dialect: str) -> Any:
     if imp is None:
         imp = _IMPORTERS[dialect] = _gen_importer(dialect)
     return imp
-
-
-def expire_from_age(st: State, remaining: int, now: float, timeouts: list[int]) -> float:
-    """Rebuild the last-activity time from the seconds the sender had left."""
-    if not remaining:
-        return now
-    full = timeout_seconds(st, timeouts)
-    return now - max(0, full - remaining)
 
 
 # Per-field expressions over a pf State (`st`, its peers `s`/`d`) and the values the
