@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from pfcluster.io.config import DIALECTS, PROTOCOLS, ConfigError, load_config
+from pfcluster.io.config import DIALECTS, MERGES, PROTOCOLS, ConfigError, load_config
 
 
 def setup_logging(use_syslog: bool, verbose: bool) -> None:
@@ -39,6 +39,9 @@ def setup_logging(use_syslog: bool, verbose: bool) -> None:
 @click.option("--dialect", type=click.Choice(DIALECTS), default=None)
 @click.option("--protocol", type=click.Choice(PROTOCOLS), default=None,
               help="v5 (default) or v4: pre-2009 pfsync behaviour, the thesis baseline")
+@click.option("--merge", type=click.Choice(MERGES), default=None,
+              help="TCP merge of peer updates: edges (default, per sequence edge) or thesis "
+              "(OpenBSD 4.5: whole update or none)")
 @click.option("--queue", type=click.IntRange(0, 65535), default=None, help="NFQUEUE number")
 @click.option("--control", help="control socket path (default /run/pfcluster.sock)")
 @click.option("--fail-open/--fail-closed", "fail_open", default=None,

@@ -8,6 +8,7 @@
     defer = false
     dialect = "openbsd45"
     protocol = "v5"            # "v4": the pre-2009 pfsync behaviour, for comparison
+    merge = "edges"            # "thesis": OpenBSD 4.5's all-or-nothing TCP merge
     queue = 0
     control = "/run/pfcluster.sock"
     fail_open = false
@@ -26,6 +27,7 @@ from pfcluster.io.control import DEFAULT_CONTROL
 
 DIALECTS = ("openbsd45", "freebsd1301", "freebsd1400", "openbsd6")
 PROTOCOLS = ("v5", "v4")
+MERGES = ("edges", "thesis")
 NO_SYNC = "none"  # --syncdev none: a filtering node without pfsync transport
 
 
@@ -43,6 +45,7 @@ class DaemonConfig:
     defer: bool = False
     dialect: str = "openbsd45"
     protocol: str = "v5"
+    merge: str = "edges"
     queue: int = 0
     control: str = DEFAULT_CONTROL
     fail_open: bool = False
@@ -63,6 +66,8 @@ class DaemonConfig:
             raise ConfigError(f"dialect: {self.dialect!r} is not one of {', '.join(DIALECTS)}")
         if self.protocol not in PROTOCOLS:
             raise ConfigError(f"protocol: {self.protocol!r} is not one of {', '.join(PROTOCOLS)}")
+        if self.merge not in MERGES:
+            raise ConfigError(f"merge: {self.merge!r} is not one of {', '.join(MERGES)}")
         if not 0 <= self.queue <= 65535:
             raise ConfigError(f"queue: {self.queue} is not 0..65535")
         if not 1 <= self.maxupd <= 255:
@@ -74,7 +79,8 @@ class DaemonConfig:
 
 _TYPES: dict[str, tuple[type, ...]] = {
     "rules": (str,), "syncdev": (str,), "syncpeer": (str,), "syncgroup6": (str,),
-    "maxupd": (int,), "defer": (bool,), "dialect": (str,), "protocol": (str,), "queue": (int,),
+    "maxupd": (int,), "defer": (bool,), "dialect": (str,), "protocol": (str,), "merge": (str,),
+    "queue": (int,),
     "control": (str,), "fail_open": (bool,), "hostid": (int,), "syslog": (bool,),
     "verbose": (bool,),
 }

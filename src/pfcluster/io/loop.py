@@ -52,7 +52,7 @@ def make_core(cfg: DaemonConfig, ruleset: Any, now: float) -> tuple[Any, Any]:
 
     filt = Filter(ruleset, hostid=cfg.hostid, now=now)
     engine = Engine(filt, dialect=cfg.dialect, protocol=cfg.protocol, maxupd=cfg.maxupd,
-                    defer=cfg.defer and cfg.sync_enabled, now=now)
+                    defer=cfg.defer and cfg.sync_enabled, merge=cfg.merge, now=now)
     return filt, engine
 
 

@@ -89,6 +89,12 @@ STAT_NAMES = (
 )  # fmt: skip
 
 
+# How a TCP update from a peer is merged into our copy: "edges" (ours: each sequence edge
+# only grows, so a split path keeps both halves) or "thesis" (OpenBSD 4.5's sfail rule:
+# the update is taken whole or refused whole). v4 always uses the thesis rule.
+MERGE_RULES = ("edges", "thesis")
+
+
 class EngineConfig:
     """Knobs of one pfsync instance (the ifconfig pfsync0 options and a few of ours)."""
 
@@ -103,6 +109,7 @@ class EngineConfig:
         "dialect",
         "echo_holdoff",
         "maxupd",
+        "merge",
         "mtu",
         "pace",
         "protocol",
@@ -125,11 +132,14 @@ class EngineConfig:
         bulk_tick: float = 0.01,
         bulk_frames_per_tick: int = 4,
         echo_holdoff: float = 0.1,
+        merge: str = "edges",
     ) -> None:
         if protocol not in ("v5", "v4"):
             raise ValueError(f"protocol must be v5 or v4, not {protocol!r}")
         if dialect not in wire.DIALECTS:
             raise ValueError(f"unknown dialect {dialect!r}; one of {', '.join(wire.DIALECTS)}")
+        if merge not in MERGE_RULES:
+            raise ValueError(f"merge must be one of {', '.join(MERGE_RULES)}, not {merge!r}")
         if not 0 < maxupd <= 255:
             raise ValueError("maxupd must be 1..255")
         if mtu < 576:
@@ -148,6 +158,7 @@ class EngineConfig:
         self.bulk_tick = bulk_tick
         self.bulk_frames_per_tick = bulk_frames_per_tick
         self.echo_holdoff = echo_holdoff
+        self.merge = merge
 
 
 class Deferral:
@@ -789,7 +800,7 @@ class Engine:
         """Take what the peer knows better; where ours is fresher, send ours back."""
         if st.state_flags & PFSTATE_ACK:
             self._undefer(st, drop=True)
-        if self.v4:
+        if self.v4 or self.config.merge == "thesis":
             sync = _merge_sfail(st, src, dst, timeout, now)
         elif st.key[1] == IPPROTO_TCP:
             sync = _merge_tcp_peer(st.src, src) + _merge_tcp_peer(st.dst, dst)
