@@ -2,6 +2,13 @@
 
 Each IP packet is tested `in` on the interface whose network holds its source, then
 `out` on the interface whose network holds its destination, at its capture time.
+
+Bad input is one line on stderr and exit status 1 (see `pfcluster.cli.errors`): a rules
+file that is missing, not text or wrong (`file:line:col: message`, as pfctl), a capture
+that is missing, unreadable, empty, not pcap/pcapng or of an unsupported link type. A
+capture cut inside a record is replayed up to the cut, the summary of what was replayed
+is printed (so `--json` output stays complete), then the one-line error, exit status 1.
+A bad `--iface` is a usage error (status 2).
 """
 
 from __future__ import annotations
@@ -9,14 +16,16 @@ from __future__ import annotations
 import ipaddress
 import json
 import sys
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, TypeVar
 
 import click
 
+from pfcluster.cli.errors import ReportingCommand, load_rules_file
 from pfcluster.packet import MalformedPacket, addr_str, parse
-from pfcluster.pf.constants import PF_IN, PF_OUT, PROTO_NAMES
+from pfcluster.pf.constants import PROTO_NAMES
 from pfcluster.pf.filter import Filter, Verdict
-from pfcluster.pf.rules import RuleSyntaxError, load_rules
+from pfcluster.pf.router import route
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -29,6 +38,25 @@ def parse_iface(text: str) -> tuple[str, Network]:
         return name, ipaddress.ip_network(cidr, strict=False)
     except ValueError as e:
         raise click.BadParameter(f"{text!r}: {e}") from None
+
+
+def _iface_option(ctx: click.Context, param: click.Parameter,
+                  value: tuple[str, ...]) -> list[tuple[str, Network]]:
+    return [parse_iface(t) for t in value]
+
+
+T = TypeVar("T")
+
+
+def _until_cut(items: Iterator[T], cut: list[Exception]) -> Iterator[T]:
+    """Items until the capture turns out cut or corrupt; the CaptureError is kept in `cut`
+    so the summary of what was replayed can still be printed before it is reported."""
+    from pfcluster.pfsync.pcap import CaptureError
+
+    try:
+        yield from items
+    except CaptureError as exc:
+        cut.append(exc)
 
 
 def pick_iface(ifaces: list[tuple[str, Network]], addr: bytes, other: bytes) -> str:
@@ -49,29 +77,25 @@ def verdict_json(v: Verdict | None) -> dict[str, Any] | None:
     return v.to_dict() if v is not None else None
 
 
-@click.command()
-@click.option("--rules", "rules_path", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="pf.conf to load")
-@click.option("--iface", "ifaces_text", multiple=True, required=True, metavar="NAME=CIDR",
-              help="an interface and the network behind it (repeat)")
+@click.command(cls=ReportingCommand)
+@click.option("--rules", "rules_path", required=True, type=click.Path(), help="pf.conf to load")
+@click.option("--iface", "ifaces", multiple=True, required=True, metavar="NAME=CIDR",
+              callback=_iface_option, help="an interface and the network behind it (repeat)")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per packet, then a summary")
-@click.argument("capture", type=click.Path(exists=True, dir_okay=False))
-def replay(rules_path: str, ifaces_text: tuple[str, ...], as_json: bool, capture: str) -> None:
+@click.argument("capture", type=click.Path())
+def replay(rules_path: str, ifaces: list[tuple[str, Network]], as_json: bool,
+           capture: str) -> None:
     """Replay CAPTURE (pcap/pcapng) through the filter as a router."""
     from pfcluster.pfsync.pcap import iter_ip_packets
 
-    ifaces = [parse_iface(t) for t in ifaces_text]
-    try:
-        ruleset = load_rules(rules_path)
-    except RuleSyntaxError as e:
-        click.echo(str(e), err=True)
-        sys.exit(1)
+    ruleset = load_rules_file(rules_path)
+    cut: list[Exception] = []
     filt: Filter | None = None
     out = sys.stdout
     n = 0
     last = 0.0
     malformed = 0
-    for ts, raw in iter_ip_packets(capture):
+    for ts, raw in _until_cut(iter_ip_packets(capture), cut):
         n += 1
         if filt is None:
             filt = Filter(ruleset, now=ts)
@@ -88,13 +112,11 @@ def replay(rules_path: str, ifaces_text: tuple[str, ...], as_json: bool, capture
             continue
         in_if = pick_iface(ifaces, pkt.src, pkt.dst)
         out_if = pick_iface(ifaces, pkt.dst, pkt.src)
-        v_in = filt.test(PF_IN, in_if, pkt, ts)
-        v_out: Verdict | None = None
-        logs = list(v_in.log)
-        if v_in.action == "pass":
-            v_out = filt.test(PF_OUT, out_if, pkt, ts)
-            logs.extend(v_out.log)
-        action = "pass" if v_out is not None and v_out.action == "pass" else "block"
+        rv = route(filt, in_if, out_if, pkt, ts)
+        v_in, v_out = rv.v_in, rv.v_out
+        assert v_in is not None
+        logs = rv.log_lines()
+        action = rv.action
         if as_json:
             rec = {"n": n, "ts": ts, "action": action, "in": verdict_json(v_in),
                    "out": verdict_json(v_out), "log": logs}  # fmt: skip
@@ -112,6 +134,8 @@ def replay(rules_path: str, ifaces_text: tuple[str, ...], as_json: bool, capture
             out.write(f"{n} {ts:.6f} {action:<5} {what}  " + "; ".join(parts) + "\n")
             for line in logs:
                 out.write(f"    {line}\n")
+    if cut and n == 0:
+        raise cut[0]  # nothing replayed (no header, not a capture...): only the error
     if filt is None:
         filt = Filter(ruleset)
     summary = filt.counters_dict(last)
@@ -122,6 +146,8 @@ def replay(rules_path: str, ifaces_text: tuple[str, ...], as_json: bool, capture
     else:
         out.write("\n" + "\n".join(filt.format_info(last)) + "\n\n")
         out.write("\n".join(filt.format_states(last, verbose=True)) + "\n")
+    if cut:
+        raise cut[0]  # after the summary of what was replayed: the cut, exit status 1
 
 
 def _short(v: Verdict) -> str:

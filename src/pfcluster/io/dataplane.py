@@ -3,9 +3,9 @@
 One queue serves the three iptables hooks; netfilterqueue reports which hook queued the
 packet (`Packet.hook`: NF_INET_LOCAL_IN 1, FORWARD 2, LOCAL_OUT 3), so no second queue
 is needed to tell a forwarded packet from a local one. A forwarded packet is tested `in`
-on its input interface and then `out` on its output interface, as pf does on a router
-(passes only if both pass); a packet to the firewall gets only the `in` test, one from
-it only the `out` test.
+on its input interface and then `out` on its output interface by the router step shared
+with the simulation and replay (`pf.router.route`); a packet to the firewall gets only
+the `in` test, one from it only the `out` test.
 
 Batching: the netfilterqueue callback only records (packet, payload) — the payload must be
 copied inside the callback because the library frees its buffer afterwards. When
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pfcluster.io.iptables import GENERATED_MARK
-from pfcluster.pf.constants import PF_IN, PF_OUT
+from pfcluster.pf.router import ROUTE_BLOCK, ROUTE_DEFER, route
 
 log = logging.getLogger("pfcluster.dataplane")
 
@@ -226,26 +226,20 @@ class Dataplane:
             pkt.drop()
             return
         hook = pkt.hook
-        filt = self.filt
-        new_state = None
-        if hook == NF_INET_LOCAL_OUT:
-            v = filt.test(PF_OUT, self.ifname(pkt.outdev), parsed, now)
-        else:
-            v = filt.test(PF_IN, self.ifname(pkt.indev), parsed, now)
-            if hook == NF_INET_FORWARD and v.action == "pass":
-                if v.new_state:
-                    new_state = v.state
-                self._emit(v)
-                v = filt.test(PF_OUT, self.ifname(pkt.outdev), parsed, now)
-        if v.new_state and new_state is None:
-            new_state = v.state
-        self._emit(v)
-        if v.action != "pass":
+        in_if = None if hook == NF_INET_LOCAL_OUT else self.ifname(pkt.indev)
+        out_if = None if hook == NF_INET_LOCAL_IN else self.ifname(pkt.outdev)
+        engine = self.engine
+        rv = route(self.filt, in_if, out_if, parsed, now, engine, pkt)
+        for v in rv.verdicts:
+            self._emit(v)
+        if rv.action == ROUTE_BLOCK:
             c.blocked += 1
             pkt.drop()
             return
-        if new_state is not None and self.engine is not None and \
-                self.engine.defer(new_state, pkt, now):
+        if engine is not None and engine.pending_releases():
+            # this packet released a held one of its state: that one goes first
+            self.apply_releases(engine.take_releases())
+        if rv.action == ROUTE_DEFER:
             c.deferred += 1
             self.pending += 1
             return

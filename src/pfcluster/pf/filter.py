@@ -120,6 +120,16 @@ class Verdict:
 
 SKIPPED = Verdict(PASS, "skip")
 
+# syslog priorities as `set debug` names them (FreeBSD's own names mapped onto them).
+DEBUG_RANKS = {"none": -1, "emerg": 0, "alert": 1, "crit": 2, "err": 3, "warning": 4,
+               "notice": 5, "info": 6, "debug": 7, "urgent": 3, "misc": 5, "loud": 7}
+DEBUG_NOTICE = DEBUG_RANKS["notice"]
+MAX_PENDING_LOG = 1024
+
+
+def debug_rank(level: str | None) -> int:
+    return DEBUG_RANKS.get(level or "err", DEBUG_RANKS["err"])
+
 # One int object per port number, shared by every state key (ints above 256 are not
 # cached by CPython, so each key would otherwise carry two 32-byte ints of its own).
 PORT_OBJECTS: tuple[int, ...] = tuple(range(65536))
@@ -148,6 +158,8 @@ class Filter:
         self.extra: dict[str, int] = {
             "challenge-ack": 0,
             "state-reuse": 0,
+            "key-attach-reuse": 0,
+            "key-attach-failed": 0,
             "loose-match": 0,
             "bad-icmp": 0,
             "passed-in": 0,
@@ -161,6 +173,10 @@ class Filter:
         self._next_id = (int(time.time()) & 0xFFFFFFFF) << 32
         self._last_purge = now
         self.log_enabled = True
+        # Lines pf logs outside any packet's verdict (an import from a peer that replaced
+        # a closed state); the I/O shell drains them with take_log().
+        self._pending_log: list[str] = []
+        self.log_dropped = 0
         self._intern: dict[bytes, bytes] = {}
         self._apply_ruleset(ruleset)
 
@@ -177,6 +193,7 @@ class Filter:
                 if vals:
                     floor = min(floor, *vals)
         self._expiry_floor = float(max(0, floor))
+        self._debug_notice = debug_rank(getattr(ruleset, "debug", "err")) >= DEBUG_NOTICE
         self._adaptive_start = self.timeouts[PFTM.ADAPTIVE_START]
 
     def load(self, ruleset: Ruleset) -> None:
@@ -474,7 +491,7 @@ class Filter:
         st.log = 1 if rule.log else 0
         st.packets0 = 1
         st.bytes0 = pkt.ip_len
-        if not self.states.insert(st):
+        if not self.attach_state(st, now, from_peer=False):
             return None
         rule.states_cur += 1
         rule.states_tot += 1
@@ -508,6 +525,49 @@ class Filter:
         )
 
     # -- state management (used by purge, ctl and pfsync) ---------------------------
+    def attach_state(self, st: State, now: float, from_peer: bool) -> bool:
+        """Link a new state into the table, as pf_state_key_attach does.
+
+        A key already held by a TCP state whose peers are both at or past FIN_WAIT_2 is
+        a finished connection whose ports are being reused: the old state goes and the
+        new one takes the key. Any other collision refuses the new state. This matters
+        most for states learnt from a peer: the firewall that saw the new SYN has already
+        replaced its closed state, and its INS can reach us before its DEL_C for the old
+        one (INS sections come first in a frame). The old state is then removed without
+        a DEL_C of ours when the news came from a peer, which already knows.
+        """
+        table = self.states
+        old = table.peek(st.key)
+        if old is not None:
+            reuse = (old.key[1] == IPPROTO_TCP and old.src.state >= FIN_WAIT_2
+                     and old.dst.state >= FIN_WAIT_2)
+            if not reuse or table.by_id(st.creatorid, st.id) is not None:
+                self.extra["key-attach-failed"] += 1
+                self._debug_log(f"pf: key attach failed on {st.ifname}: {print_state(st)}, "
+                                f"existing: {print_state(old)}")
+                return False
+            self.extra["key-attach-reuse"] += 1
+            self._debug_log(f"pf: key attach reuse on {st.ifname}: {print_state(st)}, "
+                            f"existing: {print_state(old)}")
+            if from_peer:
+                old.state_flags |= PFSTATE_NOSYNC
+            self.remove_state(old, now)
+        return table.insert(st)
+
+    def _debug_log(self, line: str) -> None:
+        """A line pf logs at LOG_NOTICE (`set debug notice` or louder); bounded."""
+        if not (self._debug_notice and self.log_enabled):
+            return
+        if len(self._pending_log) >= MAX_PENDING_LOG:
+            self.log_dropped += 1
+            return
+        self._pending_log.append(line)
+
+    def take_log(self) -> list[str]:
+        lines = self._pending_log
+        self._pending_log = []
+        return lines
+
     def remove_state(self, st: State, now: float, notify: bool = True) -> bool:
         if not self.states.remove(st):
             return False
@@ -529,7 +589,7 @@ class Filter:
         st.rule = None
         if bind_rule and 0 <= rule_nr < len(self.ruleset.rules):
             st.rule = self.ruleset.rules[rule_nr]
-        if not self.states.insert(st):
+        if not self.attach_state(st, now, from_peer=True):
             return False
         if st.rule is not None:
             st.rule.states_cur += 1

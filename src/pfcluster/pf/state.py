@@ -76,6 +76,7 @@ class State:
     """A pf state. `expire` is the time of the last accepted packet, as in pf."""
 
     __slots__ = (
+        "acks",
         "bytes0",
         "bytes1",
         "creation",
@@ -132,6 +133,10 @@ class State:
         self.pfsync_time = -math.inf
         self.pfsync_sent = -math.inf
         self.linked = False
+        # [highest ack sent by src, by dst], kept only for acks beyond what we know the
+        # other end sent: on a split path the FIN and its ACK cross different firewalls,
+        # and pfsync must still be able to tell that a FIN was acknowledged.
+        self.acks: list[int] | None = None
 
     # -- derived views -------------------------------------------------------------
     @property
@@ -232,6 +237,10 @@ class StateTable:
 
     def get(self, key: StateKey) -> State | None:
         self.searches += 1
+        return self._by_key.get(key)
+
+    def peek(self, key: StateKey) -> State | None:
+        """The state holding `key`, without counting a search (inserts use it)."""
         return self._by_key.get(key)
 
     def by_id(self, creatorid: int, state_id: int) -> State | None:

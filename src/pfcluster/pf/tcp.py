@@ -63,6 +63,32 @@ def get_wscale(pkt: Packet) -> int:
     return min(ws, TCP_MAX_WINSHIFT) | PF_WSCALE_FLAG
 
 
+def note_ack(st: State, fwd: bool, ack: int) -> None:
+    """Remember an ack beyond the other end's data as we know it (see State.acks)."""
+    acks = st.acks
+    if acks is None:
+        acks = st.acks = [0, 0]
+    i = 0 if fwd else 1
+    if not acks[i] or sdiff(ack, acks[i]) > 0:
+        acks[i] = ack
+
+
+def fin_acked(st: State) -> int:
+    """Move a peer from CLOSING to FIN_WAIT_2 when the other end's recorded ack covers
+    its FIN (which its seqlo includes): the transition pf makes on that ACK, made late
+    because the FIN reached us through pfsync after the ACK had passed. Returns how
+    many peers moved."""
+    acks = st.acks
+    if acks is None:
+        return 0
+    moved = 0
+    for peer, ack in ((st.dst, acks[0]), (st.src, acks[1])):
+        if peer.state == CLOSING and ack and sdiff(ack, peer.seqlo) >= 0:
+            peer.state = FIN_WAIT_2
+            moved += 1
+    return moved
+
+
 def init_src_peer(st: State, pkt: Packet) -> None:
     """pf_create_state for TCP: the initiator's window from its first packet."""
     src = st.src
@@ -218,6 +244,8 @@ def track_full(st: State, pkt: Packet, fwd: bool, now: float) -> int | TrackFail
         else:
             rst_ok = True
         if rst_ok:
+            if ackskew < 0 and flags & TH_ACK:
+                note_ack(st, fwd, ack)
             if win > src.max_win:
                 src.max_win = win
             if sdiff(end, src.seqlo) > 0:
@@ -324,9 +352,11 @@ __all__ = [
     "TRACK_LOOSE",
     "TRACK_PASS",
     "TrackFailure",
+    "fin_acked",
     "flags_str",
     "format_tcp_peers",
     "init_src_peer",
+    "note_ack",
     "sdiff",
     "set_timeout_ladder",
     "track_full",

@@ -40,7 +40,7 @@ from pfcluster.pf.constants import (
 )
 from pfcluster.pf.filter import Filter
 from pfcluster.pf.state import SYNC_NONE, State
-from pfcluster.pf.tcp import TM_FIRST, sdiff, set_timeout_ladder
+from pfcluster.pf.tcp import TM_FIRST, fin_acked, sdiff, set_timeout_ladder
 from pfcluster.pfsync import legacy, wire
 from pfcluster.pfsync.convert import (
     STATE_FIELDS,
@@ -79,12 +79,12 @@ V4_ACTION = {"INS": "INS", "UPD": "UPD", "UPD_C": "UPD_C", "DEL_C": "DEL_C", "UP
 STAT_NAMES = (
     "ipackets", "opackets", "obytes", "ibytes", "badif", "badttl", "hdrops", "badver",
     "badlen", "badact", "badval", "badauth", "badstate", "badproto", "stale", "stale_echo",
-    "updates_immediate", "split_immediate", "maxupd_sends", "pace_sends", "full_sends",
+    "updates_immediate", "split_immediate", "fin_acked", "maxupd_sends", "pace_sends", "full_sends",
     "batch_sends", "ins_received", "upd_received", "updc_received", "del_received",
     "clr_received", "iack_received", "iack_sent", "ureq_sent", "ureq_received",
     "bulk_requests_sent", "bulk_requests_received", "bulk_states_sent", "bulk_states_received",
     "bulk_starts_received", "bulk_ends_received", "bulk_done", "bulk_gave_up",
-    "deferred", "defer_acked", "defer_timeout", "defer_overlimit", "defer_dropped",
+    "deferred", "defer_acked", "defer_update", "defer_timeout", "defer_overlimit", "defer_dropped",
     "import_failed", "tdb_received",
 )  # fmt: skip
 
@@ -276,9 +276,11 @@ class Engine:
 
     def _q_ins(self, st: State, q: int, now: float) -> None:
         name = QUEUE_ACTION[q]
-        self._arm(now)
         queue = self._queues[q]
         self._make_room(name, self._need(name, not queue), now)
+        # Arm only now: making room may have sent a frame, which disarms the timer, and
+        # this message must still leave within `pace` even if nothing else happens.
+        self._arm(now)
         nlen = self._need(name, not queue)
         self._len += nlen
         queue[st] = None
@@ -308,6 +310,11 @@ class Engine:
             self._immediate = True
 
     def state_updated(self, st: State, now: float) -> None:
+        if st.state_flags & PFSTATE_ACK:
+            # A later packet of a deferred state: the held first packet goes before it
+            # (pfsync_update_state releases it), so the two are never reordered.
+            self.counters["defer_update"] += 1
+            self._undefer(st, drop=False)
         if st.state_flags & PFSTATE_NOSYNC:
             if st.sync_state != SYNC_NONE:
                 self._q_del(st)
@@ -384,13 +391,22 @@ class Engine:
     def deferred_count(self) -> int:
         return len(self._deferrals)
 
+    def pending_releases(self) -> int:
+        """Held packets released but not yet taken: the caller gives their verdicts
+        before the verdict of the packet it is deciding."""
+        return len(self._releases)
+
+    def take_log(self) -> list[str]:
+        """pf's log lines raised outside a packet's verdict (e.g. by an import)."""
+        return self.filter.take_log()
+
     # ------------------------------------------------------------------ requests
     def _request_update(self, creatorid: int, state_id: int, now: float) -> None:
         k = (creatorid, state_id)
         if k in self._ureq:
             return
-        self._arm(now)
         self._make_room("UPD_REQ", self._need("UPD_REQ", not self._ureq), now)
+        self._arm(now)
         self._len += self._need("UPD_REQ", not self._ureq)
         self._ureq[k] = None
         if self.v4:
@@ -409,8 +425,8 @@ class Engine:
 
     def _send_plus(self, name: str, msg: Any, now: float) -> None:
         """CLR and BUS go out at once, with whatever else is queued."""
-        self._arm(now)
         self._make_room(name, self._need(name, True), now)
+        self._arm(now)
         self._len += self._need(name, True)
         self._plus.append((name, msg))
         if self.v4:
@@ -680,13 +696,16 @@ class Engine:
         except wire.WireError as e:
             c[e.reason if e.reason in c else "badlen"] += 1
             frame = e.frame
-            if frame is None:
+            # A header claiming more bytes than arrived: pfsync_input drops the whole
+            # packet. An error later in the walk keeps the sections before it, as the
+            # kernel has already applied them when it meets the bad one.
+            if frame is None or (frame.len is not None and frame.len > len(payload)):
                 return
         invalid = set(frame.invalid)
         if invalid:
             c["badval"] += len(invalid)
         self._bind_rules = bytes(frame.pfcksum) == bytes(self.filter.ruleset.checksum[:16])
-        for si, sec in enumerate(frame.sections):
+        for si, sec in _deletions_first(frame.sections):
             if sec.truncated or sec.skipped:
                 continue
             handler = self._handlers.get(sec.action)
@@ -733,8 +752,8 @@ class Engine:
     def _import(self, t: tuple[Any, ...], now: float) -> State | None:
         """A state from an unpacked pfsync_state tuple (INS, or UPD for an unknown id)."""
         filt = self.filter
-        if t[self._fields.creatorid] == filt.creatorid:
-            return None  # our own state echoed back
+        # Records with our own creator id are imported like any other: with a fixed
+        # hostid, a restarted node gets back the states it created before the restart.
         try:
             st, rule_nr, wants_ack = self._importer(t, now, filt.timeouts)
         except ImportError_:
@@ -804,6 +823,12 @@ class Engine:
             sync = _merge_sfail(st, src, dst, timeout, now)
         elif st.key[1] == IPPROTO_TCP:
             sync = _merge_tcp_peer(st.src, src) + _merge_tcp_peer(st.dst, dst)
+            if fin_acked(st):
+                # New knowledge the peer cannot derive (it has not seen the ACK): send
+                # it now, whatever the echo holdoff says.
+                sync += 1
+                self.counters["fin_acked"] += 1
+                self._immediate = True
             st.expire = now
             # tcp.first lasts until some node sees a second packet; then the ladder.
             if st.timeout != TM_FIRST or timeout != TM_FIRST:
@@ -902,6 +927,26 @@ class Engine:
             "bulk_progress": [self._bulk_pos, len(self._bulk_list)] if self._bulk_list else None,
             "bulk_tries": self._bulk_tries,
         }
+
+
+_DELETIONS = frozenset(("CLR", "DEL", "DEL_C"))
+
+
+def _deletions_first(sections: list[Any]) -> list[tuple[int, Any]]:
+    """The frame's sections with its deletions (CLR, DEL, DEL_C) moved to the front.
+
+    A state sits in one queue at a time, so no frame both inserts and deletes the same
+    state, and applying its deletions first changes nothing for any single state. It
+    matters for two states that share a key: a client reusing its source port makes the
+    sender replace a closed state by a new one, and the 4.5 section order (INS before
+    DEL_C) would have us refuse the new state because the old one still holds its key.
+    OpenBSD 4.8 moved DEL_C ahead of INS on the sending side for the same reason; doing
+    it on receipt also covers senders that keep the 4.5 order.
+    """
+    indexed = list(enumerate(sections))
+    if not any(sec.action in _DELETIONS for sec in sections[1:]):
+        return indexed
+    return sorted(indexed, key=lambda item: item[1].action not in _DELETIONS)
 
 
 def _merge_tcp_peer(local: Any, remote: wire.StatePeer) -> int:

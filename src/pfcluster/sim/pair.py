@@ -16,8 +16,9 @@ from functools import partial
 from typing import Any, cast
 
 from pfcluster.packet import parse
-from pfcluster.pf.constants import PF_IN, PF_OUT, PFRES_BADSTATE
+from pfcluster.pf.constants import PFRES_BADSTATE
 from pfcluster.pf.filter import Filter
+from pfcluster.pf.router import ROUTE_BLOCK, ROUTE_PASS, route
 from pfcluster.pf.rules import parse_rules
 from pfcluster.pfsync.engine import Engine, EngineConfig
 from pfcluster.sim.tcpsim import Segment, TcpTransfer
@@ -129,6 +130,10 @@ class Cluster:
                     continue
                 for t in self.link.deliveries(now):
                     self.at(t, partial(self._deliver_frame, peer, frame))
+        self._release(node, now)
+
+    def _release(self, node: Node, now: float) -> None:
+        """Deliver the held packets the engine let go (dropped ones just vanish)."""
         for handle, ok in node.engine.take_releases():
             if ok:
                 self.at(now + self.host_delay, cast(Callable[[float], None], handle))
@@ -185,20 +190,18 @@ class Cluster:
     # -- packets through a firewall ----------------------------------------------------
     def forward(self, node: Node, raw: bytes, to_server: bool, now: float,
                 deliver: Callable[[float], None]) -> bool:  # fmt: skip
-        """Test the packet in and out as a router does; deliver it if both pass."""
+        """The router step the daemon runs (`pf.router.route`); deliver what passes."""
         if not node.up:
             return False
         pkt = parse(raw)
         in_if, out_if = (CLIENT_IF, SERVER_IF) if to_server else (SERVER_IF, CLIENT_IF)
-        f = node.filter
-        v = f.test(PF_IN, in_if, pkt, now)
-        ok = v.action == "pass"
-        if ok:
-            v = f.test(PF_OUT, out_if, pkt, now)
-            ok = v.action == "pass"
+        rv = route(node.filter, in_if, out_if, pkt, now, node.engine, deliver)
+        ok = rv.action != ROUTE_BLOCK
         if ok:
             node.passed += 1
-            if not (v.new_state and v.state is not None and node.engine.defer(v.state, deliver, now)):
+            # packets this one released from deferral leave before it, as in the daemon
+            self._release(node, now)
+            if rv.action == ROUTE_PASS:
                 self.at(now + self.host_delay, deliver)
         else:
             node.blocked += 1

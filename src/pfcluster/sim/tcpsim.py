@@ -49,7 +49,7 @@ class TcpTransfer:
                  sport: int = 40000, dport: int = 5201, total_bytes: int = 1448 * 5000,
                  mss: int = 1448, wscale: int = 7, window: int = 512 * 1024,
                  rto: float = 0.2, client_isn: int = 0x10000000, server_isn: int = 0x70000000,
-                 ack_every: int = 2) -> None:  # fmt: skip
+                 ack_every: int = 2, server_closes_first: bool = False) -> None:  # fmt: skip
         self.c = socket.inet_aton(client)
         self.s = socket.inet_aton(server)
         self.sport = sport
@@ -60,6 +60,10 @@ class TcpTransfer:
         self.window = window
         self.rto = rto
         self.ack_every = ack_every
+        # The server sends its FIN once it has everything (an HTTP/1.0-style server); the
+        # client answers with its own and is done when that is acknowledged, so it keeps
+        # no TIME_WAIT and may reuse its source port at once, as Linux clients do.
+        self.server_closes_first = server_closes_first
         self.syn_rto = 1.0
         self.c_isn = client_isn
         self.s_isn = server_isn
@@ -70,6 +74,7 @@ class TcpTransfer:
         self.peer_wnd = 65535
         self.established = False
         self.fin_sent = False
+        self.peer_fin = False
         self.done = False
         self.last_progress = 0.0
         # server (receiver) state
@@ -121,7 +126,8 @@ class TcpTransfer:
                 self.snd_max = self.snd_nxt
             self.data_segments += 1
             return Segment(seg, True)
-        if not self.fin_sent and self.snd_una == self.snd_nxt:
+        if not self.fin_sent and self.snd_una == self.snd_nxt and \
+                (not self.server_closes_first or self.peer_fin):
             self.fin_sent = True
             seg = tcp_packet(self.c, self.s, self.sport, self.dport, self.snd_nxt, self.s_seq,
                              TH_ACK | TH_FIN, 1024)  # fmt: skip
@@ -149,9 +155,21 @@ class TcpTransfer:
             self.peer_wnd = win << self.wscale
         if flags & TH_FIN:
             self.s_seq = (seq + 1) & M32
+            self.peer_fin = True
+            if self.server_closes_first and not self.fin_sent:
+                # passive close: our FIN with the ACK of theirs; done when it is acked
+                self.fin_sent = True
+                out.append(Segment(tcp_packet(self.c, self.s, self.sport, self.dport,
+                                              self.snd_nxt, self.s_seq, TH_ACK | TH_FIN,
+                                              1024), True))  # fmt: skip
+                self.snd_nxt = (self.snd_nxt + 1) & M32
+                self.snd_max = self.snd_nxt
+                return out
             self.done = True
             out.append(Segment(tcp_packet(self.c, self.s, self.sport, self.dport, self.snd_nxt,
                                           self.s_seq, TH_ACK, 1024), True))  # fmt: skip
+        elif self.server_closes_first and self.fin_sent and self.snd_una == self.snd_nxt:
+            self.done = True
         return out
 
     # server side -------------------------------------------------------------------
@@ -180,6 +198,18 @@ class TcpTransfer:
             # Out of order or duplicate: acknowledge what we have.
             out.append(Segment(tcp_packet(s, c, self.dport, self.sport, self.s_seq, self.rcv_nxt,
                                           TH_ACK, rwin), False))  # fmt: skip
+        if self.server_closes_first:
+            if not self.server_fin_sent and self.bytes_delivered >= self.total:
+                self.unacked_segments = 0
+                out.append(Segment(tcp_packet(s, c, self.dport, self.sport, self.s_seq,
+                                              self.rcv_nxt, TH_ACK | TH_FIN, rwin), False))  # fmt: skip
+                self.s_seq = (self.s_seq + 1) & M32
+                self.server_fin_sent = True
+            elif flags & TH_FIN and seq == self.rcv_nxt:
+                self.rcv_nxt = (self.rcv_nxt + 1) & M32
+                out.append(Segment(tcp_packet(s, c, self.dport, self.sport, self.s_seq,
+                                              self.rcv_nxt, TH_ACK, rwin), False))  # fmt: skip
+            return out
         if flags & TH_FIN and seq == self.rcv_nxt:
             self.rcv_nxt = (self.rcv_nxt + 1) & M32
             out.append(Segment(tcp_packet(s, c, self.dport, self.sport, self.s_seq, self.rcv_nxt,

@@ -1,0 +1,88 @@
+"""One router step: what a forwarding host running pf decides for one packet.
+
+pf runs twice on a router, `in` on the input interface and `out` on the output one, and
+the packet goes on only if both pass. This module is the single home of that step, so the
+daemon, the in-process cluster simulation and `pfcluster replay` decide alike: a proof
+made in the simulation holds for the daemon by construction.
+
+Deferral follows pf_test: only a state created by the `out` test is offered to pfsync
+(`dir == PF_OUT` in pf_test_rule), because that is the last test before the packet
+leaves. A forwarded connection's `in` state travels in the same pfsync frame as its `out`
+state, so the peer's INS_ACK for the `out` state means both have arrived. A packet to the
+firewall itself (no `out` test) is never deferred, as in pf.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol
+
+from pfcluster.packet import Packet
+from pfcluster.pf.constants import PF_IN, PF_OUT
+from pfcluster.pf.filter import PASS, Filter, Verdict
+from pfcluster.pf.state import State
+
+ROUTE_PASS = "pass"
+ROUTE_BLOCK = "block"
+ROUTE_DEFER = "defer"
+
+
+class Deferrer(Protocol):
+    """pfsync_defer as pf sees it: True when pfsync now owns the packet's verdict."""
+
+    def defer(self, st: State, handle: object, now: float) -> bool: ...
+
+
+class RouteVerdict:
+    """The outcome of one router step: pass, block, or defer (pfsync holds the packet)."""
+
+    __slots__ = ("action", "v_in", "v_out")
+
+    def __init__(self, action: str, v_in: Verdict | None, v_out: Verdict | None) -> None:
+        self.action = action
+        self.v_in = v_in
+        self.v_out = v_out
+
+    @property
+    def verdicts(self) -> Iterator[Verdict]:
+        if self.v_in is not None:
+            yield self.v_in
+        if self.v_out is not None:
+            yield self.v_out
+
+    def log_lines(self) -> list[str]:
+        """pf's log lines of both tests, in order."""
+        lines: list[str] = []
+        for v in self.verdicts:
+            lines.extend(v.log)
+        return lines
+
+    def replies(self) -> list[bytes]:
+        """pf's own packets (RST, ICMP unreachable, challenge ACK) from both tests."""
+        return [v.reply for v in self.verdicts if v.reply]
+
+    def __repr__(self) -> str:
+        return f"<RouteVerdict {self.action} in={self.v_in!r} out={self.v_out!r}>"
+
+
+def route(filt: Filter, in_if: str | None, out_if: str | None, pkt: Packet, now: float,
+          deferrer: Deferrer | None = None, handle: object = None) -> RouteVerdict:
+    """Test `pkt` in on `in_if`, then out on `out_if` (either may be None: traffic to or
+    from the host itself), and offer a state the `out` test created to `deferrer`."""
+    v_in = v_out = None
+    if in_if is not None:
+        v_in = filt.test(PF_IN, in_if, pkt, now)
+        if v_in.action != PASS:
+            return RouteVerdict(ROUTE_BLOCK, v_in, None)
+    if out_if is not None:
+        v_out = filt.test(PF_OUT, out_if, pkt, now)
+        if v_out.action != PASS:
+            return RouteVerdict(ROUTE_BLOCK, v_in, v_out)
+        st = v_out.state
+        if deferrer is not None and v_out.new_state and st is not None \
+                and deferrer.defer(st, handle, now):
+            return RouteVerdict(ROUTE_DEFER, v_in, v_out)
+    return RouteVerdict(ROUTE_PASS, v_in, v_out)
+
+
+__all__ = ["ROUTE_BLOCK", "ROUTE_DEFER", "ROUTE_PASS", "Deferrer", "RouteVerdict", "route"]
