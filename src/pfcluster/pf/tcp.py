@@ -244,7 +244,8 @@ def track_full(st: State, pkt: Packet, fwd: bool, now: float) -> int | TrackFail
         else:
             rst_ok = True
         if rst_ok:
-            if ackskew < 0 and flags & TH_ACK:
+            if ackskew < 0 and flags & TH_ACK and dst.state >= ESTABLISHED:
+                # acking data we never saw: the other half of a split path
                 note_ack(st, fwd, ack)
             if win > src.max_win:
                 src.max_win = win
