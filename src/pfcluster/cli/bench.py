@@ -1,4 +1,7 @@
-"""`pfcluster bench`: measured figures as one JSON object per run."""
+"""`pfcluster bench`: measured figures as one JSON object per run.
+
+An unwritable `--json FILE` (missing directory, a directory, no permission) is refused
+before the benchmark runs: one line on stderr, exit status 1."""
 
 from __future__ import annotations
 
@@ -6,6 +9,8 @@ import json
 from pathlib import Path
 
 import click
+
+from pfcluster.cli.errors import ReportingGroup, check_output_file
 
 
 def write_json(path: str | None, figures: dict[str, object]) -> None:
@@ -15,7 +20,7 @@ def write_json(path: str | None, figures: dict[str, object]) -> None:
     click.echo(text)
 
 
-@click.group()
+@click.group(cls=ReportingGroup)
 def bench() -> None:
     """Benchmarks that print figures (engine, sync)."""
     from pfcluster.tuning import tune_gc
@@ -28,6 +33,7 @@ def bench() -> None:
 @click.option("--quick", is_flag=True, help="smaller sizes (for tests)")
 def bench_engine(json_path: str | None, quick: bool) -> None:
     """pf engine: fast path, rule evaluation, state inserts, bytes per state."""
+    check_output_file(json_path)
     from pfcluster.bench.engine import run
 
     write_json(json_path, run(quick=quick))
@@ -38,6 +44,7 @@ def bench_engine(json_path: str | None, quick: bool) -> None:
 @click.option("--quick", is_flag=True, help="smaller sizes (for tests)")
 def bench_sync(json_path: str | None, quick: bool) -> None:
     """pfsync: codec rates, bulk transfer, split-path overhead v5 vs v4."""
+    check_output_file(json_path)
     from pfcluster.bench.sync import run
 
     write_json(json_path, run(quick=quick))
@@ -48,6 +55,7 @@ def bench_sync(json_path: str | None, quick: bool) -> None:
 @click.option("--seconds", type=float, default=3.0, show_default=True, help="iperf3 run length")
 def bench_daemon(json_path: str | None, seconds: float) -> None:
     """One daemon in namespaces: pps through it vs. a queue that accepts everything (root)."""
+    check_output_file(json_path)
     from pfcluster.bench.daemon import run
 
     write_json(json_path, run(seconds))

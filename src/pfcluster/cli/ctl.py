@@ -1,5 +1,11 @@
 """`pfcluster ctl`: talk to a running daemon over its control socket (pfctl-like text,
-or the daemon's JSON answer with --json)."""
+or the daemon's JSON answer with --json).
+
+Failures are one line on stderr, exit status 1: a socket that is missing, not a socket,
+not listened on, or that answers garbage, closes early or does not answer in time
+(`pfcluster ctl CMD: SOCKET: problem`), and a request the daemon refuses (its error,
+e.g. `pf.conf:6:3: message` for a broken reload; with --json the answer is printed
+instead)."""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ from typing import Any
 
 import click
 
+from pfcluster.cli.errors import CommandError, ReportingGroup
 from pfcluster.io.control import DEFAULT_CONTROL, ControlError, request
 
 json_option = click.option("--json", "as_json", is_flag=True, help="print the JSON answer")
@@ -16,23 +23,22 @@ json_option = click.option("--json", "as_json", is_flag=True, help="print the JS
 
 def _call(ctx: click.Context, cmd: str, as_json: bool, **args: Any) -> None:
     path = ctx.obj["control"]
-    try:
-        resp = request(path, cmd, **args)
-    except (ControlError, OSError) as exc:
-        click.echo(f"pfcluster ctl: {exc}", err=True)
-        sys.exit(2)
+    resp = request(path, cmd, **args)  # ControlError: one line, exit 1 (cli.errors)
+    text = resp.get("text", [])
+    if resp["ok"] and not (isinstance(text, list) and all(isinstance(t, str) for t in text)):
+        raise ControlError(f"{path}: bad answer ('text' is not a list of strings)")
     if as_json or ctx.obj.get("json"):
         click.echo(json.dumps(resp.get("data") if resp.get("ok") else resp, indent=None))
-    elif resp.get("ok"):
-        for line in resp.get("text", []):
+    elif resp["ok"]:
+        for line in text:
             click.echo(line)
-    if not resp.get("ok"):
+    if not resp["ok"]:
         if not (as_json or ctx.obj.get("json")):
-            click.echo(f"pfcluster ctl: {resp.get('error', 'failed')}", err=True)
+            raise CommandError(str(resp.get("error", "failed")))
         sys.exit(1)
 
 
-@click.group("ctl")
+@click.group("ctl", cls=ReportingGroup)
 @click.option("--control", default=DEFAULT_CONTROL, show_default=True,
               help="the daemon's control socket")
 @json_option

@@ -4,6 +4,12 @@ Text output follows OpenBSD tcpdump's pfsync printer (``PFSYNCv5 len N``, one
 ``act NAME count N`` line per section, messages with ``-v``, states in ``pfctl -ss -v``
 style); ``--json`` prints one object per frame per line with the keys DESIGN.md fixes.
 A frame that fails to decode prints what decoded plus the reason, then dumping goes on.
+
+A capture that cannot be read (missing, unreadable, empty, not pcap/pcapng, unsupported
+link type) prints one line `pfcluster dump: FILE: problem` and exits 1. A capture cut
+inside a record prints every frame before the cut, then that line (`FILE: truncated dump
+file: ...`), exit status 1, as tcpdump does. A live interface that does not exist or
+cannot be opened: `pfcluster dump: IF: problem`, exit 1.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from typing import Any
 
 import click
 
+from pfcluster.cli.errors import ReportingCommand
 from pfcluster.pf.constants import (
     PF_OUT,
     PF_WSCALE_MASK,
@@ -27,6 +34,7 @@ from pfcluster.pf.constants import (
 from pfcluster.pfsync import legacy, wire
 from pfcluster.pfsync.pcap import (
     LINKTYPE_ETHERNET,
+    CaptureError,
     PfsyncPacket,
     iter_pfsync,
     pfsync_from_record,
@@ -326,9 +334,16 @@ def frame_text(pkt: PfsyncPacket, dec: Decoded, verbose: int, extra_errors: list
 def _live(ifname: str, count: int | None, seconds: float | None) -> Iterator[PfsyncPacket]:
     """pfsync frames seen on ``ifname`` through an AF_PACKET socket (needs CAP_NET_RAW)."""
     eth_p_all = 0x0003
-    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(eth_p_all))
     try:
-        sock.bind((ifname, 0))
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(eth_p_all))
+    except OSError as exc:
+        raise CaptureError(ifname, f"cannot open a packet socket: {exc.strerror or exc} "
+                                   "(needs CAP_NET_RAW)") from exc  # fmt: skip
+    try:
+        try:
+            sock.bind((ifname, 0))
+        except OSError as exc:
+            raise CaptureError(ifname, exc.strerror or str(exc)) from exc
         deadline = time.monotonic() + seconds if seconds is not None else None
         seen = 0
         while count is None or seen < count:
@@ -343,6 +358,8 @@ def _live(ifname: str, count: int | None, seconds: float | None) -> Iterator[Pfs
                 buf, addr = sock.recvfrom(65535)
             except TimeoutError:
                 continue
+            except OSError as exc:  # e.g. ENETDOWN: the interface went away
+                raise CaptureError(ifname, exc.strerror or str(exc)) from exc
             hatype = addr[3] if len(addr) > 3 else 1
             linktype = LINKTYPE_ETHERNET if hatype in (1, 772) else 101
             pkt = pfsync_from_record(time.time(), linktype, buf)
@@ -353,15 +370,25 @@ def _live(ifname: str, count: int | None, seconds: float | None) -> Iterator[Pfs
         sock.close()
 
 
-@click.command("dump")
-@click.argument("capture", required=False, type=click.Path(exists=True, dir_okay=False))
+def _check_ifname(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None and (not 0 < len(value.encode()) < 16
+                              or any(c in "\0/" or c.isspace() for c in value)):  # fmt: skip
+        raise click.BadParameter(f"{value!r}: not an interface name (1..15 bytes, no NUL, "
+                                 "slash or blanks)")  # fmt: skip
+    return value
+
+
+@click.command("dump", cls=ReportingCommand)
+@click.argument("capture", required=False, type=click.Path())
 @click.option("--dialect", type=click.Choice(DIALECT_CHOICES), default="auto", show_default=True,
               help="wire dialect; auto picks it from the version byte and section sizes")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per frame per line")
 @click.option("-v", "--verbose", count=True, help="print every message")
-@click.option("-i", "--interface", "ifname", help="read live from this interface (AF_PACKET)")
-@click.option("--count", "max_count", type=int, help="stop after N pfsync frames")
-@click.option("--seconds", type=float, help="stop live capture after S seconds")
+@click.option("-i", "--interface", "ifname", callback=_check_ifname,
+              help="read live from this interface (AF_PACKET)")
+@click.option("--count", "max_count", type=click.IntRange(min=1), help="stop after N pfsync frames")
+@click.option("--seconds", type=click.FloatRange(min=0, min_open=True),
+              help="stop live capture after S seconds")
 def dump(capture: str | None, dialect: str, as_json: bool, verbose: int, ifname: str | None,
          max_count: int | None, seconds: float | None) -> None:  # fmt: skip
     """Print every pfsync frame of CAPTURE (pcap/pcapng) or of a live interface."""

@@ -1,4 +1,9 @@
-"""`pfcluster lab`: the active-active namespace lab (run, compare, sweep, clean)."""
+"""`pfcluster lab`: the active-active namespace lab (run, compare, sweep, clean).
+
+Bad input that can be seen before the lab is built is refused first, before the root
+check, as one line on stderr with exit status 1: an output file or directory that cannot
+be written (`--json`, `--out`), a `--rules` file with a mistake (`file:line:col: ...`).
+Usage errors (a bad `--dialect`, `--paths`...) are one line with status 2."""
 
 from __future__ import annotations
 
@@ -15,6 +20,14 @@ from typing import Any
 import click
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from pfcluster.cli.errors import (
+    ReportingGroup,
+    check_output_dir,
+    check_output_file,
+    load_rules_file,
+)
+from pfcluster.io.config import DIALECTS
 
 console = Console(stderr=True)
 
@@ -75,7 +88,7 @@ def _sigterm(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-@click.group("lab")
+@click.group("lab", cls=ReportingGroup)
 def lab() -> None:
     """Namespace lab: real TCP through N firewalls, symmetric, split or ECMP paths."""
     with contextlib.suppress(ValueError):  # not the main thread (e.g. in a test runner)
@@ -98,11 +111,14 @@ def lab() -> None:
 @click.option("--defer", is_flag=True, help="daemon --defer")
 @click.option("--rules", type=click.Path(exists=True, dir_okay=False),
               help="pf.conf for the daemons (default: the lab ruleset)")
-@click.option("--dialect", default=None, help="daemon --dialect")
+@click.option("--dialect", type=click.Choice(DIALECTS), default=None, help="daemon --dialect")
 @click.option("--syncpeer", is_flag=True, help="unicast to the peer instead of multicast")
 @click.option("--keep-logs", is_flag=True, help="keep daemon and iperf3 logs (prints the dir)")
 def run_cmd(json_path: str | None, integrity_mb: int, **opts: Any) -> None:
     """One configuration: build, start firewalls, iperf3, counters, tear down."""
+    check_output_file(json_path, make_parents=True)
+    if opts.get("rules"):
+        load_rules_file(opts["rules"])
     _need_root()
     from pfcluster.lab.experiment import RunConfig, run_one
     from pfcluster.lab.netns import LabError
@@ -147,6 +163,10 @@ def run_cmd(json_path: str | None, integrity_mb: int, **opts: Any) -> None:
 def compare_cmd(seconds: int, streams: int, firewall: str, out_dir: str,
                 json_path: str | None, rules: str | None, defer: bool) -> None:
     """The main job: single firewall, symmetric pair, split v5, split v4, ECMP v5."""
+    check_output_dir(out_dir)
+    check_output_file(json_path, make_parents=True)
+    if rules:
+        load_rules_file(rules)
     _need_root()
     from pfcluster.lab.experiment import RunConfig, compare_configs, resolve_mode, run_compare
     from pfcluster.lab.report import compare_chart, compare_markdown, print_compare, write_json
@@ -199,6 +219,7 @@ def _rates(text: str) -> tuple[int, ...]:
 def sweep_cmd(rates: str, mss: int, sync: str, defer: bool, seconds: int, streams: int,
               firewall: str, out_dir: str) -> None:
     """Split paths at rising packet rates: goodput ratio and state-mismatch vs pps."""
+    check_output_dir(out_dir)
     _need_root()
     from pfcluster.lab.experiment import RunConfig, resolve_mode, run_sweep
     from pfcluster.lab.report import sweep_chart, sweep_table, write_json

@@ -1,4 +1,11 @@
-"""The `pfcluster` command: one click group whose subcommands load on first use."""
+"""The `pfcluster` command: one click group whose subcommands load on first use.
+
+Failures are one line on stderr (see `pfcluster.cli.errors`): `pfcluster CMD: FILE:
+problem` with exit status 1 for bad input met at run time (missing, unreadable, empty,
+cut or foreign files, pf.conf mistakes, a control socket that is missing or answers
+garbage), and `pfcluster CMD: message (try 'pfcluster CMD --help')` with status 2 for
+usage errors. Any other exception is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,8 @@ import importlib
 import importlib.util
 
 import click
+
+from pfcluster.cli.errors import ReportingGroup
 
 # subcommand name -> (module, attribute); imported only when that subcommand runs, so
 # `pfcluster dump` does not pay for matplotlib or pyroute2.
@@ -19,7 +28,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-class LazyGroup(click.Group):
+class LazyGroup(ReportingGroup):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(n for n, (mod, _) in SUBCOMMANDS.items() if importlib.util.find_spec(mod))
 
@@ -39,4 +48,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(prog_name="pfcluster")

@@ -180,31 +180,55 @@ class ControlServer:
             os.unlink(self.path)
 
 
+MAX_ANSWER = 64 << 20  # far above what the server sends (MAX_PENDING_OUT + one line)
+
+
 def request(path: str, cmd: str, timeout: float = 10.0, **args: Any) -> dict[str, Any]:
-    """Send one request and return the decoded response (raises ControlError if the
-    daemon cannot be reached or the answer is not one JSON line)."""
+    """Send one request and return the decoded response.
+
+    Every failure is a ControlError whose str() is `PATH: problem`: the socket is missing
+    or not a socket, nobody listens, the connection breaks, no answer within `timeout`,
+    the daemon closes without answering, or the answer is not one JSON object."""
     req = {"cmd": cmd, **args}
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise ControlError(f"{path}: cannot connect: {exc.strerror or exc} "
+                           "(is the daemon running? see --control)") from exc  # fmt: skip
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ControlError(f"{path}: cannot connect: not a socket")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
+    buf = bytearray()
     try:
         try:
             sock.connect(path)
         except OSError as exc:
-            raise ControlError(f"cannot connect to {path}: {exc.strerror or exc}") from exc
-        sock.sendall(encode(req))
-        buf = bytearray()
-        while b"\n" not in buf:
-            chunk = sock.recv(1 << 20)
-            if not chunk:
-                break
-            buf += chunk
+            raise ControlError(f"{path}: cannot connect: {exc.strerror or exc}") from exc
+        try:
+            sock.sendall(encode(req))
+            while b"\n" not in buf:
+                chunk = sock.recv(1 << 20)
+                if not chunk:
+                    break
+                buf += chunk
+                if len(buf) > MAX_ANSWER:
+                    raise ControlError(f"{path}: answer exceeds {MAX_ANSWER} bytes")
+        except TimeoutError as exc:
+            raise ControlError(f"{path}: no answer within {timeout:g} s") from exc
+        except OSError as exc:
+            raise ControlError(f"{path}: connection lost: {exc.strerror or exc}") from exc
     finally:
         sock.close()
-    line, _, _ = bytes(buf).partition(b"\n")
+    if not buf:
+        raise ControlError(f"{path}: the daemon closed the connection without answering")
+    line, nl, _ = bytes(buf).partition(b"\n")
     try:
         resp = json.loads(line)
-    except ValueError as exc:
-        raise ControlError(f"bad answer from daemon: {line[:200]!r}") from exc
-    if not isinstance(resp, dict):
-        raise ControlError(f"bad answer from daemon: {line[:200]!r}")
+    except ValueError as exc:  # also UnicodeDecodeError
+        what = "answer cut short" if not nl else "bad answer (not JSON)"
+        raise ControlError(f"{path}: {what}: {line[:80]!r}") from exc
+    if not isinstance(resp, dict) or not isinstance(resp.get("ok"), bool):
+        raise ControlError(f"{path}: bad answer (not an object with a boolean 'ok'): "
+                           f"{line[:80]!r}")  # fmt: skip
     return resp
