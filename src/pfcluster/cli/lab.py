@@ -160,9 +160,13 @@ def run_cmd(json_path: str | None, integrity_mb: int, **opts: Any) -> None:
 @click.option("--defer/--no-defer", default=True, show_default=True,
               help="daemon --defer on the synced pairs (split paths race the state insert "
                    "without it)")
+@click.option("--only", "only", default=None, metavar="NAME[,NAME...]",
+              help="run only these rows (e.g. split-v5,split-v5-thesis-merge)")
 def compare_cmd(seconds: int, streams: int, firewall: str, out_dir: str,
-                json_path: str | None, rules: str | None, defer: bool) -> None:
-    """The main job: single firewall, symmetric pair, split v5, split v4, ECMP v5."""
+                json_path: str | None, rules: str | None, defer: bool,
+                only: str | None = None) -> None:
+    """The main job: single firewall, symmetric pair, split v5 (and with the thesis' TCP
+    merge), split v4, ECMP v5."""
     check_output_dir(out_dir)
     check_output_file(json_path, make_parents=True)
     if rules:
@@ -179,6 +183,14 @@ def compare_cmd(seconds: int, streams: int, firewall: str, out_dir: str,
         console.print("[yellow]firewalls are plain Linux routers (no pf, no pfsync): "
                       "the sync columns mean nothing in this mode[/]")
     configs = compare_configs(base)
+    if only:
+        wanted = [w.strip() for w in only.split(",") if w.strip()]
+        names = [c.name for c in configs]
+        unknown = [w for w in wanted if w not in names]
+        if unknown or not wanted:
+            raise click.BadParameter(f"unknown row {', '.join(unknown) or only!r}; "
+                                     f"rows: {', '.join(names)}", param_hint="--only")
+        configs = [c for c in configs if c.name in wanted]
     try:
         with progress_display(len(configs)) as update:
             doc = run_compare(base, update, configs)
@@ -238,6 +250,93 @@ def sweep_cmd(rates: str, mss: int, sync: str, defer: bool, seconds: int, stream
     sweep_chart(doc, out / "sweep.png")
     stdout_console().print(sweep_table(doc))
     console.print(f"wrote {out / 'sweep.json'}, {out / 'sweep.png'}")
+
+
+def _paths_list(text: str) -> tuple[str, ...]:
+    from pfcluster.lab.connrate import CONN_PATHS
+
+    paths = tuple(p.strip() for p in text.split(",") if p.strip())
+    bad = [p for p in paths if p not in CONN_PATHS]
+    if not paths or bad:
+        raise click.BadParameter(f"comma-separated, from {', '.join(CONN_PATHS)}")
+    return paths
+
+
+def _port_range(text: str) -> tuple[int, int]:
+    lo, sep, hi = text.partition("-")
+    if not sep or not lo.strip().isdigit() or not hi.strip().isdigit():
+        raise click.BadParameter("LO-HI, e.g. 40000-40999", param_hint="--port-range")
+    return int(lo), int(hi)
+
+
+@lab.command("connrate")
+@click.option("--conns", type=click.IntRange(0, 200_000), default=3000, show_default=True,
+              help="short connections per path (server closes first)")
+@click.option("--parallel", type=click.IntRange(1, 1000), default=50, show_default=True,
+              help="connections in flight")
+@click.option("--paths", "paths_text", default="kernel,symmetric,split", show_default=True,
+              help="kernel (no daemon) is measured first; daemon paths in the order given")
+@click.option("--reuse-port", type=click.IntRange(0, 1000), default=0, show_default=True,
+              help="also N sequential connections from one fixed source port vs N fresh")
+@click.option("--timeout", type=click.FloatRange(0.1, 120), default=15.0, show_default=True,
+              help="a connection not done within this many seconds counts as failed")
+@click.option("--max-seconds", type=click.FloatRange(1, 3600), default=120.0,
+              show_default=True, help="bound on each path's load phase")
+@click.option("--merge", type=click.Choice(["edges", "thesis"]), default=None,
+              help="daemon --merge (default: the daemon's)")
+@click.option("--defer/--no-defer", default=True, show_default=True, help="daemon --defer")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write figures here")
+@click.option("--port-range", "port_range", default=None, metavar="LO-HI",
+              help="the client's ephemeral port range (fewer ports than --conns forces "
+                   "port reuse); default: Linux's")
+@click.option("--keep-logs", is_flag=True, help="keep daemon logs (prints the dir)")
+def connrate_cmd(conns: int, parallel: int, paths_text: str, reuse_port: int, timeout: float,
+                 max_seconds: float, merge: str | None, defer: bool, json_path: str | None,
+                 keep_logs: bool, port_range: str | None) -> None:
+    """New connections per second: kernel, symmetric and split paths in one run."""
+    check_output_file(json_path, make_parents=True)
+    _need_root()
+    from rich.table import Table
+
+    from pfcluster.lab.connrate import TABLE_HEAD, ConnRateConfig, run_connrate, table_rows
+    from pfcluster.lab.experiment import daemon_available
+    from pfcluster.lab.netns import LabError
+    from pfcluster.lab.report import write_json
+
+    cfg = ConnRateConfig(conns=conns, parallel=parallel, paths=_paths_list(paths_text),
+                         reuse_port=reuse_port, timeout=timeout, max_seconds=max_seconds,
+                         merge=merge, defer=defer, keep_logs=keep_logs,
+                         port_range=_port_range(port_range) if port_range else None)
+    try:
+        cfg.check()
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    if any(p != "kernel" for p in cfg.paths) and not daemon_available():
+        raise click.UsageError("the daemon cannot be imported: only --paths kernel works")
+    try:
+        with progress_display(1) as update:
+            doc = run_connrate(cfg, lambda what, frac: update(0, 1, "connrate", what, frac))
+    except KeyboardInterrupt:
+        _interrupted()
+    except LabError as exc:
+        console.print(f"[red]pfcluster lab connrate: {exc}[/]")
+        sys.exit(1)
+    if json_path:
+        write_json(json_path, doc)
+    table = Table(title=f"pfcluster lab connrate — {conns} connections, {parallel} in flight, "
+                        f"server closes first, timeout {timeout:g} s")
+    for head in TABLE_HEAD:
+        table.add_column(head, justify="left" if head == "path" else "right")
+    for row in table_rows(doc):
+        table.add_row(*row)
+    stdout_console().print(table)
+    for name, value in doc["ratios"].items():
+        console.print(f"  {name}: {value}")
+    if doc.get("logs"):
+        console.print(f"logs kept in {doc['logs']}")
+    for err in doc["errors"]:
+        console.print(f"[yellow]{err}[/]")
+    sys.exit(1 if doc["errors"] else 0)
 
 
 @lab.command("clean")

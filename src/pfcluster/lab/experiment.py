@@ -127,6 +127,7 @@ class RunConfig:
     syncpeer: bool = False  # unicast to the peer instead of multicast (2 firewalls)
     integrity_bytes: int = 0  # also move this many checked bytes after iperf3
     keep_logs: bool = False
+    merge: str | None = None  # daemon --merge edges|thesis (None: the daemon's default)
 
     def label(self) -> str:
         if self.name:
@@ -229,6 +230,8 @@ class DaemonRunner:
             argv.append("--defer")
         if cfg.dialect:
             argv += ["--dialect", cfg.dialect]
+        if cfg.merge and cfg.sync != "off":
+            argv += ["--merge", cfg.merge]
         return argv
 
     def start(self, lab: Lab, topo: Topology, cfg: RunConfig) -> None:
@@ -584,11 +587,13 @@ def run_one(cfg: RunConfig, progress: ProgressFn | None = None) -> dict[str, Any
 
 
 def compare_configs(base: RunConfig) -> list[RunConfig]:
-    """The main job: single firewall, symmetric pair, split v5, split v4, ECMP v5."""
+    """The main job: single firewall, symmetric pair, split v5, split v5 with the thesis'
+    all-or-nothing TCP merge (the merge rule's effect alone), split v4, ECMP v5."""
     return [
         replace(base, name="single", firewalls=1, paths="symmetric", sync="off"),
         replace(base, name="symmetric", paths="symmetric", sync="v5"),
         replace(base, name="split-v5", paths="split", sync="v5"),
+        replace(base, name="split-v5-thesis-merge", paths="split", sync="v5", merge="thesis"),
         replace(base, name="split-v4", paths="split", sync="v4"),
         replace(base, name="ecmp-v5", paths="ecmp", sync="v5"),
     ]
