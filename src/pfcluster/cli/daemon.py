@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import sys
+from typing import NoReturn
 
 import click
 
@@ -25,6 +26,46 @@ def setup_logging(use_syslog: bool, verbose: bool) -> None:
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
+def fail(message: str) -> NoReturn:
+    """One line on stderr, exit status 1: the user can fix this, no traceback."""
+    click.echo(f"pfcluster daemon: {message}", err=True)
+    sys.exit(1)
+
+
+def describe(exc: BaseException) -> str:
+    """An OSError as `file: reason` rather than `[Errno 2] ...: 'file'`."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    return str(exc)
+
+
+def uninstall_rules(queue: int) -> None:
+    """`--uninstall`: remove chain PFCLUSTER-<queue> and its jumps (both families) for
+    good, print what was removed. Refused while a process has the queue bound: removing
+    a running daemon's rules would open the host under it."""
+    from pfcluster.io.iptables import IptablesError, IptablesRules, queue_owner
+
+    owner = queue_owner(queue)
+    if owner is not None:
+        fail(f"NFQUEUE {queue} is bound by a running process (netlink port {owner}); "
+             "stop that daemon first")
+    rules = IptablesRules(queue)
+    try:
+        removed = rules.remove()
+        left = rules.present()
+    except IptablesError as exc:
+        fail(f"iptables: {exc}")
+    if left:
+        fail(f"could not remove {len(left)} rules of {rules.chain}: " + "; ".join(left))
+    if not removed:
+        click.echo(f"no iptables rules for queue {queue} (chain {rules.chain}): "
+                   "nothing to remove")
+        return
+    click.echo(f"removed chain {rules.chain} and its jumps ({len(removed)} lines):")
+    for line in removed:
+        click.echo(f"  {line}")
+
+
 @click.command("daemon")
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
               help="TOML file with the same keys (flags override it)")
@@ -42,15 +83,33 @@ def setup_logging(use_syslog: bool, verbose: bool) -> None:
 @click.option("--merge", type=click.Choice(MERGES), default=None,
               help="TCP merge of peer updates: edges (default, per sequence edge) or thesis "
               "(OpenBSD 4.5: whole update or none)")
-@click.option("--queue", type=click.IntRange(0, 65535), default=None, help="NFQUEUE number")
+@click.option("--queue", type=click.IntRange(0, 65535), default=None,
+              help="NFQUEUE number (default 0); the iptables chain is PFCLUSTER-<queue>")
 @click.option("--control", help="control socket path (default /run/pfcluster.sock)")
 @click.option("--fail-open/--fail-closed", "fail_open", default=None,
-              help="--queue-bypass: let packets through when the daemon is gone")
+              help="fail-closed (default): the rules stay when the daemon stops, so the "
+              "host drops everything it would have queued; fail-open: --queue-bypass and the rules "
+              "removed on exit, so the host forwards everything while no daemon runs")
+@click.option("--uninstall", is_flag=True, default=False,
+              help="remove the rules of --queue for good (chain PFCLUSTER-<queue> and its "
+              "jumps, IPv4 and IPv6), print what was removed and exit; refused while a "
+              "process has the queue bound")
 @click.option("--hostid", type=str, default=None, help="pfsync creatorid (hex or decimal)")
 @click.option("--syslog/--stderr", "syslog", default=None, help="where log lines go")
 @click.option("-v", "--verbose", is_flag=True, default=None)
-def daemon(config_path: str | None, hostid: str | None, **flags: object) -> None:
-    """Run a pf firewall node: iptables -> NFQUEUE -> pf, states shared by pfsync."""
+def daemon(config_path: str | None, hostid: str | None, uninstall: bool,
+           **flags: object) -> None:
+    """Run a pf firewall node: iptables -> NFQUEUE -> pf, states shared by pfsync.
+
+    \b
+    Fail closed: the daemon's iptables rules (chain PFCLUSTER-<queue>, jumped to from
+    INPUT, FORWARD and OUTPUT, IPv4 and IPv6) stay when it stops or crashes, without
+    --queue-bypass, so the kernel drops what nobody reads. A restarted daemon rewrites
+    them in one atomic commit and takes the queue over with no unfiltered instant (its
+    states come back from its peers by bulk update). --fail-open restores the old
+    behaviour. Remove the rules for good with:
+        pfcluster daemon --uninstall --queue N
+    """
     overrides = dict(flags)
     if hostid is not None:
         try:
@@ -59,19 +118,27 @@ def daemon(config_path: str | None, hostid: str | None, **flags: object) -> None
             raise click.BadParameter(f"{hostid!r} is not a number", param_hint="--hostid") \
                 from exc
     try:
-        cfg = load_config(config_path, overrides)
+        cfg = load_config(config_path, overrides, validate=not uninstall)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
+    if uninstall:
+        if not 0 <= cfg.queue <= 65535:
+            raise click.UsageError(f"queue: {cfg.queue} is not 0..65535")
+        uninstall_rules(cfg.queue)
+        return
     setup_logging(cfg.syslog, cfg.verbose)
-    from pfcluster.io.loop import Daemon
+    from pfcluster.io.loop import Daemon, SetupError
 
     try:
         d = Daemon(cfg)
     except Exception as exc:  # RuleSyntaxError (file:line:col: message), OSError
-        click.echo(f"pfcluster daemon: {exc}", err=True)
-        sys.exit(1)
+        fail(describe(exc))
     try:
-        sys.exit(d.run())
-    except Exception as exc:
+        status = d.run()
+    except SetupError as exc:  # queue busy, no such syncdev, control socket, iptables
+        fail(str(exc))
+    except Exception as exc:  # a bug: keep the traceback
         logging.getLogger("pfcluster.daemon").exception("daemon failed: %s", exc)
         sys.exit(1)
+    sys.exit(status)
+

@@ -11,7 +11,7 @@
     merge = "edges"            # "thesis": OpenBSD 4.5's all-or-nothing TCP merge
     queue = 0
     control = "/run/pfcluster.sock"
-    fail_open = false
+    fail_open = false          # true: --queue-bypass, rules removed on exit
     hostid = 0x1234            # pfsync creatorid; random when absent
     syslog = false
 """
@@ -86,8 +86,11 @@ _TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
-def load_config(path: str | None, overrides: dict[str, Any]) -> DaemonConfig:
-    """File values, then every override that is not None (a click flag left unset)."""
+def load_config(path: str | None, overrides: dict[str, Any], *,
+                validate: bool = True) -> DaemonConfig:
+    """File values, then every override that is not None (a click flag left unset).
+    `validate=False` (`daemon --uninstall`, which needs only the queue number) skips
+    the checks of the keys a running daemon needs."""
     values: dict[str, Any] = {}
     if path:
         try:
@@ -110,4 +113,5 @@ def load_config(path: str | None, overrides: dict[str, Any]) -> DaemonConfig:
     for key, value in overrides.items():
         if value is not None:
             values[key] = value
-    return DaemonConfig(**values).validate()
+    cfg = DaemonConfig(**values)
+    return cfg.validate() if validate else cfg

@@ -2,7 +2,7 @@
 
 Layout (identical in iptables-legacy and ip6tables-legacy, table `filter`):
 
-    FORWARD/INPUT/OUTPUT  -j PFCLUSTER-<queue>          (inserted at position 1)
+    INPUT/FORWARD/OUTPUT  -j PFCLUSTER-<queue>          (inserted at position 1)
     PFCLUSTER-<queue>     -m mark --mark GEN -j RETURN  (packets the daemon generated:
                                                          RSTs, ICMP, challenge ACKs)
                           -i/-o <skip iface> -j RETURN  (the sync interface, `set skip on`)
@@ -10,15 +10,26 @@ Layout (identical in iptables-legacy and ip6tables-legacy, table `filter`):
                           -j NFQUEUE --queue-num N [--queue-bypass]
 
 One chain per queue number, so several daemons (one per namespace or per queue) never
-touch each other's rules, and a crashed run's leftovers are found by name. The chain is
-written with `iptables-restore --noflush` so its content changes in one table commit:
-there is no instant in which the chain exists without its NFQUEUE rule (fail closed).
-Without `--queue-bypass` the kernel drops queued packets when no daemon listens, which is
-the documented default (fail closed); `fail_open` adds the flag.
+touch each other's rules, and a stopped run's rules are found by name.
+
+Fail closed (the default): the rules outlive the daemon. Without `--queue-bypass` the
+kernel drops what is queued to a queue nobody reads, so a stopped or crashed daemon leaves
+the host closed, and only `remove()` (`pfcluster daemon --uninstall`) takes the rules away.
+`fail_open` adds `--queue-bypass` (the daemon then also removes the rules on exit).
+
+`install()` is idempotent and atomic: per family it is ONE `iptables-restore --noflush`
+commit that declares the chain (`:PFCLUSTER-N - [0:0]` creates it, or flushes an existing
+one inside the same commit), appends its rules and inserts whichever hook jumps are missing
+(`iptables -C` first). Legacy iptables-restore builds the whole table in user space and
+hands it to the kernel with a single IPT_SO_SET_REPLACE (checked with strace: one
+SET_REPLACE per family per commit), so there is no instant in which a packet meets an
+empty or half-written chain — a restarted daemon takes its queue over with no unfiltered
+packet. Rules of other chains and tables are left as they are (`--noflush`).
 """
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +49,11 @@ class IptablesError(RuntimeError):
 
 def chain_name(queue: int) -> str:
     return f"PFCLUSTER-{queue}"
+
+
+def restore_tool(tool: str) -> str:
+    """iptables-legacy -> iptables-legacy-restore (same for ip6tables)."""
+    return tool.replace("tables-legacy", "tables-legacy-restore")
 
 
 @dataclass
@@ -62,8 +78,11 @@ class IptablesRules:
     def _run(self, tool: str, args: Sequence[str], *, check: bool = True,
              stdin: str | None = None) -> subprocess.CompletedProcess[str]:
         cmd = [*self.prefix, tool, *args]
-        proc = subprocess.run(cmd, input=stdin, capture_output=True, text=True,
-                              timeout=TIMEOUT, check=False)
+        try:
+            proc = subprocess.run(cmd, input=stdin, capture_output=True, text=True,
+                                  timeout=TIMEOUT, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:  # tool missing, lock held
+            raise IptablesError(f"{' '.join(cmd)}: {exc}") from exc
         if check and proc.returncode != 0:
             raise IptablesError(f"{' '.join(cmd)}: {proc.stderr.strip()}")
         return proc
@@ -82,57 +101,104 @@ class IptablesRules:
         lines.append(queue)
         return lines
 
-    def _restore_text(self) -> str:
-        return "\n".join(["*filter", f":{self.chain} - [0:0]", *self.chain_rules(), "COMMIT", ""])
+    def _restore_text(self, jumps: Iterable[str] = ()) -> str:
+        """One commit: the chain declared (created, or flushed if it exists), its rules,
+        then `-I HOOK 1 -j CHAIN` for each hook in `jumps`."""
+        insert = [f"-I {hook} 1 -j {self.chain}" for hook in jumps]
+        return "\n".join(["*filter", f":{self.chain} - [0:0]", *self.chain_rules(), *insert,
+                          "COMMIT", ""])
+
+    def _has_jump(self, tool: str, hook: str) -> bool:
+        return self._run(tool, ["-w", "-C", hook, "-j", self.chain],
+                         check=False).returncode == 0
+
+    def _commit(self, tool: str, jumps: Iterable[str] = ()) -> None:
+        self._run(restore_tool(tool), ["-w", "--noflush"], stdin=self._restore_text(jumps))
 
     def install(self) -> None:
-        """Remove leftovers, write the chain atomically, then insert the jumps."""
-        self.remove()
-        try:
-            for tool in self.families:
-                restore = tool.replace("tables-legacy", "tables-legacy-restore")
-                self._run(restore, ["-w", "--noflush"], stdin=self._restore_text())
-                for hook in HOOKS:
-                    self._run(tool, ["-w", "-I", hook, "1", "-j", self.chain])
-            self.installed = True
-        except Exception:
-            self.remove()
-            raise
+        """Idempotent and atomic (see the module doc): rewrite the chain's contents and add
+        the missing hook jumps in one commit per family. Nothing is removed first, so a
+        restart over a previous run's rules never opens the host. A failure leaves what
+        was committed in place (closed) and raises IptablesError."""
+        for tool in self.families:
+            missing = [hook for hook in HOOKS if not self._has_jump(tool, hook)]
+            self._commit(tool, missing)
+        self.installed = True
 
     def update_skip(self, skip_ifaces: Iterable[str]) -> None:
         """Rewrite the chain (one commit per family) after a reload changed `set skip`."""
         self.skip_ifaces = tuple(skip_ifaces)
         for tool in self.families:
-            restore = tool.replace("tables-legacy", "tables-legacy-restore")
-            self._run(restore, ["-w", "--noflush"], stdin=self._restore_text())
+            self._commit(tool)
 
-    def remove(self) -> None:
+    def present(self) -> list[str]:
+        """`tool: rule` lines of our chain and of every jump to it (both families)."""
+        return list_rules(self.prefix, families=self.families, chain=self.chain)
+
+    def remove(self) -> list[str]:
         """Idempotent: delete every jump to our chain, then the chain; never raises for
-        "not there" (a crashed earlier run may have left any subset behind)."""
+        "not there" (a crashed earlier run may have left any subset behind). Returns the
+        `tool: rule` lines that were there before (what was removed)."""
+        removed: list[str] = []
         for tool in self.families:
-            for hook in HOOKS:
-                for _ in range(64):  # bounded: duplicates from repeated crashes
-                    if self._run(tool, ["-w", "-D", hook, "-j", self.chain],
-                                 check=False).returncode != 0:
-                        break
+            proc = self._run(tool, ["-w", "-S"], check=False)
+            lines = proc.stdout.splitlines() if proc.returncode == 0 else []
+            mine = [line for line in lines if _mentions(line, self.chain)]
+            removed.extend(f"{tool}: {line}" for line in mine)
+            for line in mine:  # every jump, duplicates from repeated crashes included
+                words = shlex.split(line)
+                if len(words) > 2 and words[0] == "-A" and words[1] != self.chain:
+                    self._run(tool, ["-w", "-D", *words[1:]], check=False)
             if self._run(tool, ["-w", "-n", "-L", self.chain], check=False).returncode == 0:
                 self._run(tool, ["-w", "-F", self.chain], check=False)
                 self._run(tool, ["-w", "-X", self.chain], check=False)
         self.installed = False
+        return removed
 
     def list_rules(self) -> list[str]:
         return list_rules(self.prefix, families=self.families, needle=self.chain)
 
 
+def _mentions(line: str, chain: str) -> bool:
+    """An `iptables -S` line that defines, fills or jumps to `chain` (exact name, so
+    PFCLUSTER-1 does not match PFCLUSTER-10)."""
+    words = line.split()
+    return chain in words
+
+
 def list_rules(prefix: Sequence[str] = (), *, families: Sequence[str] = TOOLS,
-               needle: str = "PFCLUSTER") -> list[str]:
-    """Every `iptables -S` line (both families, table filter) mentioning `needle`:
-    the check that a daemon left nothing behind."""
+               needle: str = "PFCLUSTER", chain: str | None = None) -> list[str]:
+    """Every `iptables -S` line (both families, table filter) mentioning `needle` (or,
+    with `chain`, naming exactly that chain): the check of what a daemon left in place."""
     found: list[str] = []
     for tool in families:
-        proc = subprocess.run([*prefix, tool, "-w", "-S"], capture_output=True, text=True,
-                              timeout=TIMEOUT, check=False)
+        try:
+            proc = subprocess.run([*prefix, tool, "-w", "-S"], capture_output=True, text=True,
+                                  timeout=TIMEOUT, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise IptablesError(f"{tool} -S: {exc}") from exc
         if proc.returncode != 0:
             raise IptablesError(f"{tool} -S: {proc.stderr.strip()}")
-        found.extend(f"{tool}: {line}" for line in proc.stdout.splitlines() if needle in line)
+        for line in proc.stdout.splitlines():
+            if _mentions(line, chain) if chain is not None else needle in line:
+                found.append(f"{tool}: {line}")
     return found
+
+
+NFQUEUE_PROC = "/proc/net/netfilter/nfnetlink_queue"
+
+
+def queue_owner(queue: int, proc_path: str = NFQUEUE_PROC) -> int | None:
+    """The netlink port id (usually the pid) of whoever has `queue` bound in this network
+    namespace, or None if nobody has (no file: the nfnetlink_queue module is not loaded,
+    so nobody has). Columns: queue_number peer_portid queue_total copy_mode ..."""
+    try:
+        with open(proc_path) as f:
+            text = f.read()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        cols = line.split()
+        if len(cols) >= 2 and cols[0].isdigit() and int(cols[0]) == queue:
+            return int(cols[1]) if cols[1].isdigit() else 0
+    return None

@@ -7,9 +7,19 @@ through `filter.test`; the engine's output frames and released deferrals are col
 after every wakeup (`_flush`). No thread touches the packet path; signal handlers only
 record the signal (the wakeup fd makes select return), and the loop acts on it.
 
-Start order matters for a firewall: queue bound before the iptables rules exist (no
-packet is queued to nobody), the rules removed before the queue is unbound, and removal
-sits in a `finally` so SIGTERM, SIGINT and exceptions all leave the host clean.
+Start order matters for a firewall: the queue is bound before the iptables rules are
+touched (no packet is queued to nobody, and a queue another process holds stops us before
+we touch anything), then the chain is (re)written in one atomic commit over whatever a
+previous run left (io/iptables.py). Stop: fail closed by default — the rules stay, without
+--queue-bypass, so once the queue is unbound the kernel drops what nobody reads; a restarted
+daemon takes the queue over with no unfiltered instant and gets its states back from its
+peers by bulk update. Only `fail_open` removes the rules on exit (before unbinding, so no
+packet is queued to nobody); `pfcluster daemon --uninstall` removes them for good.
+
+Errors the user can fix (queue already bound, no such sync interface, control socket in
+use or in a missing directory, iptables refusing the rules) raise SetupError, whose
+message is the one line the command prints; anything else is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations
@@ -25,8 +35,8 @@ from collections.abc import Callable
 from typing import Any
 
 from pfcluster.io.config import DaemonConfig
-from pfcluster.io.control import ControlClientConn, ControlServer
-from pfcluster.io.iptables import IptablesRules
+from pfcluster.io.control import ControlClientConn, ControlError, ControlServer
+from pfcluster.io.iptables import IptablesError, IptablesRules, queue_owner
 from pfcluster.io.syncsock import SyncSet, SyncSocket
 from pfcluster.tuning import tune_gc
 
@@ -37,6 +47,11 @@ HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 # selector keys' data: what kind of fd it is
 K_QUEUE, K_SYNC, K_LISTEN, K_CLIENT, K_SIGNAL = range(5)
+
+
+class SetupError(RuntimeError):
+    """The daemon cannot start for a reason the user can fix; str() is one line naming
+    the resource and the problem."""
 
 
 def load_ruleset(path: str) -> Any:
@@ -104,20 +119,36 @@ class Daemon:
         cfg = self.cfg
         self._install_signals()
         if cfg.sync_enabled:
-            self.sync.sockets.append(SyncSocket(cfg.syncdev, peer=cfg.syncpeer))
-            if cfg.syncgroup6:
-                self.sync.sockets.append(SyncSocket(cfg.syncdev, group=cfg.syncgroup6))
+            self._open_sync()
         for s in self.sync.sockets:
             self.sel.register(s, selectors.EVENT_READ, (K_SYNC, s))
-        self.control = ControlServer(cfg.control, self.handle_request)
+        self.control = self._open_control()
         self.sel.register(self.control, selectors.EVENT_READ, (K_LISTEN, None))
-        self.replies = ReplySender()
-        self.dataplane = Dataplane(cfg.queue, self.filter, self.engine, self.replies,
-                                   clock=self.clock, between_batches=self._between_batches)
+        try:
+            self.replies = ReplySender()
+        except OSError as exc:  # raw sockets: root (CAP_NET_RAW) needed
+            raise SetupError(f"raw socket for pf's replies: {exc.strerror or exc}") from exc
+        # the queue first: if another process holds it we stop here, its rules untouched
+        try:
+            self.dataplane = Dataplane(cfg.queue, self.filter, self.engine, self.replies,
+                                       clock=self.clock, between_batches=self._between_batches)
+        except OSError as exc:
+            owner = queue_owner(cfg.queue)
+            if owner is not None:
+                raise SetupError(f"NFQUEUE {cfg.queue} is already bound by another process "
+                                 f"(netlink port {owner}); pick another --queue") from exc
+            raise SetupError(f"cannot bind NFQUEUE {cfg.queue}: {exc}") from exc
         self.sel.register(self.dataplane.fileno(), selectors.EVENT_READ, (K_QUEUE, None))
         if self.install_iptables:
-            self.iptables = IptablesRules(cfg.queue, self.skip_ifaces(), cfg.fail_open)
-            self.iptables.install()
+            rules = IptablesRules(cfg.queue, self.skip_ifaces(), cfg.fail_open)
+            try:
+                rules.install()  # one atomic commit over a previous run's chain
+            except IptablesError as exc:
+                if cfg.fail_open:  # what was committed goes; fail closed leaves it closed
+                    with contextlib.suppress(Exception):
+                        rules.remove()
+                raise SetupError(f"iptables: {exc}") from exc
+            self.iptables = rules
             log.info("iptables: chain %s installed (queue %d, %s)", self.iptables.chain,
                      cfg.queue, "fail-open" if cfg.fail_open else "fail-closed")
         now = self.clock()
@@ -129,25 +160,71 @@ class Daemon:
                  f"peer {cfg.syncpeer}" if cfg.syncpeer else "multicast", cfg.dialect,
                  cfg.protocol, cfg.queue, cfg.control)
 
+    def _open_sync(self) -> None:
+        cfg = self.cfg
+        try:
+            socket.if_nametoindex(cfg.syncdev)
+        except OSError as exc:
+            raise SetupError(f"syncdev {cfg.syncdev}: no such interface") from exc
+        try:
+            self.sync.sockets.append(SyncSocket(cfg.syncdev, peer=cfg.syncpeer))
+            if cfg.syncgroup6:
+                self.sync.sockets.append(SyncSocket(cfg.syncdev, group=cfg.syncgroup6))
+        except OSError as exc:
+            raise SetupError(f"syncdev {cfg.syncdev}: {exc.strerror or exc}") from exc
+
+    def _open_control(self) -> ControlServer:
+        path = self.cfg.control
+        try:
+            return ControlServer(path, self.handle_request)
+        except ControlError as exc:
+            raise SetupError(f"control socket {exc}") from exc
+        except FileNotFoundError as exc:
+            raise SetupError(f"control socket {path}: directory "
+                             f"{os.path.dirname(path) or '.'} does not exist") from exc
+        except OSError as exc:
+            raise SetupError(f"control socket {path}: {exc.strerror or exc}") from exc
+
     def teardown(self) -> None:
-        """Each step guarded: one failure must not keep the iptables rules in place."""
-        if self.iptables is not None:
+        """Each step guarded. Fail closed: the iptables rules stay (the kernel drops what
+        is queued to nobody); with fail_open they are removed first, before the queue is
+        unbound. Held (deferred) packets get the engine's verdicts, the peers get what
+        the engine still had queued, then the queue is unbound and the sockets closed."""
+        if self.iptables is not None and self.cfg.fail_open:
             try:
                 self.iptables.remove()
-                log.info("iptables: chain %s removed", self.iptables.chain)
+                log.info("iptables: chain %s removed (fail-open)", self.iptables.chain)
             except Exception as exc:
                 log.error("iptables cleanup failed: %s", exc)
+        elif self.iptables is not None:
+            log.info("iptables: chain %s stays (fail-closed): queue %d drops until a daemon "
+                     "binds it again; `pfcluster daemon --uninstall --queue %d` removes it",
+                     self.iptables.chain, self.cfg.queue, self.cfg.queue)
         if self.dataplane is not None:
-            with contextlib.suppress(Exception):
-                # deferred packets were passed by pf: let them go rather than have the
-                # kernel drop them when the queue is unbound
+            try:
+                # deferred packets were passed by pf and only wait for a peer's ack: let
+                # them go (pfsync does the same when it is destroyed); a verdict the
+                # engine already made (drop after a peer's update) stands
                 release_all = getattr(self.engine, "release_all", None)
                 if release_all is not None:
                     release_all(self.clock())
-                pending = self.engine.take_releases()
-                self.dataplane.apply_releases([(h, True) for h, _ in pending])
+                self.dataplane.apply_releases(self.engine.take_releases())
+            except Exception as exc:
+                log.error("releasing deferred packets failed: %s", exc)
+        if self.sync.sockets:
+            try:
+                # our last updates leave now, so a peer's copy (which a restarted daemon
+                # gets back by bulk update) is as fresh as ours
+                flush = getattr(self.engine, "flush", None)
+                if flush is not None:
+                    flush(self.clock())
+                for frame in self.engine.take_output():
+                    self.sync.send(frame)
+            except Exception as exc:
+                log.error("final pfsync flush failed: %s", exc)
+        if self.dataplane is not None:
             with contextlib.suppress(Exception):
-                self.dataplane.close()
+                self.dataplane.close()  # unbind: what the kernel still holds is dropped
         if self.control is not None:
             with contextlib.suppress(Exception):
                 self.control.close()
