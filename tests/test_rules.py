@@ -408,7 +408,7 @@ def test_interface_matching():
     assert nr(rs, Pkt(), ifname="em1") is None
     assert nr(rs, Pkt(proto=17), ifname="em2") == 1
     assert nr(rs, Pkt(proto=17), ifname="em1") is None
-    assert nr(rs, Pkt(proto=1), ifname="whatever") == 2
+    assert nr(rs, Pkt(proto=1, icmp_type=8), ifname="whatever") == 2
 
 
 def test_af_and_proto():

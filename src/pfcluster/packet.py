@@ -27,6 +27,7 @@ Packet fields
   icmp_type, icmp_code, icmp_id  ICMP/ICMPv6 (icmp_id -1 when not an echo/query)
   inner        for ICMP/ICMPv6 errors: a Packet parsed from the quoted datagram (partial
                upper layer allowed: only the first 8 bytes of TCP/UDP need be present), else None
+               (also None for an error whose quote cannot be read)
 
 Additional fields (extensions to the contract)
   ip_hl        length of the IP header chain: IPv4 IHL*4; IPv6 40 + the extension headers
@@ -381,15 +382,18 @@ def _fill(pkt: Packet, mv: memoryview, quoted: bool) -> None:
         if icmp_type in queries:
             icmp_id = sport = dport = echo_id
         elif icmp_type in errors and not quoted:
-            # the quote is parsed with quoted=True, so an error inside it is not followed
-            inner = Packet.__new__(Packet)
-            q = mv[l4 + 8 : end]
+            # the quote is parsed with quoted=True, so an error inside it is not followed.
+            # A quote pf cannot read (cut inside the IP header or the first 8 bytes of
+            # TCP/UDP/ICMP, or of the other family) leaves inner None: pf_test_state_icmp
+            # then finds no state and the error meets the ruleset, as in pf.
+            q_pkt = Packet.__new__(Packet)
             try:
-                _fill(inner, q, True)
-            except MalformedPacket as exc:
-                raise MalformedPacket(f"ICMP error quote: {exc}") from None
-            if inner.af != af:
-                raise MalformedPacket("ICMP error quotes a packet of the other address family")
+                _fill(q_pkt, mv[l4 + 8 : end], True)
+            except MalformedPacket:
+                pass
+            else:
+                if q_pkt.af == af:
+                    inner = q_pkt
 
     if end != n:
         mv = mv[:end]  # drop link-layer padding (or bytes quoted past the datagram)

@@ -181,3 +181,43 @@ PFRES_TRANSLATE = 15
 PFRES_NOROUTE = 16
 
 PROTO_NAMES = {IPPROTO_ICMP: "icmp", IPPROTO_TCP: "tcp", IPPROTO_UDP: "udp", IPPROTO_ICMPV6: "icmp6"}
+
+# -- ICMP state keys: pf_icmp_mapping (OpenBSD sys/net/pf.c) --------------------------------
+# An ICMP query and its reply share one state whose key holds, in place of the two ports,
+# a virtual id and a virtual type: the query's type, so an echo state reads
+# "host:8 <- peer:id". The packet's icmp_dir says which port slot takes the id: PF_IN
+# (a query: the id goes in the source's slot) or PF_OUT (a reply: the id goes in the
+# destination's slot, so the reply finds the query's state travelling back).
+# Each table maps type -> (virtual type, icmp_dir, uses the id field); a type missing
+# from it gets a state of its own: (type, PF_IN, id 0).
+ICMP4_MAPPING: dict[int, tuple[int, int, bool]] = {
+    8: (8, PF_IN, True), 0: (8, PF_OUT, True),          # echo / echo reply
+    13: (13, PF_IN, True), 14: (13, PF_OUT, True),      # timestamp
+    15: (15, PF_IN, True), 16: (15, PF_OUT, True),      # information request
+    17: (17, PF_IN, True), 18: (17, PF_OUT, True),      # address mask
+    33: (33, PF_IN, False), 34: (33, PF_OUT, False),    # IPv6 where-are-you / I-am-here
+    35: (35, PF_IN, False), 36: (35, PF_OUT, False),    # mobile registration
+    10: (10, PF_IN, False), 9: (10, PF_OUT, False),     # router solicitation / advert
+}  # fmt: skip
+ICMP6_MAPPING: dict[int, tuple[int, int, bool]] = {
+    128: (128, PF_IN, True), 129: (128, PF_OUT, True),  # echo / echo reply
+    139: (139, PF_IN, False), 140: (139, PF_OUT, False),  # node information (WRU, FQDN)
+    201: (201, PF_IN, False), 200: (201, PF_OUT, False),  # mtrace / mtrace response
+}  # fmt: skip
+# Errors map to another connection's state (pf_icmp_mapping returns 1 for them).
+ICMP4_ERRORS = frozenset((3, 4, 5, 11, 12))
+ICMP6_ERRORS = frozenset((1, 2, 3, 4))
+# MLD and neighbour discovery: the virtual id is a 16-bit fold of the address the message
+# is about; a neighbour solicitation's key holds its target in the destination slot; an
+# advertisement never gets or matches a state (pf_icmp_mapping returns 1 for it too).
+MLD_LISTENER_QUERY = 130
+MLD_LISTENER_REPORT = 131
+ND_NEIGHBOR_SOLICIT = 135
+ND_NEIGHBOR_ADVERT = 136
+# The replies: a stateful rule never matches them (pf_match_rule skips a keep-state rule
+# that is not sloppy when icmp_dir != PF_IN and the type is not state-less).
+ICMP4_REPLY_TYPES = frozenset(t for t, m in ICMP4_MAPPING.items() if m[1] == PF_OUT)
+ICMP6_REPLY_TYPES = frozenset(t for t, m in ICMP6_MAPPING.items() if m[1] == PF_OUT)
+# ff02::1, which pf puts in the source slot for its second ("multi") lookup of an IPv6
+# reply, so the answer to a multicast echo request finds the request's state.
+IN6ADDR_LINKLOCAL_ALLNODES = bytes.fromhex("ff020000000000000000000000000001")

@@ -19,17 +19,30 @@ from pfcluster.pf import tcp as tcpmod
 from pfcluster.pf.constants import (
     AF_INET,
     DIR_NAMES,
+    ICMP4_ERRORS,
+    ICMP4_MAPPING,
+    ICMP6_ERRORS,
+    ICMP6_MAPPING,
+    IN6ADDR_LINKLOCAL_ALLNODES,
     IPPROTO_ICMP,
     IPPROTO_ICMPV6,
     IPPROTO_TCP,
     IPPROTO_UDP,
+    MLD_LISTENER_QUERY,
+    MLD_LISTENER_REPORT,
+    ND_NEIGHBOR_ADVERT,
+    ND_NEIGHBOR_SOLICIT,
     PF_IN,
+    PF_OUT,
     PF_WSCALE_MASK,
     PFRES_BADSTATE,
+    PFRES_FRAG,
     PFRES_MATCH,
     PFRES_MAXSTATES,
     PFRES_MEMORY,
     PFRES_NAMES,
+    PFRES_NORM,
+    PFRES_SHORT,
     PFRES_STATEINS,
     PFSTATE_NOSYNC,
     PFSTATE_SLOPPY,
@@ -61,13 +74,93 @@ BLOCK = "block"
 ESTABLISHED = int(TCPS.ESTABLISHED)
 FIN_WAIT_2 = int(TCPS.FIN_WAIT_2)
 
-# ICMP query types that open a state, and the replies that answer them (pf_icmp_mapping).
-ICMP4_QUERIES = {8: 0, 13: 14, 15: 16, 17: 18}
-ICMP4_REPLIES = frozenset(ICMP4_QUERIES.values())
-ICMP4_ERRORS = frozenset((3, 4, 5, 11, 12))
-ICMP6_QUERIES = {128: 129}
-ICMP6_REPLIES = frozenset(ICMP6_QUERIES.values())
-ICMP6_ERRORS = frozenset((1, 2, 3, 4))
+ZERO_ADDR6 = bytes(16)
+_ND_MLD_TYPES = frozenset((MLD_LISTENER_QUERY, MLD_LISTENER_REPORT, ND_NEIGHBOR_SOLICIT,
+                           ND_NEIGHBOR_ADVERT))
+
+
+def icmp_mapping(pkt: Packet, quoted: bool = False) -> tuple[int, int, int, bool]:
+    """pf_icmp_mapping: (icmp_dir, virtual id, virtual type, state-less) of an ICMP packet.
+
+    Queries and replies share a state keyed by (virtual id, virtual type) in the port
+    slots: the id in the source's slot for a query (icmp_dir PF_IN), in the destination's
+    slot for a reply (PF_OUT). Echo, timestamp, information and address-mask messages
+    use their id field; router solicitation/advertisement, where-are-you, mobile
+    registration, node information and mtrace use id 0; MLD query/report and neighbour
+    solicitation/advertisement use a 16-bit fold of the address they are about. Any
+    other type gets a state of its own (id 0, its own type, PF_IN).
+
+    State-less (pf's return value 1): the errors, which are matched through the packet
+    they quote, and a neighbour advertisement, which never opens a state. For a quoted
+    packet pf has read only the first 8 ICMP bytes, so its MLD/ND address counts as zero.
+    """
+    itype = pkt.icmp_type
+    if pkt.proto == IPPROTO_ICMPV6:
+        if itype in ICMP6_ERRORS:
+            return PF_IN, 0, itype, True
+        m = ICMP6_MAPPING.get(itype)
+        if m is None:
+            if itype not in _ND_MLD_TYPES:
+                return PF_IN, 0, itype, False
+            vid = 0 if quoted else _fold_addr(pkt)
+            if itype == ND_NEIGHBOR_ADVERT:
+                return PF_OUT, vid, ND_NEIGHBOR_SOLICIT, True
+            vtype = ND_NEIGHBOR_SOLICIT if itype == ND_NEIGHBOR_SOLICIT else MLD_LISTENER_QUERY
+            return PF_IN, vid, vtype, False
+    else:
+        if itype in ICMP4_ERRORS:
+            return PF_IN, 0, itype, True
+        m = ICMP4_MAPPING.get(itype)
+        if m is None:
+            return PF_IN, 0, itype, False
+    vtype, icmp_dir, uses_id = m
+    icmp_id = pkt.icmp_id
+    return icmp_dir, (icmp_id if uses_id and icmp_id > 0 else 0), vtype, False
+
+
+def _nd_addr(pkt: Packet) -> bytes | None:
+    """The address an MLD or ND message is about (after the 8-byte ICMPv6 header)."""
+    off = pkt.l4_off + 8
+    raw = pkt.raw
+    if len(raw) < off + 16:
+        return None
+    return bytes(raw[off : off + 16])
+
+
+def _fold_addr(pkt: Packet) -> int:
+    """pf's fake id for MLD/ND: the four 32-bit words XORed, then the halves XORed."""
+    a = _nd_addr(pkt)
+    if a is None:
+        return 0
+    h = int.from_bytes(a[0:4], "big") ^ int.from_bytes(a[4:8], "big") \
+        ^ int.from_bytes(a[8:12], "big") ^ int.from_bytes(a[12:16], "big")
+    return ((h >> 16) ^ h) & 0xFFFF
+
+
+def _icmp_key_addrs(pkt: Packet, quoted: bool, multi: bool) -> tuple[bytes, bytes] | None:
+    """pf_state_key_addr_setup for ICMP: (source, destination) as the key holds them.
+
+    A neighbour solicitation is keyed on its target instead of its destination; an
+    advertisement on its target instead of its source (and :: for a multicast
+    destination). `multi` is pf's second lookup of an IPv6 reply, with ff02::1 in the
+    source's place; it does not apply to neighbour discovery (None).
+    """
+    s, d = pkt.src, pkt.dst
+    if pkt.proto == IPPROTO_ICMPV6 and pkt.af != AF_INET:
+        t = pkt.icmp_type
+        if t in (ND_NEIGHBOR_SOLICIT, ND_NEIGHBOR_ADVERT):
+            if multi:
+                return None
+            target = ZERO_ADDR6 if quoted else (_nd_addr(pkt) or ZERO_ADDR6)
+            if t == ND_NEIGHBOR_SOLICIT:
+                d = target
+            else:
+                s = target
+                if d[0] == 0xFF:
+                    d = ZERO_ADDR6
+        elif multi:
+            s = IN6ADDR_LINKLOCAL_ALLNODES
+    return s, d
 
 TM_UDP_FIRST = int(PFTM.UDP_FIRST_PACKET)
 TM_UDP_SINGLE = int(PFTM.UDP_SINGLE)
@@ -224,7 +317,7 @@ class Filter:
                     if v is not None:
                         return v
             elif proto in (IPPROTO_ICMP, IPPROTO_ICMPV6):
-                v = self._test_icmp(direction, pkt, now)
+                v = self._test_icmp(direction, ifname, pkt, now)
                 if v is not None:
                     return v
             else:
@@ -333,71 +426,144 @@ class Filter:
         self._count_pass(st, direction, pkt, now)
         return Verdict(PASS, "state", st.rule, st)
 
-    def _test_icmp(self, direction: int, pkt: Packet, now: float) -> Verdict | None:
-        v6 = pkt.proto == IPPROTO_ICMPV6
-        itype = pkt.icmp_type
-        errors = ICMP6_ERRORS if v6 else ICMP4_ERRORS
-        if itype in errors:
-            return self._test_icmp_error(direction, pkt, now)
-        queries = ICMP6_QUERIES if v6 else ICMP4_QUERIES
-        replies = ICMP6_REPLIES if v6 else ICMP4_REPLIES
-        if (itype in queries or itype in replies) and pkt.icmp_id >= 0:
-            if direction == PF_IN:
-                key = (pkt.af, pkt.proto, pkt.src, pkt.dst, pkt.icmp_id, pkt.icmp_id)
-            else:
-                key = (pkt.af, pkt.proto, pkt.dst, pkt.src, pkt.icmp_id, pkt.icmp_id)
-            st = self._lookup(key, now)
-            if st is not None:
-                st.expire = now
-                st.timeout = TM_ICMP_ERROR
-                self._count_pass(st, direction, pkt, now)
-                return Verdict(PASS, "state", st.rule, st)
-        return None
+    def _test_icmp(self, direction: int, ifname: str, pkt: Packet, now: float) -> Verdict | None:
+        """pf_test_state_icmp for a query or reply: find the state its virtual key names.
 
-    def _test_icmp_error(self, direction: int, pkt: Packet, now: float) -> Verdict | None:
-        inner = pkt.inner
-        if inner is None or inner.frag_off:
+        None sends the packet to the ruleset (pf_test_rule): no state was found. A state
+        found with the message flowing the wrong way for its type (a query against the
+        state's direction, or a reply along it) drops the packet with that state; a
+        sloppy state skips that check. A match passes and sets the icmp.error timeout.
+        """
+        icmp_dir, vid, vtype, stateless = icmp_mapping(pkt)
+        if stateless:
+            return self._test_icmp_error(direction, ifname, pkt, now)
+        st, right_way = self._icmp_state(direction, pkt, icmp_dir, vid, vtype, False, now)
+        if st is None:
             return None
+        if not right_way:
+            return self._icmp_wrong_direction(direction, st, vtype, icmp_dir)
+        st.expire = now
+        st.timeout = TM_ICMP_ERROR
+        self._count_pass(st, direction, pkt, now)
+        return Verdict(PASS, "state", st.rule, st)
+
+    def _icmp_state(self, direction: int, pkt: Packet, icmp_dir: int, vid: int, vtype: int,
+                    quoted: bool, now: float) -> tuple[State | None, bool]:
+        """pf_icmp_state_lookup, with pf's second ("multi") try for an IPv6 reply.
+
+        Returns (state or None, True if the message flows the right way for it). A quoted
+        ICMP packet travelled against the error quoting it: its key takes the opposite
+        slots, and it must have travelled along the state for a query (PF_IN).
+        """
+        st, ok = self._icmp_lookup(direction, pkt, icmp_dir, vid, vtype, quoted, False, now)
+        if (st is None or not ok) and icmp_dir == PF_OUT and pkt.af != AF_INET:
+            st2, ok2 = self._icmp_lookup(direction, pkt, icmp_dir, vid, vtype, quoted, True, now)
+            if st2 is not None:
+                return st2, ok2
+        return st, ok
+
+    def _icmp_lookup(self, direction: int, pkt: Packet, icmp_dir: int, vid: int, vtype: int,
+                     quoted: bool, multi: bool, now: float) -> tuple[State | None, bool]:
+        addrs = _icmp_key_addrs(pkt, quoted, multi)
+        if addrs is None:
+            return None, True
+        s, d = addrs
+        ps, pd = (vid, vtype) if icmp_dir == PF_IN else (vtype, vid)
+        if (direction == PF_IN) != quoted:
+            key = (pkt.af, pkt.proto, s, d, ps, pd)
+        else:
+            key = (pkt.af, pkt.proto, d, s, pd, ps)
+        st = self._lookup(key, now)
+        if st is None:
+            return None, True
+        if st.state_flags & PFSTATE_SLOPPY:
+            return st, True
+        along = st.direction == direction
+        return st, (PF_IN if along != quoted else PF_OUT) == icmp_dir
+
+    def _icmp_wrong_direction(self, direction: int, st: State, vtype: int, icmp_dir: int) -> Verdict:
+        # pf drops with the state and sets no reason: no counter moves.
+        log = [f"pf: icmp type {vtype} in wrong direction ({icmp_dir}): {print_state(st)}"] \
+            if self.log_enabled else []
+        if direction == PF_IN:
+            self.extra["blocked-in"] += 1
+        else:
+            self.extra["blocked-out"] += 1
+        return Verdict(BLOCK, PFRES_NAMES[PFRES_MATCH], st.rule, st, False, None, log)
+
+    def _test_icmp_error(self, direction: int, ifname: str, pkt: Packet, now: float) -> Verdict | None:
+        """pf_test_state_icmp for an error: the state of the packet it quotes decides.
+
+        In pf's order: a quote too short to read (PFRES_SHORT) or a non-first fragment
+        (PFRES_FRAG), then an outer destination other than the quoted source (PFRES_BADSTATE,
+        "BAD ICMP ... outer dst"), then no state for the quoted packet: each sends the
+        error to the ruleset (None, or the ruleset's verdict carrying the log line), since
+        pf_test runs pf_test_rule for a drop without a state. With a state: a quoted TCP
+        sequence number outside the window drops it with the state (PFRES_BADSTATE,
+        "BAD ICMP ... state: ... seq="), and so does a quoted ICMP message flowing the
+        wrong way for its state; anything else passes on the state without touching its
+        timeout. An error quoting an error finds no state (errors never open one).
+        """
+        inner = pkt.inner
+        if inner is None:
+            self.counters[PFRES_SHORT] += 1
+            return None
+        if inner.frag_off:
+            self.counters[PFRES_FRAG] += 1
+            return None
+        if pkt.dst != inner.src:
+            self.counters[PFRES_BADSTATE] += 1
+            self.extra["bad-icmp"] += 1
+            v = self._test_rules(direction, ifname, pkt, now)
+            if self.log_enabled:
+                v.log.insert(0, f"pf: BAD ICMP {pkt.icmp_type}:{pkt.icmp_code} outer dst: "
+                                f"{_addr(pkt.af, pkt.src)} -> {_addr(pkt.af, pkt.dst)} inner src: "
+                                f"{_addr(inner.af, inner.src)} -> {_addr(inner.af, inner.dst)}")
+            return v
         iproto = inner.proto
-        # The quoted packet travelled the other way: build its key as if it went out
-        # (or in) on this interface in the opposite direction.
-        rev_in = direction != PF_IN
+        # The quoted packet travelled against the error: its source takes the key slot
+        # of the error's destination.
+        src_first = direction != PF_IN
         if iproto in (IPPROTO_TCP, IPPROTO_UDP):
-            if rev_in:
+            if src_first:
                 key = (inner.af, iproto, inner.src, inner.dst, inner.sport, inner.dport)
             else:
                 key = (inner.af, iproto, inner.dst, inner.src, inner.dport, inner.sport)
-        elif iproto in (IPPROTO_ICMP, IPPROTO_ICMPV6) and inner.icmp_id >= 0:
-            if rev_in:
-                key = (inner.af, iproto, inner.src, inner.dst, inner.icmp_id, inner.icmp_id)
-            else:
-                key = (inner.af, iproto, inner.dst, inner.src, inner.icmp_id, inner.icmp_id)
+            st = self._lookup(key, now)
+            if st is None:
+                return None
+            if iproto == IPPROTO_TCP and not (st.state_flags & PFSTATE_SLOPPY):
+                if direction == st.direction:
+                    src, dst = st.dst, st.src
+                else:
+                    src, dst = st.src, st.dst
+                dws = dst.wscale & PF_WSCALE_MASK if (src.wscale and dst.wscale) else 0
+                seq = (inner.seq - src.seqdiff) & tcpmod.M32
+                if not (tcpmod.sdiff(src.seqhi, seq) >= 0
+                        and tcpmod.sdiff(seq, src.seqlo - (dst.max_win << dws)) >= 0):
+                    self.extra["bad-icmp"] += 1
+                    log = [f"pf: BAD ICMP {pkt.icmp_type}:{pkt.icmp_code} {_addr(pkt.af, pkt.src)} -> "
+                           f"{_addr(pkt.af, pkt.dst)} state: {print_state(st)} seq={seq}"] \
+                        if self.log_enabled else []
+                    return self._block(direction, PFRES_BADSTATE, st.rule, st, None, log)
+        elif iproto in (IPPROTO_ICMP, IPPROTO_ICMPV6):
+            if (iproto == IPPROTO_ICMP) != (inner.af == AF_INET):
+                self.counters[PFRES_NORM] += 1
+                return None
+            icmp_dir, vid, vtype, _ = icmp_mapping(inner, True)
+            st, right_way = self._icmp_state(direction, inner, icmp_dir, vid, vtype, True, now)
+            if st is None:
+                return None
+            if not right_way:
+                return self._icmp_wrong_direction(direction, st, vtype, icmp_dir)
         else:
-            if rev_in:
+            if src_first:
                 key = (inner.af, iproto, inner.src, inner.dst, 0, 0)
             else:
                 key = (inner.af, iproto, inner.dst, inner.src, 0, 0)
-        st = self._lookup(key, now)
-        if st is None:
-            return None
-        if pkt.dst != inner.src:
-            self.extra["bad-icmp"] += 1
-            log = [f"pf: BAD ICMP {pkt.icmp_type}:{pkt.icmp_code} outer dst: {_addr(pkt.af, pkt.dst)} inner src: {_addr(inner.af, inner.src)}"] if self.log_enabled else []
-            return self._block(direction, PFRES_BADSTATE, st.rule, st, None, log)
-        if iproto == IPPROTO_TCP and not (st.state_flags & PFSTATE_SLOPPY):
-            # The quoted segment left in the opposite direction to this error.
-            if direction == st.direction:
-                src, dst = st.dst, st.src
-            else:
-                src, dst = st.src, st.dst
-            dws = dst.wscale & PF_WSCALE_MASK if (src.wscale and dst.wscale) else 0
-            seq = (inner.seq - src.seqdiff) & tcpmod.M32
-            if not (tcpmod.sdiff(src.seqhi, seq) >= 0 and tcpmod.sdiff(seq, src.seqlo - (dst.max_win << dws)) >= 0):
-                self.extra["bad-icmp"] += 1
-                # pf: "BAD ICMP %d:%d " src " -> " dst " state: " pf_print_state " seq=%u"
-                log = [f"pf: BAD ICMP {pkt.icmp_type}:{pkt.icmp_code} {_addr(pkt.af, pkt.src)} -> "
-                       f"{_addr(pkt.af, pkt.dst)} state: {print_state(st)} seq={seq}"] if self.log_enabled else []
-                return self._block(direction, PFRES_BADSTATE, st.rule, st, None, log)
+            st = self._lookup(key, now)
+            if st is None:
+                return None
         self._count_pass(st, direction, pkt, now)
         return Verdict(PASS, "state", st.rule, st)
 
@@ -428,11 +594,14 @@ class Filter:
                 self.extra["passed-out"] += 1
             return Verdict(PASS, "match", rule, None, False, None, log)
         proto = pkt.proto
-        if proto in (IPPROTO_ICMP, IPPROTO_ICMPV6):
-            queries = ICMP6_QUERIES if proto == IPPROTO_ICMPV6 else ICMP4_QUERIES
-            if pkt.icmp_type not in queries or pkt.icmp_id < 0:
-                # Replies and errors never open a state.
-                return Verdict(PASS, "match", rule, None, False, None, log)
+        if proto in (IPPROTO_ICMP, IPPROTO_ICMPV6) and icmp_mapping(pkt)[3]:
+            # Errors and neighbour advertisements never open a state (replies do not get
+            # here: the ruleset skips a stateful rule for them unless it is sloppy).
+            if direction == PF_IN:
+                self.extra["passed-in"] += 1
+            else:
+                self.extra["passed-out"] += 1
+            return Verdict(PASS, "match", rule, None, False, None, log)
         # pf_create_state: the rule's `max` first (PFRES_MAXSTATES, "state-limit"); a full
         # state pool (`set limit states`) makes pool_get fail: PFRES_MEMORY, "memory".
         if rule.max_states and rule.states_cur >= rule.max_states:
@@ -453,7 +622,8 @@ class Filter:
         if proto in (IPPROTO_TCP, IPPROTO_UDP):
             sp, dp = pkt.sport, pkt.dport
         elif proto in (IPPROTO_ICMP, IPPROTO_ICMPV6):
-            sp = dp = pkt.icmp_id
+            icmp_dir, vid, vtype, _ = icmp_mapping(pkt)
+            sp, dp = (vid, vtype) if icmp_dir == PF_IN else (vtype, vid)
         else:
             sp = dp = 0
         # Share address and port objects between states: a table of a million states
@@ -481,6 +651,10 @@ class Filter:
             st.timeout = TM_UDP_FIRST
         elif proto in (IPPROTO_ICMP, IPPROTO_ICMPV6):
             st.timeout = TM_ICMP_FIRST
+            if pkt.icmp_type == ND_NEIGHBOR_SOLICIT and proto == IPPROTO_ICMPV6:
+                s_, d_ = _icmp_key_addrs(pkt, False, False) or (src, dst)
+                st.key = key = (pkt.af, proto, s_, d_, sp, dp) if direction == PF_IN \
+                    else (pkt.af, proto, d_, s_, dp, sp)
         else:
             st.src.state = PFUDPS_SINGLE
             st.timeout = TM_OTHER_FIRST

@@ -19,6 +19,8 @@ from pfcluster.pf.constants import (
     AF_INET,
     AF_INET6,
     DEFAULT_TIMEOUTS,
+    ICMP4_REPLY_TYPES,
+    ICMP6_REPLY_TYPES,
     IPPROTO_ICMP,
     IPPROTO_ICMPV6,
     IPPROTO_TCP,
@@ -459,6 +461,7 @@ class Ruleset:
         proto = pkt.proto
         src = int.from_bytes(pkt.src, "big")
         dst = int.from_bytes(pkt.dst, "big")
+        icmp_reply = False
         if getattr(pkt, "frag_off", 0):
             v = _V_FRAG
         elif proto == IPPROTO_TCP:
@@ -467,6 +470,9 @@ class Ruleset:
             v = _V_UDP
         elif proto in (IPPROTO_ICMP, IPPROTO_ICMPV6):
             v = _V_ICMP
+            # pf_match_rule: a stateful rule (not sloppy) never matches an ICMP reply.
+            icmp_reply = pkt.icmp_type in (
+                ICMP6_REPLY_TYPES if proto == IPPROTO_ICMPV6 else ICMP4_REPLY_TYPES)
         else:
             v = _V_OTHER
         prog = self._prog
@@ -516,11 +522,15 @@ class Ruleset:
                     i += 1
                     continue
                 sp = dp = None
-            elif v == _V_ICMP and ic is not None and (
-                    (ic[0] is not None and ic[0] != pkt.icmp_type)
-                    or (ic[1] is not None and ic[1] != pkt.icmp_code)):
-                i += 1
-                continue
+            elif v == _V_ICMP:
+                if ic is not None and (
+                        (ic[0] is not None and ic[0] != pkt.icmp_type)
+                        or (ic[1] is not None and ic[1] != pkt.icmp_code)):
+                    i += 1
+                    continue
+                if icmp_reply and r.keep_state and not r.sloppy:
+                    i += 1
+                    continue
             if sp is not None:
                 op, a1, a2 = sp
                 if not (pkt.sport == a1 if op == PF_OP_EQ else port_match(op, a1, a2, pkt.sport)):
