@@ -251,6 +251,9 @@ class StubEngine:
         out, self.releases = self.releases, []
         return out
 
+    def pending_releases(self) -> int:
+        return len(self.releases)
+
     def clear_states(self, now: float) -> None:
         self.output.append(b"stub-clr")
 
@@ -276,3 +279,21 @@ def daemon_with_stub_argv(*args: str) -> list[str]:
         f"daemon.main(args={list(args)!r}, prog_name='pfcluster daemon')\n"
     )
     return [sys.executable, "-c", code]
+
+
+def assert_closed_then_uninstall(lab: Netlab, ns: str) -> None:
+    """A stopped daemon leaves the host closed (its NFQUEUE rule stays, without bypass);
+    only `pfcluster daemon --uninstall` removes the rules, and then none is left."""
+    import re
+
+    from pfcluster.io.iptables import list_rules
+
+    prefix = lab.prefix_argv(ns)
+    left = list_rules(prefix)
+    queued = [line for line in left if "-j NFQUEUE --queue-num" in line]
+    assert len(queued) == 2, f"no NFQUEUE rule in both families after stop: {left}"
+    assert not any("bypass" in line for line in queued), queued
+    queues = {m.group(1) for line in queued if (m := re.search(r"--queue-num (\d+)", line))}
+    for queue in queues:
+        lab.exec(ns, pfcluster_argv("daemon", "--uninstall", "--queue", queue), timeout=30)
+    assert list_rules(prefix) == []

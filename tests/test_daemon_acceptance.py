@@ -20,6 +20,7 @@ import pytest
 from nsfixtures import (
     Firewalled,
     Netlab,
+    assert_closed_then_uninstall,
     client_fw_server,
     netlab,
     pfcluster_argv,
@@ -29,6 +30,8 @@ from pfcluster.io.control import request
 from pfcluster.io.iptables import list_rules
 
 __all__ = ["netlab"]
+
+pytestmark = [pytest.mark.root]  # network namespaces, iptables, NFQUEUE, raw sockets
 
 RULES = """\
 set skip on lo
@@ -279,8 +282,8 @@ def test_single_firewall(netlab: Netlab, tmp_path: Path) -> None:
     finally:
         rc = netlab.stop(daemon, signal.SIGTERM)
     assert rc == 0, (netlab.tmp / "daemon.log").read_text()
-    # after SIGTERM no iptables rule of the daemon remains (both families)
-    assert list_rules(prefix) == []
+    # after SIGTERM the host stays closed until the rules are removed on purpose
+    assert_closed_then_uninstall(netlab, t.fw)
 
 
 def test_two_firewalls_sync(netlab: Netlab, tmp_path: Path) -> None:
@@ -328,8 +331,8 @@ def test_two_firewalls_sync(netlab: Netlab, tmp_path: Path) -> None:
         rc_a = netlab.stop(a)
         rc_b = netlab.stop(b)
     assert (rc_a, rc_b) == (0, 0)
-    assert list_rules(netlab.prefix_argv(t.fw)) == []
-    assert list_rules(netlab.prefix_argv(t.syncpeer)) == []
+    assert_closed_then_uninstall(netlab, t.fw)
+    assert_closed_then_uninstall(netlab, t.syncpeer)
 
 
 def test_sync_socket_fuzz(netlab: Netlab, tmp_path: Path) -> None:
@@ -361,7 +364,7 @@ def test_sync_socket_fuzz(netlab: Netlab, tmp_path: Path) -> None:
     finally:
         rc = netlab.stop(daemon)
     assert rc == 0, (netlab.tmp / "daemon.log").read_text()[-3000:]
-    assert list_rules(netlab.prefix_argv(t.fw)) == []
+    assert_closed_then_uninstall(netlab, t.fw)
 
 
 def test_defer_holds_first_packet_until_peer_acks(netlab: Netlab, tmp_path: Path) -> None:
@@ -406,4 +409,4 @@ def test_ipv6_forwarding(netlab: Netlab, tmp_path: Path) -> None:
     finally:
         rc = netlab.stop(daemon)
     assert rc == 0
-    assert list_rules(netlab.prefix_argv(t.fw)) == []
+    assert_closed_then_uninstall(netlab, t.fw)

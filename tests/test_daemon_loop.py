@@ -15,6 +15,7 @@ import pytest
 from nsfixtures import (
     Firewalled,
     Netlab,
+    assert_closed_then_uninstall,
     client_fw_server,
     daemon_with_stub_argv,
     netlab,
@@ -24,6 +25,8 @@ from nsfixtures import (
 from pfcluster.io.iptables import list_rules
 
 __all__ = ["netlab"]
+
+pytestmark = [pytest.mark.root]  # network namespaces, iptables, NFQUEUE, raw sockets
 
 RULES = """\
 set skip on lo
@@ -117,5 +120,5 @@ def test_loop_lifecycle(netlab: Netlab, tmp_path: Path, sig: int) -> None:
     finally:
         rc = netlab.stop(proc, sig)
     assert rc == 0, (netlab.tmp / "daemon.log").read_text()
-    assert list_rules(prefix) == []
+    assert_closed_then_uninstall(netlab, t.fw)
     assert not Path(sock).exists()
