@@ -408,3 +408,24 @@ def test_fin_ack_packet_path_unchanged_on_one_box() -> None:
         before = list(st.acks or [0, 0])
         fin_acked(st)
         assert (st.src.state == FIN_WAIT_2) == (before[1] != 0 and before[1] >= 102)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["one-box", "shared-with-peer"])
+def test_syn_on_both_fins_reuses_only_a_state_a_peer_shares(shared: bool) -> None:
+    """pf's rule on one box (both FIN_WAIT_2, else a challenge ACK); on a state a pfsync
+    peer updates, both FINs suffice: the last ACK may have crossed the other firewall."""
+    a = node(HOST_A)
+    forward(a, syn(40000, 0x10000000), 0.0)
+    for st in a.filter.states:
+        st.src.state = st.dst.state = CLOSING
+        st.src.seqlo, st.dst.seqlo = 0x10000100, 0x70000100
+        if shared:
+            st.pfsync_time = 0.5
+    rv = forward(a, syn(40000, 0x20000000), 1.0)
+    if shared:
+        assert rv.action == ROUTE_PASS
+        assert a.filter.extra["state-reuse-closing"] == 2
+    else:
+        assert rv.action == ROUTE_BLOCK and rv.v_in is not None
+        assert rv.v_in.reason == "challenge-ack" and rv.v_in.reply
+        assert a.filter.extra["state-reuse-closing"] == 0

@@ -73,6 +73,8 @@ BLOCK = "block"
 
 ESTABLISHED = int(TCPS.ESTABLISHED)
 FIN_WAIT_2 = int(TCPS.FIN_WAIT_2)
+CLOSING = int(TCPS.CLOSING)
+NEVER = -math.inf  # State.pfsync_time of a state no peer ever told us about
 
 ZERO_ADDR6 = bytes(16)
 _ND_MLD_TYPES = frozenset((MLD_LISTENER_QUERY, MLD_LISTENER_REPORT, ND_NEIGHBOR_SOLICIT,
@@ -251,6 +253,7 @@ class Filter:
         self.extra: dict[str, int] = {
             "challenge-ack": 0,
             "state-reuse": 0,
+            "state-reuse-closing": 0,
             "key-attach-reuse": 0,
             "key-attach-failed": 0,
             "loose-match": 0,
@@ -373,8 +376,16 @@ class Filter:
     def _test_tcp_state(self, st: State, direction: int, ifname: str, pkt: Packet, now: float) -> Verdict | None:
         flags = pkt.tcp_flags
         if flags & (TH_SYN | TH_ACK) == TH_SYN:
-            if st.src.state >= FIN_WAIT_2 and st.dst.state >= FIN_WAIT_2:
+            ss, ds = st.src.state, st.dst.state
+            if (ss >= FIN_WAIT_2 and ds >= FIN_WAIT_2) or (
+                    ss >= CLOSING and ds >= CLOSING and st.pfsync_time > NEVER):
                 # Port reuse: the old connection is gone; the SYN meets the rules afresh.
+                # pf asks for both peers at FIN_WAIT_2. A state shared with a pfsync
+                # peer may have seen both FINs but not the last ACK, which crossed the
+                # other firewall a moment before this SYN (a client can only reuse its
+                # port once that ACK reached it): both FINs are enough there.
+                if ss < FIN_WAIT_2 or ds < FIN_WAIT_2:
+                    self.extra["state-reuse-closing"] += 1
                 reuse_log = []
                 if self.log_enabled:
                     reuse_log.append(f"pf: state reuse {print_state(st)}{print_flags(flags)}")
