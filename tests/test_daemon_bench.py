@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from pfcluster.bench.daemon import run_bench
 from pfcluster.lab.netns import leftovers
+
+pytestmark = [pytest.mark.root]  # network namespaces, iptables, NFQUEUE
 
 
 def test_bench_daemon_short(need_root: None) -> None:

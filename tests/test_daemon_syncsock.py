@@ -6,9 +6,13 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from nsfixtures import SYNC_NET, Netlab, netlab
 
 __all__ = ["netlab"]
+
+pytestmark = [pytest.mark.root]  # network namespaces, iptables, NFQUEUE, raw sockets
 
 RECEIVER = r"""
 import json, select, sys, time

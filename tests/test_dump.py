@@ -196,6 +196,7 @@ def test_subprocess(eth_pcap: Path) -> None:
     assert json.loads(res.stdout.splitlines()[0])["len"] == 560
 
 
+@pytest.mark.root
 def test_live_loopback() -> None:
     """-i reads an AF_PACKET socket; send one pfsync packet over lo while it listens."""
     import os

@@ -76,8 +76,10 @@ def check(text: str) -> None:
         pkt = _Pkt(af, socket.inet_pton(af, src), socket.inet_pton(af, dst))
         for proto in (6, 17, 1, 58, 50):
             pkt.proto = proto
-            rs.evaluate(pkt, PF_IN, "em0")
-            rs.evaluate(pkt, PF_OUT, "em1")
+            for direction, ifname in ((PF_IN, "em0"), (PF_OUT, "em1")):
+                won = rs.evaluate(pkt, direction, ifname)
+                # the winner is a rule of this ruleset (None: no rule matched, default pass)
+                assert won is None or any(won is r for r in rs.rules), won
 
 
 class _Pkt:

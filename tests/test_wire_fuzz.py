@@ -3,8 +3,6 @@ untrusted). Example counts come from PFCLUSTER_FUZZ_EXAMPLES (100k in CI)."""
 
 from __future__ import annotations
 
-import socket
-
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -22,6 +20,10 @@ def _decode(data: bytes, dialect: str) -> None:
             wire.decode(data, dialect)
     except wire.WireError as e:
         assert e.reason in {"hdrops", "badver", "badlen", "badact"}, e
+        # past the header, the error carries the frame read so far, its reason last
+        assert (e.frame is None) == (e.reason == "hdrops"), e
+        if e.frame is not None:
+            assert e.frame.errors[-1].startswith(e.reason + ":"), (e, e.frame.errors)
 
 
 def _seed_frames() -> dict[str, bytes]:
@@ -47,6 +49,12 @@ def _seed_frames() -> dict[str, bytes]:
 
 
 SEEDS = _seed_frames()
+# Byte offsets of the count (and, in openbsd6, len) fields of the first two subheaders:
+# the INS section comes first, so the second subheader follows one state record.
+COUNT_FIELDS = {
+    d: (21, 22, 23, *(24 + wire.record_size(d, "INS") + k for k in (1, 2, 3)))
+    for d in wire.DIALECTS
+}
 
 
 @fuzz_settings()
@@ -73,8 +81,8 @@ def mutated(draw: st.DrawFn) -> tuple[str, bytes]:
         elif op == "lenfield" and len(data) >= 4:
             data[2:4] = draw(st.integers(0, 0xFFFF)).to_bytes(2, "big")
         elif op == "countfield":
-            # corrupt a subheader count/len (first section starts at 20; v4 count at 3)
-            i = 3 if dialect == "v4" else draw(st.sampled_from([21, 22, 23, 268, 269, 270]))
+            # corrupt a subheader count/len (v4: the u8 count at 3)
+            i = 3 if dialect == "v4" else draw(st.sampled_from(COUNT_FIELDS[dialect]))
             if i < len(data):
                 data[i] = draw(st.integers(0, 255))
         elif op == "extend":
@@ -96,13 +104,20 @@ def test_decode_ip_random(dialect: str, data: bytes, ttl: int) -> None:
     hdr[2:4] = (20 + len(data)).to_bytes(2, "big")
     for packet in (bytes(hdr) + data, data):
         try:
-            wire.decode_ip(packet, dialect)
-        except wire.WireError:
-            pass
+            env, _frame = wire.decode_ip(packet, dialect)
+        except wire.WireError as e:
+            assert e.reason in {"hdrops", "badproto", "badver", "badlen", "badact"}, e
+        else:
+            assert env.proto == 240 and env.version in (4, 6)
 
 
 def test_seed_frames_are_valid() -> None:
+    """The mutations start from real frames, and "countfield" hits count fields."""
     for d in wire.DIALECTS:
-        assert wire.decode(SEEDS[d], d).errors == []
+        frame = wire.decode(SEEDS[d], d)
+        assert frame.errors == []
+        assert [s.action for s in frame.sections][:5] == ["INS", "UPD_C", "DEL_C", "BUS", "CLR"]
+        second = COUNT_FIELDS[d][3] - 1
+        assert SEEDS[d][second] == wire.ACTIONS[d]["UPD_C"]
+        assert int.from_bytes(SEEDS[d][second + 2 : second + 4], "big") == 2
     assert legacy.decode_v4(SEEDS["v4"]).count == 3
-    assert socket.AF_INET == 2
