@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from pfcluster.pfsync.events import Released
+
 TIMEOUT = 15.0
 _serial = itertools.count()
 
@@ -247,9 +249,16 @@ class StubEngine:
         self.counters["opackets"] += len(out)
         return out
 
-    def take_releases(self) -> list[tuple[object, bool]]:
-        out, self.releases = self.releases, []
+    def take_events(self) -> list[object]:
+        out = [Released(h, ok) for h, ok in self.releases]
+        self.releases = []
         return out
+
+    def release_all(self, now: float) -> None:
+        pass
+
+    def flush(self, now: float) -> None:
+        pass
 
     def pending_releases(self) -> int:
         return len(self.releases)

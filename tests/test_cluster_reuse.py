@@ -31,7 +31,9 @@ from pfcluster.pf.rules import parse_rules
 from pfcluster.pf.state import State
 from pfcluster.pf.tcp import fin_acked
 from pfcluster.pfsync import wire
-from pfcluster.pfsync.engine import Engine, EngineConfig, _deletions_first
+from pfcluster.pfsync.engine import Engine, EngineConfig, attach
+from pfcluster.pfsync.events import LogLine, Released
+from pfcluster.pfsync.policy import deletions_first
 from pfcluster.sim.pair import Cluster, SyncLink
 from pfcluster.sim.tcpsim import TcpTransfer, tcp_packet
 
@@ -54,7 +56,7 @@ ESTABLISHED = int(TCPS.ESTABLISHED)
 
 def node(hostid: int, **kw: Any) -> Engine:
     filt = Filter(parse_rules(RULES, "reuse.conf"), hostid=hostid, now=0.0)
-    return Engine(filt, EngineConfig(**kw), 0.0)
+    return attach(filt, EngineConfig(**kw), 0.0)
 
 
 def forward(eng: Engine, raw: bytes, now: float, handle: object = None, to_server: bool = True):
@@ -136,7 +138,7 @@ def test_ins_alone_replaces_a_closed_state_and_del_c_later_finds_nothing() -> No
     # the old states went quietly: the peer that replaced them already knows
     b.timer(5.0)
     assert b.take_output() == []
-    lines = b.take_log()
+    lines = [e.text for e in b.take_events() if isinstance(e, LogLine)]
     assert len(lines) == 2 and all(line.startswith("pf: key attach reuse on all: ") for line in lines)
     b.receive(encode(secs["DEL_C"]), 1.002)
     assert keys(b) == keys(a) and b.counters["badstate"] == 2
@@ -195,7 +197,7 @@ def _record(st: State) -> wire.State:
 
 def test_deletions_are_applied_first_whatever_their_place() -> None:
     _a, _b, _old, frame = reuse_frames()
-    order = [sec.action for _, sec in _deletions_first(wire.decode(frame).sections)]
+    order = [sec.action for _, sec in deletions_first(wire.decode(frame).sections)]
     assert order[0] == "DEL_C" and order.index("INS") > 0
 
 
@@ -287,7 +289,8 @@ def test_later_packet_releases_the_held_one_first() -> None:
     rv = forward(a, udp(5000), 0.001, handle="second")
     assert rv.action == ROUTE_PASS
     assert a.pending_releases() == 1
-    assert a.take_releases() == [("first", True)]
+    assert [(e.handle, e.accept) for e in a.take_events() if isinstance(e, Released)] == [
+        ("first", True)]
     assert a.counters["defer_update"] == 1 and a.deferred_count() == 0
 
 
@@ -311,6 +314,7 @@ def test_dataplane_gives_the_released_verdict_before_the_releasing_one() -> None
     dp.filt, dp.engine, dp.parse, dp.replies = a.filter, a, parse, None
     dp.counters, dp.log_verdicts, dp.pending = DataplaneCounters(), False, 0
     dp._ifnames = {1: "em0", 2: "em1"}
+    dp.dispatch = dp._apply_releases
     order: list[tuple[str, str]] = []
     first = _FakeNfqPacket("first", udp(5000), order)
     second = _FakeNfqPacket("second", udp(5000), order)
@@ -333,12 +337,12 @@ def test_last_message_of_a_burst_leaves_within_the_pace() -> None:
         i += 1
         assert i < 1000
     # the message that did not fit went into a fresh frame: it must have a timer
-    assert a.pending_bytes() > a._minpkt
+    assert a.pending_bytes() > a.empty_frame_bytes()
     dl = a.next_deadline()
     assert dl is not None and dl <= now + 1.0
     a.take_output()
     a.timer(dl)
-    assert len(a.take_output()) == 1 and a.pending_bytes() == a._minpkt
+    assert len(a.take_output()) == 1 and a.pending_bytes() == a.empty_frame_bytes()
 
 
 def test_frame_longer_than_its_datagram_is_dropped_whole() -> None:

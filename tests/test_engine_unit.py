@@ -27,7 +27,8 @@ from pfcluster.pf.rules import parse_rules
 from pfcluster.pf.state import State
 from pfcluster.pfsync import legacy, wire
 from pfcluster.pfsync.convert import export_state, peer_to_wire
-from pfcluster.pfsync.engine import Engine, EngineConfig
+from pfcluster.pfsync.engine import Engine, EngineConfig, attach
+from pfcluster.pfsync.events import Released, SyncOk
 from pfcluster.sim.tcpsim import tcp_packet
 
 RULES = """\
@@ -52,7 +53,17 @@ TCPS_ESTABLISHED = int(TCPS.ESTABLISHED)
 
 def make(hostid: int = HOST_A, now: float = 0.0, **kw: object) -> Engine:
     filt = Filter(parse_rules(RULES, "unit.conf"), hostid=hostid, now=now)
-    return Engine(filt, EngineConfig(**kw), now)  # type: ignore[arg-type]
+    return attach(filt, EngineConfig(**kw), now)  # type: ignore[arg-type]
+
+
+def releases(eng: Engine) -> list[tuple[object, bool]]:
+    """The held packets the engine let go since the last look: (handle, accept)."""
+    return [(e.handle, e.accept) for e in eng.take_events() if isinstance(e, Released)]
+
+
+def sync_oks(eng: Engine) -> list[bool]:
+    """The sync_ok changes since the last look."""
+    return [e.ok for e in eng.take_events() if isinstance(e, SyncOk)]
 
 
 def syn(eng: Engine, i: int, now: float, dport: int = 5201) -> State:
@@ -379,7 +390,7 @@ def test_deferral_released_by_ins_ack() -> None:
     b = make(HOST_B)
     st = syn(a, 1, 0.0)
     assert a.defer(st, "pkt", 0.0)
-    assert a.take_releases() == []
+    assert releases(a) == []
     assert st.state_flags & PFSTATE_ACK
     a.end_of_batch(0.0)  # the insert leaves at once
     (ins,) = a.take_output()
@@ -394,7 +405,7 @@ def test_deferral_released_by_ins_ack() -> None:
     imported = b.filter.states.by_id(HOST_A, st.id)
     assert imported is not None and not imported.state_flags & PFSTATE_ACK
     a.receive(ack, 0.002)
-    assert a.take_releases() == [("pkt", True)]
+    assert releases(a) == [("pkt", True)]
     assert not st.state_flags & PFSTATE_ACK
     assert a.counters["deferred"] == 1 and a.counters["defer_acked"] == 1
     assert a.counters["iack_received"] == 1
@@ -407,9 +418,9 @@ def test_deferral_times_out() -> None:
     assert a.defer(st, "pkt", 10.0)
     assert a.next_deadline() == pytest.approx(10.020)
     a.timer(10.019)
-    assert a.take_releases() == []
+    assert releases(a) == []
     a.timer(10.020)
-    assert a.take_releases() == [("pkt", True)]
+    assert releases(a) == [("pkt", True)]
     assert a.counters["defer_timeout"] == 1 and a.deferred_count() == 0
 
 
@@ -417,9 +428,9 @@ def test_deferral_limit_releases_oldest() -> None:
     a = make(defer=True)
     for i in range(128):
         assert a.defer(syn(a, i, 0.0), i, 0.0)
-    assert a.take_releases() == []
+    assert releases(a) == []
     assert a.defer(syn(a, 500, 0.0), 500, 0.0)
-    assert a.take_releases() == [(0, True)]
+    assert releases(a) == [(0, True)]
     assert a.counters["defer_overlimit"] == 1 and a.deferred_count() == 128
 
 
@@ -442,7 +453,7 @@ def test_update_for_deferred_state_drops_held_packet() -> None:
     b.receive(a.take_output()[0], 0.001)
     peer = b.filter.states.by_id(HOST_A, st.id)
     a.receive(pfsync_frame([("UPD_C", [updc(peer)])]), 0.002)
-    assert a.take_releases() == [("pkt", False)]
+    assert releases(a) == [("pkt", False)]
     assert a.counters["defer_dropped"] == 1
 
 
@@ -695,8 +706,8 @@ def test_garbage_counted_never_raises() -> None:
 def test_bulk_request_retries_then_assumes_alone() -> None:
     calls: list[bool] = []
     a = make(bulk_retry=5.0)
-    a.on_sync_ok = calls.append
     a.start(0.0)
+    calls += sync_oks(a)
     assert not a.sync_ok and calls == [False]
     a.end_of_batch(0.0)
     (req,) = a.take_output()
@@ -712,6 +723,7 @@ def test_bulk_request_retries_then_assumes_alone() -> None:
         sent += sum(1 for f in out for m in msgs(f, "UPD_REQ") if (m.id, m.creatorid) == (0, 0))
     assert sent == 13  # the first request and 12 retries
     assert now == pytest.approx(65.0)
+    calls += sync_oks(a)
     assert calls == [False, True]
     assert a.counters["bulk_gave_up"] == 1 and a.counters["bulk_requests_sent"] == 13
     assert a.next_deadline() is None
@@ -725,7 +737,6 @@ def test_bulk_update_paced_over_ticks() -> None:
     flush(a, 1.0)
     b = make(HOST_B)
     calls: list[bool] = []
-    b.on_sync_ok = calls.append
     b.start(10.0)
     b.end_of_batch(10.0)
     a.receive(b.take_output()[0], 10.001)
@@ -753,6 +764,7 @@ def test_bulk_update_paced_over_ticks() -> None:
     assert a.counters["bulk_states_sent"] == 50
     for f in frames[1:]:
         b.receive(f, now + 0.001)
+    calls += sync_oks(b)
     assert b.sync_ok and calls == [False, True]
     assert b.counters["bulk_done"] == 1 and b.counters["bulk_states_received"] == 50
     assert snapshot(b) == snapshot(a)
@@ -936,9 +948,9 @@ def test_peer_inserts_respect_the_state_limit() -> None:
     from pfcluster.pf.filter import Filter
     from pfcluster.pf.rules import parse_rules
     from pfcluster.pfsync import wire
-    from pfcluster.pfsync.engine import Engine, EngineConfig
+    from pfcluster.pfsync.engine import EngineConfig
 
-    eng = Engine(Filter(parse_rules("set limit states 50\npass\n"), hostid=1), EngineConfig())
+    eng = attach(Filter(parse_rules("set limit states 50\npass\n"), hostid=1), EngineConfig())
     recs = [
         wire.State(
             id=i + 1,

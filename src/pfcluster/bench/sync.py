@@ -13,7 +13,7 @@ from pfcluster.pf.filter import Filter
 from pfcluster.pf.rules import parse_rules
 from pfcluster.pf.state import State
 from pfcluster.pfsync import wire
-from pfcluster.pfsync.engine import Engine, EngineConfig
+from pfcluster.pfsync.engine import Engine, EngineConfig, attach
 
 DIALECT = "openbsd45"
 
@@ -78,8 +78,8 @@ BULK_RULES = "block all\npass in on em0 proto tcp to port 5201\npass out on em1 
 def _bulk_engines(n: int) -> tuple[Engine, Engine]:
     """A sender holding `n` established TCP states and an empty receiver, paced for speed."""
     cfg = EngineConfig(bulk_tick=0.0, bulk_frames_per_tick=1 << 30, bulk_retry=60.0)
-    sender = Engine(Filter(parse_rules(BULK_RULES, "bulk.conf"), hostid=0x0B00_0001), cfg)
-    receiver = Engine(Filter(parse_rules(BULK_RULES, "bulk.conf"), hostid=0x0B00_0002), cfg)
+    sender = attach(Filter(parse_rules(BULK_RULES, "bulk.conf"), hostid=0x0B00_0001), cfg)
+    receiver = attach(Filter(parse_rules(BULK_RULES, "bulk.conf"), hostid=0x0B00_0002), cfg)
     table = sender.filter.states
     client = wire.addr_from_str("198.51.100.2")[:4]
     est = int(TCPS.ESTABLISHED)

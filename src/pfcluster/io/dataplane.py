@@ -15,7 +15,7 @@ updates of a whole batch, like pfsync's per-softnet flush).
 
 Deferral: a verdict can be given after the callback returned (the Packet keeps the queue
 handle and packet id), so a deferred packet is simply kept in the engine as its opaque
-handle until `take_releases` says accept or drop. The kernel keeps the packet meanwhile
+handle until a `Released` event says accept or drop. The kernel keeps the packet meanwhile
 (bounded by the queue length, which is why the engine's defer limit must stay below it).
 """
 
@@ -31,6 +31,7 @@ from typing import Any
 
 from pfcluster.io.iptables import GENERATED_MARK
 from pfcluster.pf.router import ROUTE_BLOCK, ROUTE_DEFER, route
+from pfcluster.pfsync.events import Released
 
 log = logging.getLogger("pfcluster.dataplane")
 
@@ -129,8 +130,13 @@ class Dataplane:
     # Called after each mini-batch: the loop sends the engine's frames and reads what the
     # peers sent meanwhile, so both firewalls' views stay within a mini-batch of each other.
     between_batches: Callable[[], None] | None = None
+    # Where the engine's events go (the daemon's dispatcher); by default only the held
+    # packets' verdicts are applied.
+    dispatch: Callable[[list[Any]], None] | None = None
 
     def __post_init__(self) -> None:
+        if self.dispatch is None:
+            self.dispatch = self._apply_releases
         from netfilterqueue import NetfilterQueue
 
         if self.parse is None:
@@ -171,9 +177,6 @@ class Dataplane:
                 return f"if{index}"
             self._ifnames[index] = name
         return name
-
-    def forget_interfaces(self) -> None:
-        self._ifnames.clear()
 
     # --- the batch ---------------------------------------------------------------
 
@@ -238,7 +241,9 @@ class Dataplane:
             return
         if engine is not None and engine.pending_releases():
             # this packet released a held one of its state: that one goes first
-            self.apply_releases(engine.take_releases())
+            dispatch = self.dispatch
+            assert dispatch is not None
+            dispatch(engine.take_events())
         if rv.action == ROUTE_DEFER:
             c.deferred += 1
             self.pending += 1
@@ -260,20 +265,25 @@ class Dataplane:
         else:
             self.counters.reply_errors += 1
 
-    def apply_releases(self, releases: list[tuple[Any, bool]]) -> None:
-        """Verdicts for deferred packets the engine let go (ack from a peer, timeout)."""
+    def apply_release(self, handle: Any, accept: bool) -> None:
+        """The verdict of a deferred packet the engine let go (ack, timeout, update)."""
         c = self.counters
-        for handle, accept in releases:
-            self.pending -= 1
-            try:
-                if accept:
-                    handle.accept()
-                    c.released_pass += 1
-                else:
-                    handle.drop()
-                    c.released_drop += 1
-            except RuntimeError as exc:  # verdict already given / queue gone
-                log.warning("deferred packet release failed: %s", exc)
+        self.pending -= 1
+        try:
+            if accept:
+                handle.accept()
+                c.released_pass += 1
+            else:
+                handle.drop()
+                c.released_drop += 1
+        except RuntimeError as exc:  # verdict already given / queue gone
+            log.warning("deferred packet release failed: %s", exc)
+
+    def _apply_releases(self, events: list[Any]) -> None:
+        """Without a loop to dispatch to (tests, benchmarks): releases only."""
+        for ev in events:
+            if isinstance(ev, Released):
+                self.apply_release(ev.handle, ev.accept)
 
     def close(self) -> None:
         self.nfq.unbind()

@@ -38,6 +38,9 @@ from pfcluster.io.config import DaemonConfig
 from pfcluster.io.control import ControlClientConn, ControlError, ControlServer
 from pfcluster.io.iptables import IptablesError, IptablesRules, queue_owner
 from pfcluster.io.syncsock import SyncSet, SyncSocket
+from pfcluster.pf import pfctl
+from pfcluster.pfsync.api import SyncEngine
+from pfcluster.pfsync.events import Event, Released, SyncOk
 from pfcluster.tuning import tune_gc
 
 log = logging.getLogger("pfcluster.daemon")
@@ -60,13 +63,14 @@ def load_ruleset(path: str) -> Any:
     return load_rules(path)
 
 
-def make_core(cfg: DaemonConfig, ruleset: Any, now: float) -> tuple[Any, Any]:
+def make_core(cfg: DaemonConfig, ruleset: Any, now: float) -> tuple[Any, SyncEngine]:
     """The real pf Filter and pfsync Engine (the core, sans I/O)."""
     from pfcluster.pf.filter import Filter
-    from pfcluster.pfsync.engine import Engine
+    from pfcluster.pfsync.engine import attach
 
-    filt = Filter(ruleset, hostid=cfg.hostid, now=now)
-    engine = Engine(filt, dialect=cfg.dialect, protocol=cfg.protocol, maxupd=cfg.maxupd,
+    # pf seeds its state ids with the boot time; the core reads no clock, so we do
+    filt = Filter(ruleset, hostid=cfg.hostid, now=now, id_seed=int(time.time()))
+    engine = attach(filt, dialect=cfg.dialect, protocol=cfg.protocol, maxupd=cfg.maxupd,
                     defer=cfg.defer and cfg.sync_enabled, merge=cfg.merge, now=now)
     return filt, engine
 
@@ -78,7 +82,7 @@ class Daemon:
         self,
         cfg: DaemonConfig,
         *,
-        core: Callable[[DaemonConfig, Any, float], tuple[Any, Any]] | None = None,
+        core: Callable[[DaemonConfig, Any, float], tuple[Any, SyncEngine]] | None = None,
         loader: Callable[[str], Any] | None = None,
         install_iptables: bool = True,
         clock: Callable[[], float] = time.monotonic,
@@ -90,7 +94,8 @@ class Daemon:
         self.install_iptables = install_iptables
         self.started = clock()
         self.ruleset = self.loader(cfg.rules)  # a broken file stops us before touching anything
-        self.filter, self.engine = (core or make_core)(cfg, self.ruleset, self.started)
+        self.filter, engine = (core or make_core)(cfg, self.ruleset, self.started)
+        self.engine: SyncEngine = engine
         self.sel = selectors.DefaultSelector()
         self.stop_signal: int | None = None
         self._signals: list[int] = []
@@ -104,8 +109,6 @@ class Daemon:
         self._sigw: socket.socket | None = None
         self._old_wakeup = -1
         self.engine_errors = 0
-        if hasattr(self.engine, "on_sync_ok"):
-            self.engine.on_sync_ok = self._on_sync_ok
 
     # --- setup / teardown -----------------------------------------------------
 
@@ -131,7 +134,8 @@ class Daemon:
         # the queue first: if another process holds it we stop here, its rules untouched
         try:
             self.dataplane = Dataplane(cfg.queue, self.filter, self.engine, self.replies,
-                                       clock=self.clock, between_batches=self._between_batches)
+                                       clock=self.clock, between_batches=self._between_batches,
+                                       dispatch=self._dispatch)
         except OSError as exc:
             owner = queue_owner(cfg.queue)
             if owner is not None:
@@ -205,19 +209,15 @@ class Daemon:
                 # deferred packets were passed by pf and only wait for a peer's ack: let
                 # them go (pfsync does the same when it is destroyed); a verdict the
                 # engine already made (drop after a peer's update) stands
-                release_all = getattr(self.engine, "release_all", None)
-                if release_all is not None:
-                    release_all(self.clock())
-                self.dataplane.apply_releases(self.engine.take_releases())
+                self.engine.release_all(self.clock())
+                self._dispatch(self.engine.take_events())
             except Exception as exc:
                 log.error("releasing deferred packets failed: %s", exc)
         if self.sync.sockets:
             try:
                 # our last updates leave now, so a peer's copy (which a restarted daemon
                 # gets back by bulk update) is as fresh as ours
-                flush = getattr(self.engine, "flush", None)
-                if flush is not None:
-                    flush(self.clock())
+                self.engine.flush(self.clock())
                 for frame in self.engine.take_output():
                     self.sync.send(frame)
             except Exception as exc:
@@ -257,11 +257,19 @@ class Daemon:
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self._signals.append(signum)
 
-    def _on_sync_ok(self, ok: bool = True) -> None:
-        if ok:
-            log.info("pfsync: sync_ok (bulk update done or not needed)")
-        else:
-            log.info("pfsync: sync_ok cleared, waiting for a bulk update")
+    def _dispatch(self, events: list[Event]) -> None:
+        """The engine's events, in order: held packets' verdicts, sync_ok, log lines."""
+        for ev in events:
+            if isinstance(ev, Released):
+                if self.dataplane is not None:
+                    self.dataplane.apply_release(ev.handle, ev.accept)
+            elif isinstance(ev, SyncOk):
+                if ev.ok:
+                    log.info("pfsync: sync_ok (bulk update done or not needed)")
+                else:
+                    log.info("pfsync: sync_ok cleared, waiting for a bulk update")
+            else:
+                log.info("%s", ev.text)
 
     # --- the loop ---------------------------------------------------------------
 
@@ -277,7 +285,7 @@ class Daemon:
 
     def timeout(self, now: float) -> float:
         deadline = now + MAX_TIMEOUT
-        for d in (self.engine.next_deadline(), self.filter.next_deadline(now)):
+        for d in (self.engine.next_deadline(), self.filter.next_deadline()):
             if d is not None and d < deadline:
                 deadline = d
         return max(0.0, deadline - now)
@@ -305,24 +313,20 @@ class Daemon:
             d = self.engine.next_deadline()
             if d is not None and d <= now:
                 self.engine.timer(now)
-            d = self.filter.next_deadline(now)
+            d = self.filter.next_deadline()
             if d is not None and d <= now:
                 self.filter.expire(now)
             self._flush()
             self._handle_signals()
 
     def _flush(self) -> None:
-        """Send what the engine queued, and apply verdicts it released."""
+        """Send what the engine queued, and act on what it reported."""
         frames = self.engine.take_output()
         for frame in frames:
             self.sync.send(frame)
-        releases = self.engine.take_releases()
-        if releases and self.dataplane is not None:
-            self.dataplane.apply_releases(releases)
-        take_log = getattr(self.engine, "take_log", None)
-        if take_log is not None:
-            for line in take_log():
-                log.info("%s", line)
+        events = self.engine.take_events()
+        if events:
+            self._dispatch(events)
 
     def _between_batches(self) -> None:
         """Between two mini-batches of packets: our frames out, the peers' frames in."""
@@ -410,7 +414,7 @@ class Daemon:
                 "data": {"rules": n}}
 
     def counters(self, now: float) -> dict[str, Any]:
-        pfsync = dict(getattr(self.engine, "counters", {}))
+        pfsync = dict(self.engine.counters)
         for key, value in self.sync.counters().items():
             if key in ("badttl", "badif"):  # counted here or by the engine: the sum is true
                 pfsync[key] = pfsync.get(key, 0) + value
@@ -418,10 +422,10 @@ class Daemon:
                 pfsync[f"sock_{key}"] = value
         pfsync["engine_errors"] = self.engine_errors
         return {
-            "pf": self.filter.counters_dict(now),
+            "pf": pfctl.counters_dict(self.filter, now),
             "pfsync": pfsync,
             "dataplane": self.dataplane.counters.as_dict() if self.dataplane else {},
-            "sync_ok": bool(getattr(self.engine, "sync_ok", False)),
+            "sync_ok": bool(self.engine.sync_ok),
             "states": len(self.filter.states),
             "uptime": round(now - self.started, 3),
             "pid": os.getpid(),
@@ -432,19 +436,15 @@ class Daemon:
         now = self.clock()
         if cmd == "states":
             verbose = bool(req.get("verbose"))
-            return {"ok": True, "text": list(self.filter.format_states(now, verbose)),
-                    "data": self.filter.states_json(now)}
+            return {"ok": True, "text": pfctl.format_states(self.filter, now, verbose),
+                    "data": pfctl.states_json(self.filter, now)}
         if cmd == "info":
             data = self.counters(now)
-            text = list(self.filter.format_info(now))
-            text.append("pfsync")
-            text.extend(f"  {k:<25}{v:>14}" for k, v in sorted(data["pfsync"].items()))
-            text.append(f"  {'sync_ok':<25}{str(data['sync_ok']).lower():>14}")
-            text.append("dataplane")
-            text.extend(f"  {k:<25}{v:>14}" for k, v in sorted(data["dataplane"].items()))
+            text = pfctl.format_daemon_info(self.filter, now, data["pfsync"], data["sync_ok"],
+                                            data["dataplane"])
             return {"ok": True, "text": text, "data": data}
         if cmd == "rules":
-            rules = [str(r) for r in getattr(self.ruleset, "rules", ())]
+            rules = pfctl.format_rules(getattr(self.ruleset, "rules", ()))
             return {"ok": True, "text": rules, "data": rules}
         if cmd == "kill":
             host, host2, sid = req.get("host"), req.get("host2"), req.get("id")

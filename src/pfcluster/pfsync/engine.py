@@ -1,25 +1,23 @@
-"""The pfsync engine, sans I/O: pf state events and peer frames in, frames and packet
-releases out.
+"""The pfsync engine, sans I/O: pf state events and peer frames in; frames to send and
+events (released packets, sync_ok changes, log lines) out.
 
-It follows the 2009 rewrite the thesis describes:
-- one queue per message type, with each state recording which queue holds it, so a
-  state moves between queues in O(1) and a frame is serialised only when it is sent;
-- frames mix message types (v5 subheaders) and never exceed the sync MTU;
-- pacing: a frame leaves one second after its first message, when full, when a state
-  reaches `maxupd` updates, or at `end_of_batch` when immediate work was queued during
-  the batch (the softnet handler of the thesis);
-- a local update to a state a peer touched less than two seconds ago is immediate
-  (split-path detection);
-- the first packet of a state leaving through an `out` pass may be deferred until a
-  peer's INS_ACK or a short timeout;
-- bulk update on start, update requests for unknown states, and the TCP merge rule.
+It follows the 2009 rewrite the thesis describes, composed from one module per concept:
+- `queues`: one queue per message type (a table), frames built only when sent;
+- pacing (here): a frame leaves one second after its first message, when full, when a
+  state reaches `maxupd` updates, or at `end_of_batch` when immediate work was queued
+  during the batch (the softnet handler of the thesis);
+- split-path detection (here): a local update to a state a peer touched less than two
+  seconds ago is immediate;
+- `defer`: the first packet of a new `out` state held until a peer's INS_ACK;
+- `bulk`: the bulk update, both sides, as state machines;
+- `merge`: how a peer's update is merged (per edge, or the thesis' whole-or-nothing);
+- the protocol version as a policy object (`policy.V5Policy`, `legacy.V4Policy`):
+  sizes, builders, frame layout, decoding. The engine never asks which it has.
 
-`protocol="v4"` reproduces the pre-2009 behaviour the thesis measured against: one
-message type per frame, only 1 s / maxupd / MTU pacing, no split detection, no deferral.
-
-Time is always an argument; the caller (the daemon or a test harness) calls `timer(now)`
-when `next_deadline()` passes and `end_of_batch(now)` after each burst of work, then
-sends what `take_output()` returns and applies `take_releases()`.
+The API, in the manner of aioquic: `receive(frame, now)`, `timer(now)` when
+`next_deadline()` passes, `end_of_batch(now)` after each burst of work; then send what
+`take_output()` returns and act on `take_events()`. `attach(filter, ...)` makes an
+engine that hears the filter's state events.
 """
 
 from __future__ import annotations
@@ -30,51 +28,41 @@ from typing import Any
 
 from pfcluster.pf.constants import (
     IPPROTO_PFSYNC,
-    IPPROTO_TCP,
     PF_TCPS_PROXY_DST,
-    PF_TCPS_PROXY_SRC,
     PFSTATE_ACK,
     PFSTATE_NOSYNC,
     PFTM_MAX,
-    TCPS,
 )
 from pfcluster.pf.filter import Filter
 from pfcluster.pf.state import SYNC_NONE, State
-from pfcluster.pf.tcp import TM_FIRST, fin_acked, sdiff, set_timeout_ladder
 from pfcluster.pfsync import legacy, wire
+from pfcluster.pfsync.bulk import BUS_END, BUS_START, BulkRequest, BulkSend
 from pfcluster.pfsync.convert import (
     STATE_FIELDS,
     ImportError_,
     pack_state,
-    peer_to_wire,
     seconds_left,
     state_importer,
+)
+from pfcluster.pfsync.defer import Deferrals
+from pfcluster.pfsync.events import Event, LogLine, Released, SyncOk
+from pfcluster.pfsync.merge import MERGE_RULES
+from pfcluster.pfsync.policy import Policy, V5Policy
+from pfcluster.pfsync.queues import (
+    Q_DEL,
+    Q_IACK,
+    Q_INS,
+    Q_UPD,
+    Q_UPD_C,
+    QUEUE_ACTION,
+    QUEUES,
+    queue_name,
+    queue_order,
 )
 
 log = logging.getLogger("pfcluster.pfsync")
 
-# Queue ids (PFSYNC_S_* of OpenBSD 4.5); their order is the order of sections in a frame.
-Q_INS = 0
-Q_IACK = 1
-Q_UPD = 2
-Q_UPD_C = 3
-Q_DEL = 4
-Q_COUNT = 5
-QUEUE_ACTION = ("INS", "INS_ACK", "UPD", "UPD_C", "DEL_C")
-# OpenBSD >= 4.8 puts the queues in this order instead.
-V6_QUEUE_ORDER = (Q_IACK, Q_UPD_C, Q_DEL, Q_INS, Q_UPD)
-V5_QUEUE_ORDER = (Q_INS, Q_IACK, Q_UPD, Q_UPD_C, Q_DEL)
-
-IP_HEADER = 20
-PFSYNC_HEADER = 20
-SUBHEADER = 4
-BUS_START = 1
-BUS_END = 2
 DEFAULT_TTL = 255
-
-V4_ACTION = {"INS": "INS", "UPD": "UPD", "UPD_C": "UPD_C", "DEL_C": "DEL_C", "UPD_REQ": "UREQ",
-             "CLR": "CLR", "BUS": "BUS"}  # fmt: skip
-
 # Drop reasons, named as pfsyncstats names them.
 STAT_NAMES = (
     "ipackets", "opackets", "obytes", "ibytes", "badif", "badttl", "hdrops", "badver",
@@ -89,10 +77,6 @@ STAT_NAMES = (
 )  # fmt: skip
 
 
-# How a TCP update from a peer is merged into our copy: "edges" (ours: each sequence edge
-# only grows, so a split path keeps both halves) or "thesis" (OpenBSD 4.5's sfail rule:
-# the update is taken whole or refused whole). v4 always uses the thesis rule.
-MERGE_RULES = ("edges", "thesis")
 
 
 class EngineConfig:
@@ -161,66 +145,45 @@ class EngineConfig:
         self.merge = merge
 
 
-class Deferral:
-    __slots__ = ("deadline", "handle")
-
-    def __init__(self, handle: object, deadline: float) -> None:
-        self.handle = handle
-        self.deadline = deadline
-
-
 class Engine:
-    """One pfsync instance bound to one Filter."""
+    """One pfsync instance bound to one Filter (see `attach`)."""
 
     def __init__(self, filt: Filter, config: EngineConfig | None = None, now: float = 0.0,
                  **kw: Any) -> None:
         self.filter = filt
         self.config = cfg = config or EngineConfig(**kw)
         self.dialect = cfg.dialect
-        self.v4 = cfg.protocol == "v4"
+        self.policy: Policy = legacy.V4Policy() if cfg.protocol == "v4" else V5Policy(cfg.dialect)
+        policy = self.policy
+        self._merge_rule = policy.merge_rule(cfg.merge)
         self.counters: dict[str, int] = dict.fromkeys(STAT_NAMES, 0)
         self.frames_by_action: dict[str, int] = {}
         self.msgs_by_action: dict[str, int] = {}
         self.bytes_by_action: dict[str, int] = {}
-        if self.v4:
-            self._size = {name: legacy.v4_message_size(V4_ACTION[name]) for name in V4_ACTION}
-            self._size["INS_ACK"] = 0  # v4 has no insert acknowledgement
-            self._sub = 0
-            self._minpkt = IP_HEADER + legacy.V4_HEADER_LEN
-        else:
-            self._size = {name: wire.record_size(self.dialect, name)
-                          for name in ("INS", "INS_ACK", "UPD", "UPD_C", "DEL_C", "UPD_REQ",
-                                       "CLR", "BUS")}  # fmt: skip
-            self._sub = SUBHEADER
-            eof = {"openbsd45": SUBHEADER + 20, "openbsd6": 0}.get(self.dialect, SUBHEADER)
-            self._minpkt = IP_HEADER + PFSYNC_HEADER + eof
-        self._qsize = [self._size[QUEUE_ACTION[q]] for q in range(Q_COUNT)]
-        self._queues: list[dict[State, None]] = [{} for _ in range(Q_COUNT)]
+        self._size = policy.sizes
+        self._qsize = [self._size[q.action] for q in QUEUES]
+        self._order = queue_order(self.dialect)
+        self._queues: list[dict[State, None]] = [{} for _ in QUEUES]
         self._ureq: dict[tuple[int, int], None] = {}
         self._plus: list[tuple[str, Any]] = []
-        self._len = self._minpkt
+        self._len = policy.min_frame
         self._deadline: float | None = None
         self._immediate = False
-        self._v4_kind: str | None = None
+        self._pending_kind: str | None = None  # the one message type a v4 frame holds
         self._out: list[bytes] = []
-        self._deferrals: dict[State, Deferral] = {}
-        self._releases: list[tuple[object, bool]] = []
-        # bulk update, sending side
-        self._bulk_list: list[State] | None = None
-        self._bulk_pos = 0
-        self._bulk_next = 0.0
-        self._ureq_received = 0.0
-        # bulk update, requesting side
-        self._ureq_sent: float | None = None
-        self._bulk_tries = 0
-        self._bulkfail: float | None = None
+        self._events: list[Event] = []
+        self.deferrals = Deferrals(cfg.defer_limit, cfg.defer_timeout, self.counters, self._events)
+        self.bulk_send = BulkSend(cfg.bulk_tick, cfg.bulk_frames_per_tick)
+        self.bulk_request = BulkRequest(cfg.bulk_retry, cfg.bulk_max_tries)
         self.sync_ok = True
-        self.on_sync_ok: Callable[[bool], None] | None = None
-        self._now = now
-        state_dialect = "openbsd45" if self.v4 else self.dialect  # v4 shares the 4.5 record
-        self._fields = STATE_FIELDS[state_dialect]
-        self._importer = state_importer(state_dialect)
-        self._state_codec = wire.TABLES[state_dialect][wire.ACTIONS[state_dialect]["INS"]][2]
+        self._bind_rules = False
+        sd = policy.state_dialect
+        self._fields = STATE_FIELDS[sd]
+        self._importer = state_importer(sd)
+        # message builders per queue, the table the sender walks
+        self._builders: tuple[Callable[[State, float, list[int], int], Any], ...] = (
+            self._full_record, lambda st, *_: policy.ins_ack(st), self._full_record,
+            self._upd_c, lambda st, *_: policy.del_c(st))
         self._handlers: dict[str, Callable[[list[Any], float], None]] = {
             "CLR": self._in_clr,
             "INS": self._in_ins,
@@ -238,7 +201,6 @@ class Engine:
             "TDB_UPD": self._in_tdb,
             "EOF": self._in_eof,
         }
-        filt.listener = self
 
     # ------------------------------------------------------------------ accessors
     @property
@@ -247,12 +209,15 @@ class Engine:
 
     def queued(self, st: State) -> str | None:
         """The name of the queue holding `st` (for tests and ctl), or None."""
-        q = st.sync_state
-        return None if q == SYNC_NONE else QUEUE_ACTION[q]
+        return queue_name(st)
 
     def pending_bytes(self) -> int:
         """The size of the frame the queues would make now, IP header included."""
         return self._len
+
+    def empty_frame_bytes(self) -> int:
+        """The size of a frame with nothing in it (headers and EOF)."""
+        return self.policy.min_frame
 
     # ------------------------------------------------------------------ queues
     def _arm(self, now: float) -> None:
@@ -260,33 +225,32 @@ class Engine:
             self._deadline = now + self.config.pace
 
     def _need(self, name: str, empty: bool) -> int:
-        return self._size[name] + (self._sub if empty else 0)
+        return self._size[name] + (self.policy.subheader if empty else 0)
 
     def _make_room(self, kind: str, nlen: int, now: float) -> None:
-        if self.v4:
-            if self._v4_kind is not None and self._v4_kind != kind:
-                self._sendout(now, "batch_sends")
-            elif self._count_pending() >= 255:
-                self._sendout(now, "full_sends")
+        why = self.policy.must_send_before(kind, self._pending_kind, self._count_pending())
+        if why is not None:
+            self._sendout(now, why)
         if self._len + nlen > self.config.mtu:
             self._sendout(now, "full_sends")
 
     def _count_pending(self) -> int:
         return sum(len(q) for q in self._queues) + len(self._ureq) + len(self._plus)
 
+    def _add(self, kind: str, nlen: int, now: float) -> None:
+        """Account for one message of `kind` (room already made) and arm the pace: after
+        making room, since a send disarms it and this message must still leave."""
+        self._arm(now)
+        self._len += nlen
+        self._pending_kind = kind
+
     def _q_ins(self, st: State, q: int, now: float) -> None:
         name = QUEUE_ACTION[q]
         queue = self._queues[q]
         self._make_room(name, self._need(name, not queue), now)
-        # Arm only now: making room may have sent a frame, which disarms the timer, and
-        # this message must still leave within `pace` even if nothing else happens.
-        self._arm(now)
-        nlen = self._need(name, not queue)
-        self._len += nlen
+        self._add(name, self._need(name, not queue), now)
         queue[st] = None
         st.sync_state = q
-        if self.v4:
-            self._v4_kind = name
 
     def _q_del(self, st: State) -> None:
         q = st.sync_state
@@ -296,7 +260,7 @@ class Engine:
         if queue.pop(st, 0) is None:
             self._len -= self._qsize[q]
             if not queue:
-                self._len -= self._sub
+                self._len -= self.policy.subheader
         st.sync_state = SYNC_NONE
 
     # ------------------------------------------------------------------ pf events
@@ -314,7 +278,7 @@ class Engine:
             # A later packet of a deferred state: the held first packet goes before it
             # (pfsync_update_state releases it), so the two are never reordered.
             self.counters["defer_update"] += 1
-            self._undefer(st, drop=False)
+            self.deferrals.release(st, accept=True)
         if st.state_flags & PFSTATE_NOSYNC:
             if st.sync_state != SYNC_NONE:
                 self._q_del(st)
@@ -333,13 +297,13 @@ class Engine:
         if sync:
             self.counters["maxupd_sends"] += 1
             self._immediate = True
-        elif not self.v4 and now - st.pfsync_time < self.config.split_window:
+        elif self.policy.split_detection and now - st.pfsync_time < self.config.split_window:
             self.counters["split_immediate"] += 1
             self._immediate = True
 
     def state_removed(self, st: State, now: float) -> None:
         if st.state_flags & PFSTATE_ACK:
-            self._undefer(st, drop=True)
+            self.deferrals.release(st, accept=False)
         if st.state_flags & PFSTATE_NOSYNC:
             if st.sync_state != SYNC_NONE:
                 self._q_del(st)
@@ -357,60 +321,55 @@ class Engine:
     def defer(self, st: State, handle: object, now: float) -> bool:
         """Hold the packet that created `st` until a peer acknowledges the insert.
 
-        True means the engine now owns the verdict of `handle`: it comes back through
-        `take_releases()` as accept (acked or timed out) or drop.
+        True means the engine now owns the verdict of `handle`: it comes back as a
+        `Released` event, accept (acked or timed out) or drop.
         """
-        if not self.config.defer or self.v4 or st.state_flags & PFSTATE_NOSYNC:
+        if not (self.config.defer and self.policy.defers) or st.state_flags & PFSTATE_NOSYNC:
             return False
         if st.sync_state != Q_INS:
             return False
-        if len(self._deferrals) >= self.config.defer_limit:
-            oldest = next(iter(self._deferrals))
-            self.counters["defer_overlimit"] += 1
-            self._undefer(oldest, drop=False)
-        st.state_flags |= PFSTATE_ACK
-        self._deferrals[st] = Deferral(handle, now + self.config.defer_timeout)
-        self.counters["deferred"] += 1
+        self.deferrals.hold(st, handle, now)
         self._immediate = True
         return True
 
-    def _undefer(self, st: State, drop: bool) -> None:
-        d = self._deferrals.pop(st, None)
-        st.state_flags &= ~PFSTATE_ACK
-        if d is None:
-            return
-        if drop:
-            self.counters["defer_dropped"] += 1
-        self._releases.append((d.handle, not drop))
-
     def release_all(self, now: float) -> None:
         """Let every held packet go (shutdown: better late than dropped)."""
-        for st in list(self._deferrals):
-            self._undefer(st, drop=False)
+        self.deferrals.release_all()
 
     def deferred_count(self) -> int:
-        return len(self._deferrals)
+        return len(self.deferrals)
+
+    # ------------------------------------------------------------------ events
+    def take_events(self) -> list[Event]:
+        """Everything that happened since the last call, in order: released packets
+        (give their verdicts before any later packet's), sync_ok changes, log lines."""
+        lines = self.filter.take_log()
+        if lines:
+            self._events.extend(LogLine(line) for line in lines)
+        events = self._events[:]
+        self._events.clear()
+        return events
 
     def pending_releases(self) -> int:
-        """Held packets released but not yet taken: the caller gives their verdicts
-        before the verdict of the packet it is deciding."""
-        return len(self._releases)
+        """Released packets not yet taken (a packet being decided released them)."""
+        if not self._events:
+            return 0
+        return sum(1 for e in self._events if e.__class__ is Released)
 
-    def take_log(self) -> list[str]:
-        """pf's log lines raised outside a packet's verdict (e.g. by an import)."""
-        return self.filter.take_log()
+    def _set_sync_ok(self, ok: bool) -> None:
+        if ok != self.sync_ok:
+            self._events.append(SyncOk(ok))
+        self.sync_ok = ok
 
     # ------------------------------------------------------------------ requests
     def _request_update(self, creatorid: int, state_id: int, now: float) -> None:
         k = (creatorid, state_id)
         if k in self._ureq:
             return
-        self._make_room("UPD_REQ", self._need("UPD_REQ", not self._ureq), now)
-        self._arm(now)
-        self._len += self._need("UPD_REQ", not self._ureq)
+        need = self._need("UPD_REQ", not self._ureq)
+        self._make_room("UPD_REQ", need, now)
+        self._add("UPD_REQ", self._need("UPD_REQ", not self._ureq), now)
         self._ureq[k] = None
-        if self.v4:
-            self._v4_kind = "UPD_REQ"
         self.counters["ureq_sent"] += 1
         self._immediate = True
 
@@ -426,123 +385,78 @@ class Engine:
     def _send_plus(self, name: str, msg: Any, now: float) -> None:
         """CLR and BUS go out at once, with whatever else is queued."""
         self._make_room(name, self._need(name, True), now)
-        self._arm(now)
-        self._len += self._need(name, True)
+        self._add(name, self._need(name, True), now)
         self._plus.append((name, msg))
-        if self.v4:
-            self._v4_kind = name
         self._sendout(now, "batch_sends")
 
     def clear_states(self, now: float, ifname: str = "") -> None:
         """Tell peers our states are gone (pfctl -F states): one CLR with our creator id."""
-        if self.v4:
-            msg: Any = legacy.StateClr(ifname, self.creatorid)
-        else:
-            msg = wire.Clr(ifname, self.creatorid)
-        self._send_plus("CLR", msg, now)
+        self._send_plus("CLR", self.policy.clr(ifname, self.creatorid), now)
 
     # ------------------------------------------------------------------ bulk update
     def start(self, now: float) -> None:
         """Come up 'not ok' and ask the peers for their whole table (UPD_REQ 0/0)."""
         self._set_sync_ok(False)
-        self._ureq_sent = now
-        self._bulk_tries = 0
-        self._bulkfail = now + self.config.bulk_retry
+        self.bulk_request.begin(now)
         self.counters["bulk_requests_sent"] += 1
         self._request_update(0, 0, now)
 
-    def _set_sync_ok(self, ok: bool) -> None:
-        changed = ok != self.sync_ok
-        self.sync_ok = ok
-        if changed and self.on_sync_ok is not None:
-            self.on_sync_ok(ok)
-
-    def _bulk_fail(self, now: float) -> None:
-        if self._bulk_tries < self.config.bulk_max_tries:
-            self._bulk_tries += 1
-            self._bulkfail = now + self.config.bulk_retry
+    def _bulk_timed_out(self, now: float) -> None:
+        req = self.bulk_request
+        tries = req.tries
+        if req.timed_out(now):
             self.counters["bulk_requests_sent"] += 1
             self._ureq.pop((0, 0), None)
             self._request_update(0, 0, now)
             return
-        # Nobody answered: assume we are alone.
-        log.info("pfsync: failed to receive bulk update after %d tries, assuming alone", self._bulk_tries)
+        log.info("pfsync: failed to receive bulk update after %d tries, assuming alone", tries)
         self.counters["bulk_gave_up"] += 1
-        self._ureq_sent = None
-        self._bulkfail = None
-        self._bulk_tries = 0
         self._set_sync_ok(True)
 
     def _bulk_start(self, now: float) -> None:
         self.counters["bulk_requests_received"] += 1
-        self._ureq_received = now
-        self._bulk_list = [st for st in self.filter.states]
-        self._bulk_pos = 0
-        self._bulk_next = now
-        log.info("pfsync: bulk update start, %d states", len(self._bulk_list))
-        self._send_plus("BUS", self._bus(BUS_START, 0), now)
+        self.bulk_send.begin(now, list(self.filter.states))
+        log.info("pfsync: bulk update start, %d states", len(self.bulk_send.states or ()))
+        self._send_plus("BUS", self.policy.bus(self.creatorid, 0, BUS_START), now)
 
-    def _bus(self, status: int, endtime: int) -> Any:
-        if self.v4:
-            return legacy.StateBus(self.creatorid, endtime, status)
-        return wire.Bus(self.creatorid, endtime, status)
+    def _bulk_step(self, now: float) -> None:
+        room = self.config.mtu - self._size["UPD"] - self.policy.subheader
 
-    def _bulk_update(self, now: float) -> None:
-        lst = self._bulk_list
-        if lst is None:
-            return
-        frames = 0
-        limit = self.config.bulk_frames_per_tick
-        room = self.config.mtu - self._size["UPD"] - self._sub
-        i = self._bulk_pos
-        n = len(lst)
-        while i < n:
-            st = lst[i]
-            i += 1
-            if (st.linked and st.sync_state == SYNC_NONE and st.timeout < PFTM_MAX
-                    and st.pfsync_time <= self._ureq_received
-                    and not st.state_flags & PFSTATE_NOSYNC):  # fmt: skip
-                self._update_state_req(st, now)
-                self.counters["bulk_states_sent"] += 1
-                if self._len > room:
-                    self._sendout(now, "full_sends")
-                    frames += 1
-                    if frames >= limit:
-                        break
-        self._bulk_pos = i
-        if i >= n:
-            self._bulk_list = None
-            endtime = max(0, int(now - self._ureq_received))
+        def queue(st: State) -> bool:
+            self._update_state_req(st, now)
+            self.counters["bulk_states_sent"] += 1
+            if self._len > room:
+                self._sendout(now, "full_sends")
+                return True
+            return False
+
+        if self.bulk_send.step(now, queue):
+            endtime = max(0, int(now - self.bulk_send.requested_at))
             log.info("pfsync: bulk update complete")
-            self._send_plus("BUS", self._bus(BUS_END, endtime), now)
-        else:
-            self._bulk_next = now + self.config.bulk_tick
+            self._send_plus("BUS", self.policy.bus(self.creatorid, endtime, BUS_END), now)
 
     # ------------------------------------------------------------------ timers
     def next_deadline(self) -> float | None:
         cands = []
         if self._deadline is not None:
             cands.append(self._deadline)
-        if self._deferrals:
-            cands.append(next(iter(self._deferrals.values())).deadline)
-        if self._bulk_list is not None:
-            cands.append(self._bulk_next)
-        if self._bulkfail is not None:
-            cands.append(self._bulkfail)
+        d = self.deferrals.next_deadline()
+        if d is not None:
+            cands.append(d)
+        if self.bulk_send.active:
+            cands.append(self.bulk_send.next_at)
+        if self.bulk_request.fail_at is not None:
+            cands.append(self.bulk_request.fail_at)
         return min(cands) if cands else None
 
     def timer(self, now: float) -> None:
-        self._now = now
-        if self._deferrals:
-            for st, d in list(self._deferrals.items()):
-                if d.deadline > now:
-                    break
-                self.counters["defer_timeout"] += 1
-                self._undefer(st, drop=False)
-        if self._bulk_list is not None and now >= self._bulk_next:
-            self._bulk_update(now)
-        if self._bulkfail is not None and now >= self._bulkfail:
-            self._bulk_fail(now)
+        if len(self.deferrals):
+            self.deferrals.expire(now)
+        if self.bulk_send.active and now >= self.bulk_send.next_at:
+            self._bulk_step(now)
+        fail_at = self.bulk_request.fail_at
+        if fail_at is not None and now >= fail_at:
+            self._bulk_timed_out(now)
         if self._deadline is not None and now >= self._deadline:
             self._sendout(now, "pace_sends")
         self.end_of_batch(now)
@@ -559,119 +473,59 @@ class Engine:
         self._out = []
         return out
 
-    def take_releases(self) -> list[tuple[object, bool]]:
-        r = self._releases
-        self._releases = []
-        return r
-
     def flush(self, now: float) -> None:
         """Send whatever is queued now (used on shutdown)."""
         self._sendout(now, "batch_sends")
 
+    def _full_record(self, st: State, now: float, timeouts: list[int], nstates: int) -> Any:
+        return pack_state(st, now, self.policy.state_dialect, timeouts, nstates)
+
+    def _upd_c(self, st: State, now: float, timeouts: list[int], nstates: int) -> Any:
+        return self.policy.upd_c(st, seconds_left(st, now, timeouts, nstates), st.sync_updates)
+
     def _sendout(self, now: float, why: str) -> None:
-        if self._len == self._minpkt and not self._plus:
+        policy = self.policy
+        if self._len == policy.min_frame and not self._plus:
             self._deadline = None
             return
         filt = self.filter
         nstates = len(filt.states)
         timeouts = filt.timeouts
-        sections: list[tuple[str, list[Any]]] = []
-        queues = self._queues
-        order = V6_QUEUE_ORDER if self.dialect == "openbsd6" else V5_QUEUE_ORDER
-        dialect = self.dialect
+        queued: list[tuple[str, list[Any]]] = []
         # Build the messages only now, from the states' current contents.
-        built: dict[int, tuple[str, list[Any]]] = {}
-        for q in order:
-            queue = queues[q]
+        for q in self._order:
+            queue = self._queues[q]
             if not queue:
                 continue
+            build = self._builders[q]
+            tells = QUEUES[q].tells_state
             msgs: list[Any] = []
-            if q in (Q_INS, Q_UPD):
-                for st in queue:
-                    msgs.append(pack_state(st, now, dialect, timeouts, nstates))
-                    st.sync_state = SYNC_NONE
+            for st in queue:
+                msgs.append(build(st, now, timeouts, nstates))
+                st.sync_state = SYNC_NONE
+                if tells:
                     st.pfsync_sent = now
-            elif q == Q_UPD_C:
-                for st in queue:
-                    msgs.append(self._upd_c(st, now, timeouts, nstates))
-                    st.sync_state = SYNC_NONE
-                    st.pfsync_sent = now
-            elif q == Q_IACK:
-                for st in queue:
-                    msgs.append(wire.InsAck(st.id, st.creatorid))
-                    st.sync_state = SYNC_NONE
+            if q == Q_IACK:
                 self.counters["iack_sent"] += len(queue)
-            else:
-                for st in queue:
-                    if self.v4:
-                        msgs.append(legacy.StateDel(st.id, st.creatorid, st.src.state, st.dst.state))
-                    else:
-                        msgs.append(wire.DelC(st.id, st.creatorid))
-                    st.sync_state = SYNC_NONE
             queue.clear()
-            built[q] = (QUEUE_ACTION[q], msgs)
-        ureq: list[Any] = []
-        if self._ureq:
-            cls = legacy.StateUpdReq if self.v4 else wire.UpdReq
-            ureq = [cls(sid, cid) for (cid, sid) in self._ureq]
-            self._ureq.clear()
+            queued.append((QUEUE_ACTION[q], msgs))
+        ureq = [policy.ureq(sid, cid) for (cid, sid) in self._ureq]
+        self._ureq.clear()
         plus = self._plus
         self._plus = []
-        if dialect == "openbsd6" and not self.v4:
-            if ureq:
-                sections.append(("UPD_REQ", ureq))
-            sections.extend((n, [m]) for n, m in plus)
-            sections.extend(built[q] for q in order if q in built)
-        else:
-            sections.extend(built[q] for q in order if q in built)
-            if ureq:
-                sections.append(("UPD_REQ", ureq))
-            sections.extend((n, [m]) for n, m in plus)
-        self._len = self._minpkt
+        sections = policy.layout(queued, ureq, [(n, [m]) for n, m in plus])
+        self._len = policy.min_frame
         self._deadline = None
-        self._v4_kind = None
+        self._pending_kind = None
         self.counters[why] += 1
-        if self.v4:
-            for name, msgs in sections:
-                self._emit_v4(name, msgs)
-        else:
-            self._emit_v5(sections)
-
-    def _upd_c(self, st: State, now: float, timeouts: list[int], nstates: int) -> Any:
-        expire = seconds_left(st, now, timeouts, nstates)
-        if self.v4:
-            return legacy.StateUpd(st.id, peer_to_wire(st.src), peer_to_wire(st.dst),
-                                   st.creatorid, expire, st.timeout, st.sync_updates & 0xFF)  # fmt: skip
-        return wire.UpdC(st.id, peer_to_wire(st.src), peer_to_wire(st.dst), st.creatorid,
-                         expire, st.timeout, 0)  # fmt: skip
-
-    def _emit_v5(self, sections: list[tuple[str, list[Any]]]) -> None:
-        acts = wire.ACTIONS[self.dialect]
-        secs = [wire.Section(name, acts[name], len(msgs), msgs) for name, msgs in sections if msgs]
-        # Merge same-action neighbours (two BUS in one frame share a subheader).
-        merged: list[wire.Section] = []
-        for s in secs:
-            if merged and merged[-1].action_id == s.action_id:
-                merged[-1].messages.extend(s.messages)
-                merged[-1].count = len(merged[-1].messages)
-            else:
-                merged.append(s)
-        frame = wire.Frame(wire.VERSION[self.dialect], None, self.filter.ruleset.checksum[:16], merged)
-        data = wire.encode(frame, self.dialect)
-        self._account(data, [(s.action, s.count) for s in merged])
-
-    def _emit_v4(self, name: str, msgs: list[Any]) -> None:
-        action = legacy.V4_ACTIONS[V4_ACTION[name]]
-        for i in range(0, len(msgs), 255):
-            chunk = msgs[i : i + 255]
-            frame = legacy.V4Frame(action, chunk, pf_chksum=self.filter.ruleset.checksum[:16])
-            self._account(legacy.encode_v4(frame), [(name, len(chunk))])
+        for data, counts in policy.frames(sections, filt.ruleset.checksum[:16]):
+            self._account(data, counts)
 
     def _account(self, data: bytes, sections: list[tuple[str, int]]) -> None:
         self._out.append(data)
         c = self.counters
         c["opackets"] += 1
-        c["obytes"] += len(data) + IP_HEADER
+        c["obytes"] += len(data) + 20  # IP header
         for name, count in sections:
             self.frames_by_action[name] = self.frames_by_action.get(name, 0) + 1
             self.msgs_by_action[name] = self.msgs_by_action.get(name, 0) + count
@@ -681,63 +535,22 @@ class Engine:
     def receive(self, payload: bytes | bytearray | memoryview, now: float, *, src: str = "",
                 ttl: int = DEFAULT_TTL) -> None:
         """One pfsync frame from a peer (starting at the pfsync header)."""
-        self._now = now
         c = self.counters
         c["ipackets"] += 1
         c["ibytes"] += len(payload)
         if ttl != DEFAULT_TTL:
             c["badttl"] += 1
             return
-        if self.v4:
-            self._receive_v4(payload, now)
+        decoded = self.policy.decode(payload, c)
+        if decoded is None:
             return
-        try:
-            frame = wire.decode(payload, self.dialect, raw_states=True)
-        except wire.WireError as e:
-            c[e.reason if e.reason in c else "badlen"] += 1
-            frame = e.frame
-            # A header claiming more bytes than arrived: pfsync_input drops the whole
-            # packet. An error later in the walk keeps the sections before it, as the
-            # kernel has already applied them when it meets the bad one.
-            if frame is None or (frame.len is not None and frame.len > len(payload)):
-                return
-        invalid = set(frame.invalid)
-        if invalid:
-            c["badval"] += len(invalid)
-        self._bind_rules = bytes(frame.pfcksum) == bytes(self.filter.ruleset.checksum[:16])
-        for si, sec in _deletions_first(frame.sections):
-            if sec.truncated or sec.skipped:
-                continue
-            handler = self._handlers.get(sec.action)
-            if handler is None:
-                continue
-            msgs = sec.messages
-            if invalid:
-                msgs = [m for mi, m in enumerate(msgs) if (si, mi) not in invalid]
-            handler(msgs, now)
-
-    _bind_rules = False
-
-    def _receive_v4(self, payload: bytes | bytearray | memoryview, now: float) -> None:
-        c = self.counters
-        try:
-            frame = legacy.decode_v4(payload)
-        except wire.WireError as e:
-            c[e.reason if e.reason in c else "badlen"] += 1
-            return
-        if frame.invalid:
-            c["badval"] += len(frame.invalid)
-        bad = set(frame.invalid)
-        msgs = [m for i, m in enumerate(frame.messages) if i not in bad]
-        if msgs and isinstance(msgs[0], wire.State):
-            # the v4 state record is the 4.5 one: hand the handlers the same tuples
-            codec = self._state_codec
-            assert codec is not None
-            msgs = [tuple(codec.to_tuple(m)) for m in msgs]
-        self._bind_rules = bytes(frame.pf_chksum) == bytes(self.filter.ruleset.checksum[:16])
-        handler = self._handlers.get(frame.action_name)
-        if handler is not None:
-            handler(msgs, now)
+        sections, pfcksum = decoded
+        self._bind_rules = pfcksum == bytes(self.filter.ruleset.checksum[:16])
+        handlers = self._handlers
+        for action, msgs in sections:
+            handler = handlers.get(action)
+            if handler is not None:
+                handler(msgs, now)
 
     def _in_clr(self, msgs: list[Any], now: float) -> None:
         filt = self.filter
@@ -750,10 +563,12 @@ class Engine:
                 filt.remove_state(st, now)
 
     def _import(self, t: tuple[Any, ...], now: float) -> State | None:
-        """A state from an unpacked pfsync_state tuple (INS, or UPD for an unknown id)."""
+        """A state from an unpacked pfsync_state tuple (INS, or UPD for an unknown id).
+
+        Records with our own creator id are imported like any other: with a fixed
+        hostid, a restarted node gets back the states it created before the restart.
+        """
         filt = self.filter
-        # Records with our own creator id are imported like any other: with a fixed
-        # hostid, a restarted node gets back the states it created before the restart.
         try:
             st, rule_nr, wants_ack = self._importer(t, now, filt.timeouts)
         except ImportError_:
@@ -762,7 +577,7 @@ class Engine:
         if not filt.import_state(st, rule_nr, now, bind_rule=self._bind_rules):
             self.counters["import_failed"] += 1
             return None
-        if wants_ack:
+        if wants_ack and self.policy.defers:
             self._q_ins(st, Q_IACK, now)
             self._immediate = True
         return st
@@ -778,31 +593,32 @@ class Engine:
 
     def _in_iack(self, msgs: list[Any], now: float) -> None:
         by_id = self.filter.states.by_id
+        deferrals = self.deferrals
         for m in msgs:
             self.counters["iack_received"] += 1
             st = by_id(m.creatorid, m.id)
-            if st is not None and st in self._deferrals:
+            if st is not None and st in deferrals:
                 self.counters["defer_acked"] += 1
-                self._undefer(st, drop=False)
+                deferrals.release(st, accept=True)
 
     def _in_upd(self, msgs: list[Any], now: float) -> None:
         by_id = self.filter.states.by_id
         f = self._fields
+        s, d = f.src, f.dst
         for t in msgs:
             self.counters["upd_received"] += 1
             st = by_id(t[f.creatorid], t[f.id])
             if st is None:
-                if self._ureq_sent is not None:
+                if self.bulk_request.waiting:
                     self.counters["bulk_states_received"] += 1
                 self._import(t, now)
                 continue
             timeout = t[f.timeout]
-            s, d = f.src, f.dst
             if timeout >= PFTM_MAX or t[s + 9] > PF_TCPS_PROXY_DST or t[d + 9] > PF_TCPS_PROXY_DST:
                 self.counters["badval"] += 1
                 continue
             self._merge(st, wire.StatePeer(*t[s : s + 11]), wire.StatePeer(*t[d : d + 11]),
-                        timeout, now)  # fmt: skip
+                        timeout, now)
 
     def _in_upd_c(self, msgs: list[Any], now: float) -> None:
         by_id = self.filter.states.by_id
@@ -814,38 +630,18 @@ class Engine:
                 continue
             self._merge(st, m.src, m.dst, m.timeout, now)
 
-    def _merge(self, st: State, src: wire.StatePeer, dst: wire.StatePeer, timeout: int,
-               now: float) -> None:
+    def _merge(self, st: State, src: Any, dst: Any, timeout: int, now: float) -> None:
         """Take what the peer knows better; where ours is fresher, send ours back."""
         if st.state_flags & PFSTATE_ACK:
-            self._undefer(st, drop=True)
-        if self.v4 or self.config.merge == "thesis":
-            sync = _merge_sfail(st, src, dst, timeout, now)
-        elif st.key[1] == IPPROTO_TCP:
-            sync = _merge_tcp_peer(st.src, src) + _merge_tcp_peer(st.dst, dst)
-            if fin_acked(st):
-                # New knowledge the peer cannot derive (it has not seen the ACK): send
-                # it now, whatever the echo holdoff says.
-                sync += 1
-                self.counters["fin_acked"] += 1
-                self._immediate = True
-            st.expire = now
-            # tcp.first lasts until some node sees a second packet; then the ladder.
-            if st.timeout != TM_FIRST or timeout != TM_FIRST:
-                set_timeout_ladder(st, st.src, st.dst)
-        else:
-            sync = 0
-            for local, remote in ((st.src, src), (st.dst, dst)):
-                if local.state > remote.state:
-                    sync += 1
-                else:
-                    local.state = remote.state
-            if sync < 2:
-                st.expire = now
-                if timeout < PFTM_MAX:
-                    st.timeout = timeout
+            self.deferrals.release(st, accept=False)
+        stale, derived = self._merge_rule(st, src, dst, timeout, now)
         st.pfsync_time = now
-        if sync:
+        if derived:
+            # New knowledge the peer cannot have (it has not seen the ACK): send it
+            # now, whatever the echo holdoff says.
+            self.counters["fin_acked"] += derived
+            self._immediate = True
+        if stale:
             # The peer's copy is behind ours. If we sent this state recently, our update
             # is on the wire and will catch the peer up; echoing again would only make
             # the two firewalls answer each other's echoes for as long as traffic flows.
@@ -885,21 +681,19 @@ class Engine:
         self._in_del([wire.DelC(t[f.id], t[f.creatorid]) for t in msgs], now)
 
     def _in_bus(self, msgs: list[Any], now: float) -> None:
+        req = self.bulk_request
         for m in msgs:
-            if self._ureq_sent is None:
+            if not req.waiting:
                 continue
             if m.status == BUS_START:
                 self.counters["bulk_starts_received"] += 1
-                per_frame = max(1, (self.config.mtu - self._minpkt) // self._size["UPD"])
-                self._bulkfail = now + 4 + self.filter.limit_states / (per_frame * 100)
+                per_frame = (self.config.mtu - self.policy.min_frame) // self._size["UPD"]
+                req.started(now, self.filter.limit_states, per_frame)
                 log.info("pfsync: received bulk update start")
             elif m.status == BUS_END:
                 self.counters["bulk_ends_received"] += 1
-                if now - m.endtime >= self._ureq_sent - 1.0:
+                if req.ended(now, m.endtime):
                     self.counters["bulk_done"] += 1
-                    self._ureq_sent = None
-                    self._bulkfail = None
-                    self._bulk_tries = 0
                     log.info("pfsync: received valid bulk update end")
                     self._set_sync_ok(True)
                 else:
@@ -917,114 +711,23 @@ class Engine:
             "sync_ok": self.sync_ok,
             "protocol": self.config.protocol,
             "dialect": self.dialect,
+            "merge": self.config.merge,
             "creatorid": f"{self.creatorid:08x}",
             "counters": dict(self.counters),
             "frames_by_action": dict(self.frames_by_action),
             "messages_by_action": dict(self.msgs_by_action),
             "bytes_by_action": dict(self.bytes_by_action),
-            "deferred_now": len(self._deferrals),
-            "bulk_sending": self._bulk_list is not None,
-            "bulk_progress": [self._bulk_pos, len(self._bulk_list)] if self._bulk_list else None,
-            "bulk_tries": self._bulk_tries,
+            "deferred_now": len(self.deferrals),
+            "bulk_sending": self.bulk_send.active,
+            "bulk_progress": self.bulk_send.progress(),
+            "bulk_tries": self.bulk_request.tries,
         }
 
 
-_DELETIONS = frozenset(("CLR", "DEL", "DEL_C"))
-
-
-def _deletions_first(sections: list[Any]) -> list[tuple[int, Any]]:
-    """The frame's sections with its deletions (CLR, DEL, DEL_C) moved to the front.
-
-    A state sits in one queue at a time, so no frame both inserts and deletes the same
-    state, and applying its deletions first changes nothing for any single state. It
-    matters for two states that share a key: a client reusing its source port makes the
-    sender replace a closed state by a new one, and the 4.5 section order (INS before
-    DEL_C) would have us refuse the new state because the old one still holds its key.
-    OpenBSD 4.8 moved DEL_C ahead of INS on the sending side for the same reason; doing
-    it on receipt also covers senders that keep the 4.5 order.
-    """
-    indexed = list(enumerate(sections))
-    if not any(sec.action in _DELETIONS for sec in sections[1:]):
-        return indexed
-    return sorted(indexed, key=lambda item: item[1].action not in _DELETIONS)
-
-
-def _merge_tcp_peer(local: Any, remote: wire.StatePeer) -> int:
-    """Merge one peer: take every part the remote knows better, keep every part we know
-    better, and return 1 if ours was fresher anywhere (so ours must go back).
-
-    Each edge only grows: state, seqlo (what this end has sent) and seqhi (what the other
-    end allows) never move backwards. On a split path this matters: one firewall sees the
-    sender's data (seqlo) and the other the receiver's ACKs (seqhi) for the same peer, so
-    keeping or dropping a peer wholesale, as OpenBSD 4.5 did, loses half of it.
-    """
-    ls = local.state
-    rs = remote.state
-    if ls >= PF_TCPS_PROXY_SRC or rs >= PF_TCPS_PROXY_SRC:
-        # synproxy states: trust the later phase only.
-        if ls > rs:
-            return 1
-        local.copy_from(remote)
-        return 0
-    if local.seqlo == 0 and ls <= rs:
-        local.copy_from(remote)
-        return 0
-    if remote.seqlo == 0 and rs <= ls:
-        return 1 if (ls > rs or local.seqlo) else 0
-    stale = 0
-    if ls > rs:
-        stale = 1
-    elif rs > ls:
-        local.state = rs
-    d = sdiff(local.seqlo, remote.seqlo)
-    if d > 0:
-        stale = 1
-    elif d < 0:
-        local.seqlo = remote.seqlo
-    d = sdiff(local.seqhi, remote.seqhi)
-    if d > 0:
-        stale = 1
-    elif d < 0:
-        local.seqhi = remote.seqhi
-    if local.max_win > remote.max_win:
-        stale = 1
-    elif remote.max_win > local.max_win:
-        local.max_win = remote.max_win
-    if remote.wscale and not local.wscale:
-        local.wscale = remote.wscale
-    if remote.seqdiff and not local.seqdiff:
-        local.seqdiff = remote.seqdiff
-    if remote.mss and not local.mss:
-        local.mss = remote.mss
-    return stale
-
-
-def _merge_sfail(st: State, src: wire.StatePeer, dst: wire.StatePeer, timeout: int,
-                 now: float) -> int:  # fmt: skip
-    """The pre-2009 merge (pfsync v4, and OpenBSD 4.5's "sfail" codes): an update is
-    taken whole or refused whole, except that a fresher src peer is kept when only the
-    dst is stale. On a split path each firewall is ahead on the peer it forwards for, so
-    it refuses the half it is missing — the stall the thesis measured. Returns the sfail
-    code (0 = applied)."""
-    ls, ld = st.src, st.dst
-    if st.key[1] == IPPROTO_TCP:
-        if ls.state > src.state and (ls.state < PF_TCPS_PROXY_SRC or src.state >= PF_TCPS_PROXY_SRC):
-            return 1
-        if sdiff(ls.seqlo, src.seqlo) > 0:
-            return 3
-        if ld.state > dst.state:
-            ls.copy_from(src)
-            return 7
-        if ld.state >= TCPS.SYN_SENT and sdiff(ld.seqlo, dst.seqlo) > 0:
-            return 4
-    else:
-        if ls.state > src.state:
-            return 5
-        if ld.state > dst.state:
-            return 6
-    ls.copy_from(src)
-    ld.copy_from(dst)
-    st.expire = now
-    if timeout < PFTM_MAX:
-        st.timeout = timeout
-    return 0
+def attach(filt: Filter, config: EngineConfig | None = None, now: float = 0.0,
+           **kw: Any) -> Engine:
+    """An engine that hears `filt`'s state events, as pf calls pfsync_insert_state,
+    pfsync_update_state and pfsync_delete_state."""
+    engine = Engine(filt, config, now, **kw)
+    filt.listener = engine
+    return engine

@@ -13,7 +13,8 @@ import struct
 from typing import Any
 
 from pfcluster.pfsync import wire
-from pfcluster.pfsync.wire import State, StatePeer, Tdb, WireError
+from pfcluster.pfsync.layout import PEER_FMT, PEER_VALUES
+from pfcluster.pfsync.wire import Codec, Message, State, StatePeer, Tdb, WireError, cstr
 
 # --- v4 wire ---------------------------------------------------------------------
 
@@ -30,7 +31,7 @@ V4_TCPDUMP_NAMES = ("CLR ST", "INS ST", "UPD ST", "DEL ST", "UPD ST COMP", "DEL 
                     "INS FR", "DEL FR", "UPD REQ", "BLK UPD STAT", "TDB UPD")  # fmt: skip
 
 
-class StateUpd(wire._Msg):
+class StateUpd(Message):
     """struct pfsync_state_upd (v4 "compressed" update, 88 bytes)."""
 
     __slots__ = ("id", "src", "dst", "creatorid", "expire", "timeout", "updates")  # noqa: RUF023 (C field order)
@@ -46,7 +47,7 @@ class StateUpd(wire._Msg):
         self.updates = updates
 
 
-class StateDel(wire._Msg):
+class StateDel(Message):
     """struct pfsync_state_del (16 bytes); ``src_state``/``dst_state`` are the C
     ``src.state``/``dst.state`` bytes."""
 
@@ -79,35 +80,41 @@ class StateBus(wire.Bus):
 
 
 def _peer(t: tuple[Any, ...], i: int) -> StatePeer:
-    return StatePeer(*t[i : i + 11])
+    return StatePeer(*t[i : i + PEER_VALUES])
 
 
-_P = wire._PEER_FMT
-_V4_CODECS: dict[int, wire._Codec] = {
-    0: wire._Codec("!16sI4x", StateClr, lambda t: StateClr(wire._cstr(t[0]), t[1]),
-                   lambda m: (m.ifname.encode("latin-1"), m.creatorid)),
-    4: wire._Codec("!Q" + _P + _P + "IIBB6x", StateUpd,
-                   lambda t: StateUpd(t[0], _peer(t, 1), _peer(t, 12), *t[23:27]),
-                   lambda m: (m.id, *m.src.astuple(), *m.dst.astuple(), m.creatorid, m.expire,
-                              m.timeout, m.updates)),
-    5: wire._Codec("!QIBB2x", StateDel, lambda t: StateDel(*t),
-                   lambda m: (m.id, m.creatorid, m.src_state, m.dst_state)),
-    8: wire._Codec("!QI4x", StateUpdReq, lambda t: StateUpdReq(*t),
-                   lambda m: (m.id, m.creatorid)),
-    9: wire._Codec("!IIB7x", StateBus, lambda t: StateBus(*t),
-                   lambda m: (m.creatorid, m.endtime, m.status)),
-    10: wire._Codec("!I28sIQBB2x", Tdb, lambda t: Tdb(*t),
-                    lambda m: (m.spi, m.dst, m.rpl, m.cur_bytes, m.sproto, m.updates)),
+_SRC = 1  # StateUpd tuple: id, src peer, dst peer, creatorid, expire, timeout, updates
+_DST = _SRC + PEER_VALUES
+_TAIL = _DST + PEER_VALUES
+_V4_CODECS: dict[int, Codec] = {
+    V4_ACTIONS["CLR"]: Codec("!16sI4x", StateClr, lambda t: StateClr(cstr(t[0]), t[1]),
+                             lambda m: (m.ifname.encode("latin-1"), m.creatorid)),
+    V4_ACTIONS["UPD_C"]: Codec("!Q" + PEER_FMT + PEER_FMT + "IIBB6x", StateUpd,
+                               lambda t: StateUpd(t[0], _peer(t, _SRC), _peer(t, _DST),
+                                                  *t[_TAIL : _TAIL + 4]),
+                               lambda m: (m.id, *m.src.astuple(), *m.dst.astuple(), m.creatorid,
+                                          m.expire, m.timeout, m.updates)),
+    V4_ACTIONS["DEL_C"]: Codec("!QIBB2x", StateDel, lambda t: StateDel(*t),
+                               lambda m: (m.id, m.creatorid, m.src_state, m.dst_state)),
+    V4_ACTIONS["UREQ"]: Codec("!QI4x", StateUpdReq, lambda t: StateUpdReq(*t),
+                              lambda m: (m.id, m.creatorid)),
+    V4_ACTIONS["BUS"]: Codec("!IIB7x", StateBus, lambda t: StateBus(*t),
+                             lambda m: (m.creatorid, m.endtime, m.status)),
+    V4_ACTIONS["TDB_UPD"]: Codec("!I28sIQBB2x", Tdb, lambda t: Tdb(*t),
+                                 lambda m: (m.spi, m.dst, m.rpl, m.cur_bytes, m.sproto,
+                                            m.updates)),
 }  # fmt: skip
-_STATE_CODEC = wire.TABLES["openbsd45"][1][2]
-assert _STATE_CODEC is not None
-for _a in (1, 2, 3):
-    _V4_CODECS[_a] = _STATE_CODEC
+# INS, UPD and DEL carry the full OpenBSD 4.5 pfsync_state (pfvar.h 1.282 is shared).
+_codec = wire.TABLES["openbsd45"][wire.ACTIONS["openbsd45"]["INS"]][2]
+assert _codec is not None
+_STATE_CODEC: Codec = _codec
+for _name in ("INS", "UPD", "DEL"):
+    _V4_CODECS[V4_ACTIONS[_name]] = _STATE_CODEC
 
 _V4_CHECKS = {
-    1: wire._make_ins_check("openbsd45"),
-    2: wire._peer_bad,
-    4: wire._peer_bad,
+    V4_ACTIONS["INS"]: wire.make_ins_check("openbsd45"),
+    V4_ACTIONS["UPD"]: wire.peer_bad,
+    V4_ACTIONS["UPD_C"]: wire.peer_bad,
 }
 
 
@@ -166,7 +173,7 @@ def decode_v4(data: bytes | bytearray | memoryview) -> V4Frame:
     """Decode a v4 payload as OpenBSD 4.4 ``pfsync_input`` would: hdrops, badver, badact
     (action >= 11 or the unimplemented INS_F/DEL_F), badlen (count records do not fit);
     per-record badval notes go to ``errors``. Raises only ``WireError``."""
-    mv = wire._byte_view(data)
+    mv = wire.byte_view(data)
     if len(mv) < V4_HEADER_LEN:
         raise WireError("hdrops", f"{len(mv)} bytes, header needs {V4_HEADER_LEN}")
     version, af, action, count, cksum = _V4_HEADER.unpack_from(mv, 0)
@@ -241,3 +248,96 @@ __all__ = [
 ]
 
 # --- end of v4 wire (v4 behaviour goes below) --------------------------------------
+
+
+# --- v4 behaviour ------------------------------------------------------------------
+
+# The v4 record each engine message becomes (v4 calls the update request UREQ).
+V4_ENGINE_ACTIONS = {"INS": "INS", "UPD": "UPD", "UPD_C": "UPD_C", "DEL_C": "DEL_C",
+                     "UPD_REQ": "UREQ", "CLR": "CLR", "BUS": "BUS"}
+V4_MAX_RECORDS = 255  # the header's count is a u8
+
+
+class V4Policy:
+    """pfsync before 2009, as the pfsync engine runs it: one message type per frame
+    (a frame is sent whenever the next message is of another type, or at 255 records),
+    only 1 s / maxupd / MTU pacing, no split-path detection, no deferral and no
+    INS_ACK, and the whole-or-nothing merge. The state record is OpenBSD 4.5's."""
+
+    name = "v4"
+    dialect = "openbsd45"
+    state_dialect = "openbsd45"
+    split_detection = False
+    defers = False
+    subheader = 0
+
+    def __init__(self) -> None:
+        from pfcluster.pfsync.policy import IP_HEADER
+
+        self.sizes = {name: v4_message_size(v4) for name, v4 in V4_ENGINE_ACTIONS.items()}
+        self.sizes["INS_ACK"] = 0  # v4 has no insert acknowledgement
+        self.min_frame = IP_HEADER + V4_HEADER_LEN
+
+    def merge_rule(self, configured: str) -> Any:
+        from pfcluster.pfsync.merge import merge_thesis
+
+        return merge_thesis
+
+    def must_send_before(self, kind: str, pending_kind: str | None, pending: int) -> str | None:
+        if pending_kind is not None and pending_kind != kind:
+            return "batch_sends"
+        if pending >= V4_MAX_RECORDS:
+            return "full_sends"
+        return None
+
+    def upd_c(self, st: Any, expire: int, updates: int) -> StateUpd:
+        from pfcluster.pfsync.convert import peer_to_wire
+
+        return StateUpd(st.id, peer_to_wire(st.src), peer_to_wire(st.dst), st.creatorid,
+                        expire, st.timeout, updates & 0xFF)
+
+    def del_c(self, st: Any) -> StateDel:
+        return StateDel(st.id, st.creatorid, st.src.state, st.dst.state)
+
+    def ins_ack(self, st: Any) -> Any:
+        raise WireError("badact", "pfsync v4 has no INS_ACK")
+
+    def ureq(self, state_id: int, creatorid: int) -> StateUpdReq:
+        return StateUpdReq(state_id, creatorid)
+
+    def clr(self, ifname: str, creatorid: int) -> StateClr:
+        return StateClr(ifname, creatorid)
+
+    def bus(self, creatorid: int, endtime: int, status: int) -> StateBus:
+        return StateBus(creatorid, endtime, status)
+
+    def layout(self, queued: list[tuple[str, list[Any]]], ureq: list[Any],
+               plus: list[tuple[str, list[Any]]]) -> list[tuple[str, list[Any]]]:
+        return [*queued, *([("UPD_REQ", ureq)] if ureq else []), *plus]
+
+    def frames(self, sections: list[tuple[str, list[Any]]],
+               checksum: bytes) -> list[tuple[bytes, list[tuple[str, int]]]]:
+        out = []
+        for name, msgs in sections:
+            action = V4_ACTIONS[V4_ENGINE_ACTIONS[name]]
+            for i in range(0, len(msgs), V4_MAX_RECORDS):
+                chunk = msgs[i : i + V4_MAX_RECORDS]
+                frame = V4Frame(action, chunk, pf_chksum=checksum)
+                out.append((encode_v4(frame), [(name, len(chunk))]))
+        return out
+
+    def decode(self, payload: bytes | bytearray | memoryview,
+               counters: dict[str, int]) -> tuple[list[tuple[str, list[Any]]], bytes] | None:
+        try:
+            frame = decode_v4(payload)
+        except WireError as e:
+            counters[e.reason if e.reason in counters else "badlen"] += 1
+            return None
+        if frame.invalid:
+            counters["badval"] += len(frame.invalid)
+        bad = set(frame.invalid)
+        msgs = [m for i, m in enumerate(frame.messages) if i not in bad]
+        if msgs and isinstance(msgs[0], State):
+            # the v4 state record is the 4.5 one: hand the engine the same tuples
+            msgs = [tuple(_STATE_CODEC.to_tuple(m)) for m in msgs]
+        return [(frame.action_name, msgs)], bytes(frame.pf_chksum)

@@ -20,7 +20,8 @@ from pfcluster.pf.constants import PFRES_BADSTATE
 from pfcluster.pf.filter import Filter
 from pfcluster.pf.router import ROUTE_BLOCK, ROUTE_PASS, route
 from pfcluster.pf.rules import parse_rules
-from pfcluster.pfsync.engine import Engine, EngineConfig
+from pfcluster.pfsync.engine import EngineConfig, attach
+from pfcluster.pfsync.events import Event, Released
 from pfcluster.sim.tcpsim import Segment, TcpTransfer
 
 CLIENT_IF = "em0"
@@ -41,10 +42,11 @@ class Node:
     def __init__(self, name: str, rules: str, config: EngineConfig, now: float, hostid: int) -> None:
         self.name = name
         self.filter = Filter(parse_rules(rules, f"{name}.conf"), hostid=hostid, now=now)
-        self.engine = Engine(self.filter, config, now)
+        self.engine = attach(self.filter, config, now)
         self.passed = 0
         self.blocked = 0
         self.up = True
+        self.events: list[Event] = []  # sync_ok changes and log lines, in order
 
     @property
     def state_mismatch(self) -> int:
@@ -134,9 +136,12 @@ class Cluster:
 
     def _release(self, node: Node, now: float) -> None:
         """Deliver the held packets the engine let go (dropped ones just vanish)."""
-        for handle, ok in node.engine.take_releases():
-            if ok:
-                self.at(now + self.host_delay, cast(Callable[[float], None], handle))
+        for ev in node.engine.take_events():
+            if isinstance(ev, Released):
+                if ev.accept:
+                    self.at(now + self.host_delay, cast(Callable[[float], None], ev.handle))
+            else:
+                node.events.append(ev)
 
     def _deliver_frame(self, node: Node, frame: bytes, now: float) -> None:
         if not node.up:
