@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from pfcluster.lab.experiment import READY_TIMEOUT, DaemonRunner, RunConfig, _flatten, _norm
+from pfcluster.lab.iperf import wait_listening
 from pfcluster.lab.netns import Lab, LabError, Proc, run, sysctl
 from pfcluster.lab.topology import Host, Topology
 
@@ -136,18 +137,6 @@ def _client(lab: Lab, ns: str, args: list[str], timeout: float) -> dict[str, Any
     return doc
 
 
-def _wait_listening(ns: str, port: int, proc: Proc, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        out = run(ns, ["ss", "-Hltn", f"sport = :{port}"], check=False, timeout=3).stdout
-        if out.strip():
-            return
-        if proc.popen.poll() is not None:
-            raise LabError(f"{proc.name} exited with {proc.popen.returncode}")
-        time.sleep(0.05)
-    raise LabError(f"nothing listening on port {port} in {ns} after {timeout:g}s")
-
-
 def measure_path(lab: Lab, cfg: ConnRateConfig, client: Host, server: Host,
                  src_port: int, seen_ports: set[int]) -> dict[str, Any]:
     """The reuse phase (if asked) and the load phase on whatever routing is set now."""
@@ -237,7 +226,7 @@ def run_connrate(cfg: ConnRateConfig, progress: ProgressFn | None = None) -> dic
             sys.executable, "-m", "pfcluster.lab.connclient", "serve", "--bind", s.ip4,
             "--port", str(SERVER_PORT), "--seconds", f"{lifetime:g}",
         ])
-        _wait_listening(s.ns, SERVER_PORT, srv)
+        wait_listening(s.ns, SERVER_PORT, srv)
         runner: DaemonRunner | None = None
         seen: set[int] = set()
         for i, path in enumerate(paths):

@@ -273,15 +273,21 @@ class Engine:
         if st.state_flags & PFSTATE_ACK:
             self._immediate = True
 
+    def _dequeue_nosync(self, st: State) -> bool:
+        """A no-sync state is never sent (it may have turned no-sync while queued)."""
+        if not st.state_flags & PFSTATE_NOSYNC:
+            return False
+        if st.sync_state != SYNC_NONE:
+            self._q_del(st)
+        return True
+
     def state_updated(self, st: State, now: float) -> None:
         if st.state_flags & PFSTATE_ACK:
             # A later packet of a deferred state: the held first packet goes before it
             # (pfsync_update_state releases it), so the two are never reordered.
             self.counters["defer_update"] += 1
             self.deferrals.release(st, accept=True)
-        if st.state_flags & PFSTATE_NOSYNC:
-            if st.sync_state != SYNC_NONE:
-                self._q_del(st)
+        if self._dequeue_nosync(st):
             return
         q = st.sync_state
         sync = False
@@ -304,9 +310,7 @@ class Engine:
     def state_removed(self, st: State, now: float) -> None:
         if st.state_flags & PFSTATE_ACK:
             self.deferrals.release(st, accept=False)
-        if st.state_flags & PFSTATE_NOSYNC:
-            if st.sync_state != SYNC_NONE:
-                self._q_del(st)
+        if self._dequeue_nosync(st):
             return
         q = st.sync_state
         if q == Q_INS:
