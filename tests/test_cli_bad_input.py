@@ -26,9 +26,9 @@ import pytest
 from click.testing import CliRunner
 
 from pfcluster.cli.errors import CommandError, ReportingCommand, describe
+from pfcluster.io.capture import CaptureError, iter_link
 from pfcluster.io.control import ControlError, request
 from pfcluster.pfsync import wire
-from pfcluster.pfsync.pcap import CaptureError, iter_link
 
 CLIENT, SERVER = "198.51.100.2", "203.0.113.10"
 
@@ -169,7 +169,7 @@ def test_unreadable_capture(tmp_path: Path, rules: Path) -> None:
 def test_unreadable_capture_as_root_too(tmp_path: Path, rules: Path,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """Root opens a mode-000 file, so the EACCES is simulated where the reader opens."""
-    from pfcluster.pfsync import pcap
+    from pfcluster.io import capture
 
     path = tmp_path / "secret.pcap"
     path.write_bytes(_pcap_header())
@@ -177,7 +177,7 @@ def test_unreadable_capture_as_root_too(tmp_path: Path, rules: Path,
     def denied(file: Any, *args: Any, **kwargs: Any) -> Any:
         raise PermissionError(13, "Permission denied", str(file))
 
-    monkeypatch.setattr(pcap, "open", denied, raising=False)
+    monkeypatch.setattr(capture, "open", denied, raising=False)
     line = assert_one_line(cli("dump", str(path)), str(path), "Permission denied", code=1)
     assert line == f"pfcluster dump: {path}: Permission denied"
     res = cli("replay", "--rules", str(rules), *IFACES, str(path))

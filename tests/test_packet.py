@@ -813,7 +813,7 @@ def test_build_icmp_unreach_v6(payload: int) -> None:
 
 
 def test_bench_parse_runs() -> None:
-    from pfcluster.packet import bench_parse
+    from pfcluster.bench.parse import bench_parse
 
     figures = bench_parse(n=50, repeat=1)
     assert {"tcp_ack_v4", "tcp_syn_opts_v4", "tcp_ack_v6", "icmp_unreach_v4"} <= set(figures)

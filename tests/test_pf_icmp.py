@@ -29,8 +29,10 @@ from scapy.utils import wrpcap
 
 from pfcluster.cli.replay import replay
 from pfcluster.packet import parse
+from pfcluster.pf import pfctl
 from pfcluster.pf.constants import PF_IN, PF_OUT, PFTM
-from pfcluster.pf.filter import Filter, Verdict, print_state
+from pfcluster.pf.filter import Filter, Verdict
+from pfcluster.pf.log import print_state
 from test_pf_helpers import CLIENT, CLIENT6, SERVER, SERVER6, TcpConn, make_filter, pk
 
 ROUTER = "203.0.113.1"  # a router on the server side of the path
@@ -70,7 +72,7 @@ def a6(s: str) -> bytes:
 
 
 def counter(f: Filter, name: str) -> int:
-    return f.counters_dict(0)["counters"][name]
+    return pfctl.counters_dict(f, 0)["counters"][name]
 
 
 def echo(src: str, dst: str, typ: int, ident: int = 0x1234, seq: int = 1) -> Any:
@@ -89,7 +91,7 @@ def test_echo_v4_keys_and_reply() -> None:
     assert st_in.key == (socket.AF_INET, 1, a4(CLIENT), a4(SERVER), 0x1234, 8)
     assert st_out.key == (socket.AF_INET, 1, a4(SERVER), a4(CLIENT), 8, 0x1234)
     assert st_in.timeout == PFTM.ICMP_FIRST_PACKET
-    assert sorted(f.format_states(0)) == [
+    assert sorted(pfctl.format_states(f, 0)) == [
         "all icmp 198.51.100.2:4660 -> 203.0.113.10:8       0:0",
         "all icmp 203.0.113.10:8 <- 198.51.100.2:4660       0:0",
     ]
@@ -109,7 +111,7 @@ def test_echo_v6_keys_and_reply() -> None:
     rep = IPv6(src=SERVER6, dst=CLIENT6) / ICMPv6EchoReply(id=99, seq=1, data=b"six")
     r_in, r_out = route(f, rep, 1)
     assert r_in.state is v_out.state and r_out is not None and r_out.state is v_in.state
-    assert "all ipv6-icmp 2001:db8:2::10[128] <- 2001:db8:1::2[99]       0:0" in f.format_states(1)
+    assert "all ipv6-icmp 2001:db8:2::10[128] <- 2001:db8:1::2[99]       0:0" in pfctl.format_states(f, 1)
 
 
 def test_reply_without_state_skips_stateful_rule() -> None:

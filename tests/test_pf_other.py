@@ -6,6 +6,7 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror, UDPerror
 from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6EchoReply, ICMPv6EchoRequest, IPv6
 from scapy.packet import Raw
 
+from pfcluster.pf import pfctl
 from pfcluster.pf.constants import (
     PF_IN,
     PF_OUT,
@@ -27,7 +28,7 @@ pass in on em0 proto gre
 
 
 def mismatches(f) -> int:
-    return f.counters_dict(0)["counters"]["state-mismatch"]
+    return pfctl.counters_dict(f, 0)["counters"]["state-mismatch"]
 
 
 # -- UDP -----------------------------------------------------------------------------
@@ -139,7 +140,7 @@ def test_icmp_echo_request_and_reply() -> None:
     v = f.test(PF_OUT, "em0", pk(echo(SERVER, CLIENT, 0)), 1)
     assert v.passed and v.reason == "state" and v.state is st
     assert st.timeout == PFTM.ICMP_ERROR_REPLY and st.expire == 1
-    assert f.format_states(1)[0].startswith("all icmp 203.0.113.10")
+    assert pfctl.format_states(f, 1)[0].startswith("all icmp 203.0.113.10")
     # a reply with another id has no state and meets `block all`
     v = f.test(PF_OUT, "em0", pk(echo(SERVER, CLIENT, 0, ident=7)), 1)
     assert not v.passed and v.rule.nr == 0
@@ -165,7 +166,7 @@ def test_icmpv6_echo() -> None:
     v = f.test(PF_OUT, "em0", pk(rep), 1)
     assert v.passed and v.state is st and st.timeout == PFTM.ICMP_ERROR_REPLY
     # pfctl prints getprotobynumber(58)->p_name: "ipv6-icmp"
-    assert f.format_states(1)[0].startswith("all ipv6-icmp 2001:db8:2::10")
+    assert pfctl.format_states(f, 1)[0].startswith("all ipv6-icmp 2001:db8:2::10")
     rep = IPv6(src=SERVER6, dst=CLIENT6) / ICMPv6EchoReply(id=100, seq=1)
     assert not f.test(PF_OUT, "em0", pk(rep), 1).passed
 
@@ -299,7 +300,7 @@ def test_other_protocol_states() -> None:
     assert v.state is st and st.timeout == PFTM.OTHER_SINGLE
     f.test(PF_IN, "em0", pk(gre), 2)
     assert st.timeout == PFTM.OTHER_MULTIPLE
-    assert f.format_states(2) == ["all gre 203.0.113.10 <- 198.51.100.2       MULTIPLE:MULTIPLE"]
+    assert pfctl.format_states(f, 2) == ["all gre 203.0.113.10 <- 198.51.100.2       MULTIPLE:MULTIPLE"]
     # other.multiple = 60
     assert f.expire(61.9) == 0 and f.expire(62.1) == 1
 
@@ -310,6 +311,6 @@ def test_udp_v6_state() -> None:
     assert v.passed and v.new_state
     v2 = f.test(PF_OUT, "em0", pk(IPv6(src=SERVER6, dst=CLIENT6) / UDP(sport=53, dport=5353) / b"a"), 1)
     assert v2.state is v.state
-    assert f.format_states(1) == [
+    assert pfctl.format_states(f, 1) == [
         "all udp 2001:db8:2::10[53] <- 2001:db8:1::2[5353]       SINGLE:MULTIPLE"
     ]

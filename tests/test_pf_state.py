@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+from pfcluster.pf import pfctl
 from pfcluster.pf.constants import PF_IN, PF_OUT, PFTM, TCPS
 from test_pf_helpers import CLIENT, HOSTID, SERVER, TcpConn, make_filter, udp
 
@@ -71,7 +72,7 @@ def test_tcp_closed_timeout_purges_after_5s_via_expire() -> None:
     assert f.expire(14.9) == 0 and st.linked and len(f.states) == 1
     assert f.expire(15.1) == 1 and not st.linked and len(f.states) == 0
     assert rec.events == [("del", st.id, 15.1)]
-    assert f.counters_dict(16)["states"]["removals"] == 1
+    assert pfctl.counters_dict(f, 16)["states"]["removals"] == 1
 
 
 def test_tcp_closed_timeout_seen_by_packets() -> None:
@@ -176,9 +177,9 @@ def test_set_limit_states_drops_new_states() -> None:
     vs = syn_flood(f, 4, now=0)
     assert [v.passed for v in vs] == [True, True, True, False]
     assert vs[3].reason == "memory" and vs[3].state is None and vs[3].rule.nr == 1
-    c = f.counters_dict(1)["counters"]
+    c = pfctl.counters_dict(f, 1)["counters"]
     assert c["memory"] == 1 and c["state-limit"] == 0
-    assert f.counters_dict(1)["states"]["limit"] == 3
+    assert pfctl.counters_dict(f, 1)["states"]["limit"] == 3
     # existing states still pass traffic
     assert TcpConn(f, sport=30000, c_isn=1000).s("SA").passed
 
@@ -191,7 +192,7 @@ def test_rule_max_drops_with_state_limit_and_frees_on_removal() -> None:
     vs = syn_flood(f, 3, now=0)
     assert [v.passed for v in vs] == [True, True, False]
     assert vs[2].reason == "state-limit"
-    assert f.counters_dict(1)["counters"]["state-limit"] == 1
+    assert pfctl.counters_dict(f, 1)["counters"]["state-limit"] == 1
     # another rule is not limited
     assert TcpConn(f, dport=5202).c("S").passed
     # removing one of the rule's states frees a slot
@@ -256,7 +257,7 @@ def test_state_ids_are_unique_and_indexed() -> None:
     assert len({st.id for st in sts}) == 3
     for st in sts:
         assert f.states.by_id(HOSTID, st.id) is st and st.creatorid == HOSTID
-    assert f.counters_dict(0)["states"]["inserts"] == 3
+    assert pfctl.counters_dict(f, 0)["states"]["inserts"] == 3
 
 
 def test_listener_hears_insert_update_remove() -> None:
@@ -279,11 +280,11 @@ def test_format_states_established() -> None:
     conn.handshake(now=0)
     conn.c("PA", b"x" * 100, now=1)
     conn.s("A", now=1)
-    assert f.format_states(9) == [
+    assert pfctl.format_states(f, 9) == [
         "all tcp 203.0.113.10:5201 <- 198.51.100.2:40000       ESTABLISHED:ESTABLISHED"
     ]
     st = next(iter(f.states))
-    lines = f.format_states(9, verbose=True)
+    lines = pfctl.format_states(f, 9, verbose=True)
     # an inbound state prints its peers the way round pfctl does (src = st->dst first)
     assert lines == [
         "all tcp 203.0.113.10:5201 <- 198.51.100.2:40000       ESTABLISHED:ESTABLISHED",
@@ -299,8 +300,8 @@ def test_format_states_inbound_half_open_prints_dst_first() -> None:
     """pfctl print_state: for an inbound state src = &s->dst, dst = &s->src."""
     f = make_filter(RULES)
     TcpConn(f).c("S", now=0)
-    assert f.format_states(0) == ["all tcp 203.0.113.10:5201 <- 198.51.100.2:40000       CLOSED:SYN_SENT"]
-    lines = f.format_states(0, verbose=True)
+    assert pfctl.format_states(f, 0) == ["all tcp 203.0.113.10:5201 <- 198.51.100.2:40000       CLOSED:SYN_SENT"]
+    lines = pfctl.format_states(f, 0, verbose=True)
     assert lines[1] == "   [0 + 1]  [1000 + 2]"  # no wscale: the responder has not spoken
 
 
@@ -308,7 +309,7 @@ def test_format_states_outbound() -> None:
     f = make_filter("pass out on em1 proto tcp to port 5201\n")
     conn = TcpConn(f, router=True)
     conn.c("S", now=0)
-    assert f.format_states(0) == ["all tcp 198.51.100.2:40000 -> 203.0.113.10:5201       SYN_SENT:CLOSED"]
+    assert pfctl.format_states(f, 0) == ["all tcp 198.51.100.2:40000 -> 203.0.113.10:5201       SYN_SENT:CLOSED"]
 
 
 def test_format_states_udp_and_expiry_clock() -> None:
@@ -316,11 +317,11 @@ def test_format_states_udp_and_expiry_clock() -> None:
 
     f = make_filter(RULES)
     f.test(PF_IN, "em0", pk(udp(CLIENT, SERVER, 5353, 53)), 0)
-    assert f.format_states(0) == ["all udp 203.0.113.10:53 <- 198.51.100.2:5353       NO_TRAFFIC:SINGLE"]
+    assert pfctl.format_states(f, 0) == ["all udp 203.0.113.10:53 <- 198.51.100.2:5353       NO_TRAFFIC:SINGLE"]
     f.test(PF_OUT, "em0", pk(udp(SERVER, CLIENT, 53, 5353)), 1)
-    assert f.format_states(1) == ["all udp 203.0.113.10:53 <- 198.51.100.2:5353       SINGLE:MULTIPLE"]
+    assert pfctl.format_states(f, 1) == ["all udp 203.0.113.10:53 <- 198.51.100.2:5353       SINGLE:MULTIPLE"]
     f.test(PF_IN, "em0", pk(udp(CLIENT, SERVER, 5353, 53)), 2)
-    lines = f.format_states(3, verbose=True)
+    lines = pfctl.format_states(f, 3, verbose=True)
     assert lines[0] == "all udp 203.0.113.10:53 <- 198.51.100.2:5353       MULTIPLE:MULTIPLE"
     assert lines[1] == "   age 00:00:03, expires in 00:00:59, 2:1 pkts, 58:29 bytes, rule 2"
     assert re.fullmatch(r"   id: [0-9a-f]{16} creatorid: 0a0b0c0d", lines[2])
@@ -329,7 +330,7 @@ def test_format_states_udp_and_expiry_clock() -> None:
 def test_states_json() -> None:
     f = make_filter(RULES)
     TcpConn(f).handshake(now=0)
-    (d,) = f.states_json(5)
+    (d,) = pfctl.states_json(f, 5)
     assert d["states"] == "ESTABLISHED:ESTABLISHED" and d["direction"] == "in"
     assert d["key"] == {"addr": [CLIENT, SERVER], "port": [40000, 5201]}
     assert d["expires_in"] == 86400 - 5 and d["age"] == 5 and d["rule"] == 1
@@ -343,7 +344,7 @@ def test_format_info_matches_pfctl_si() -> None:
     conn.c("PA", b"x", seq=10**8, now=1)  # state-mismatch
     TcpConn(f, sport=1).c("S", now=1)  # memory (state table full)
     TcpConn(f, dport=23).c("S", now=1)  # blocked by rule (match)
-    lines = f.format_info(10)
+    lines = pfctl.format_info(f, 10)
     assert lines[0].startswith("Status: Enabled for 0 days 00:00:10")
     # "%-44s" then "%15s" for the debug level
     assert lines[0] == printf("%-44s%15s", "Status: Enabled for 0 days 00:00:10", "Debug: " + lines[0].split("Debug: ")[1])
@@ -360,7 +361,7 @@ def test_format_info_matches_pfctl_si() -> None:
     assert counters["match"] == "3"
     assert lines[i + 6] == printf("  %-25s %14u %14.1f/s", "match", 3, 0.3)
     assert lines[i + 6 + 10] == printf("  %-25s %14u %14.1f/s", "state-mismatch", 1, 0.1)
-    d = f.counters_dict(10)
+    d = pfctl.counters_dict(f, 10)
     assert d["hostid"] == f"{HOSTID:08x}" and d["running_seconds"] == 10
     assert d["states"] == {"current": 1, "searches": 6, "inserts": 1, "removals": 0, "limit": 1}
     assert d["counters"]["state-mismatch"] == 1 and d["counters"]["memory"] == 1

@@ -10,6 +10,7 @@ import pytest
 from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6
 
+from pfcluster.pf import pfctl
 from pfcluster.pf.constants import (
     MAXACKWINDOW,
     PF_IN,
@@ -35,7 +36,7 @@ WS7 = 0x80 | 7
 
 
 def mismatches(f) -> int:
-    return f.counters_dict(0)["counters"]["state-mismatch"]
+    return pfctl.counters_dict(f, 0)["counters"]["state-mismatch"]
 
 
 @pytest.fixture
@@ -174,7 +175,7 @@ def test_data_beyond_seqhi_is_blocked_with_exact_log(conn: TcpConn) -> None:
     ]
     assert peers(st) == before and st.expire == 0
     assert mismatches(conn.f) == 1
-    assert conn.f.counters_dict(1)["packets"]["blocked-in"] == 1
+    assert pfctl.counters_dict(conn.f, 1)["packets"]["blocked-in"] == 1
 
 
 def test_data_just_past_seqhi_fails_only_check_1(conn: TcpConn) -> None:
@@ -331,7 +332,7 @@ def test_port_reuse_after_full_close_makes_fresh_state(conn: TcpConn) -> None:
     assert v.log and v.log[0].startswith("pf: state reuse TCP in wire: (0) ")
     assert v.log[0].endswith(" 9:9 @1 S")
     assert mismatches(conn.f) == 0
-    assert conn.f.counters_dict(2)["states"]["removals"] == 1
+    assert pfctl.counters_dict(conn.f, 2)["states"]["removals"] == 1
     # the new connection then runs normally
     conn.c_nxt = new_isn + 1
     conn.s_nxt = 900000
@@ -441,7 +442,7 @@ def test_router_flow_creates_two_states_that_both_track() -> None:
         assert (st.packets0, st.packets1) == (4, 2)
         assert st.timeout == PFTM.TCP_ESTABLISHED
     assert peers(s_in) == peers(s_out)
-    lines = f.format_states(2)
+    lines = pfctl.format_states(f, 2)
     assert "all tcp 203.0.113.10:5201 <- 198.51.100.2:40000       ESTABLISHED:ESTABLISHED" in lines
     assert "all tcp 198.51.100.2:40000 -> 203.0.113.10:5201       ESTABLISHED:ESTABLISHED" in lines
     # out-of-window data is caught at the first hop
@@ -568,7 +569,7 @@ def test_ipv6_handshake_data_close() -> None:
     assert conn.c("A", now=2).passed
     assert (st.src.state, st.dst.state) == (FIN_WAIT_2, FIN_WAIT_2)
     assert st.timeout == PFTM.TCP_CLOSED
-    assert f.format_states(3) == [
+    assert pfctl.format_states(f, 3) == [
         "all tcp 2001:db8:2::10[5201] <- 2001:db8:1::2[40000]       FIN_WAIT_2:FIN_WAIT_2"
     ]
 

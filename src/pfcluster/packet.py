@@ -48,8 +48,6 @@ from __future__ import annotations
 import socket
 import struct
 import sys
-import time
-from collections.abc import Iterator
 from typing import Any
 
 from pfcluster.pf.constants import flags_str
@@ -61,6 +59,7 @@ __all__ = [
     "build_icmp_unreach",
     "build_tcp_ack",
     "build_tcp_rst",
+    "host_port",
     "internet_checksum",
     "parse",
     "parse_into",
@@ -509,9 +508,28 @@ def _tcp_options(mv: memoryview, i: int, end: int) -> tuple[int, int, bool, int,
 # Helpers and reply builders
 
 
-def addr_str(af: int, raw: bytes) -> str:
-    """Printable address (inet_ntop), e.g. for logs, pfctl-style output and JSON."""
-    return socket.inet_ntop(af, raw)
+def addr_str(af: int | None, raw: bytes | bytearray | memoryview) -> str:
+    """The one address-to-text helper: inet_ntop for logs, pfctl views, dump and JSON.
+
+    ``raw`` may be longer than the address (a 16-byte pf_addr holding an IPv4 address in
+    its first 4 bytes); an address family that is neither AF_INET nor AF_INET6 (a peer's
+    unknown af byte) prints the bytes in hex.
+    """
+    if af == AF_INET:
+        return socket.inet_ntop(AF_INET, bytes(raw[:4]))
+    if af == AF_INET6:
+        return socket.inet_ntop(AF_INET6, bytes(raw[:16]))
+    return bytes(raw).hex()
+
+
+def host_port(af: int | None, raw: bytes | bytearray | memoryview, port: int,
+              always: bool = False) -> str:
+    """BSD host:port notation (host[port] for IPv6), the port left out when it is 0
+    unless ``always`` (pfctl prints TCP and UDP ports even when 0; pf's log does not)."""
+    a = addr_str(af, raw)
+    if port or always:
+        return f"{a}[{port}]" if af == AF_INET6 else f"{a}:{port}"
+    return a
 
 
 _LITTLE = sys.byteorder == "little"
@@ -616,79 +634,3 @@ def build_icmp_unreach(pkt: Packet, ttl: int = 64) -> bytes:
         proto = _ICMP6
     msg[2:4] = csum.to_bytes(2, "big")
     return _ip_header(pkt, proto, len(msg), ttl, 0, False) + bytes(msg)
-
-
-# ---------------------------------------------------------------------------------------
-# Benchmark (pure Python; no scapy so it runs from an installed package)
-
-
-def _bench_packets() -> Iterator[tuple[str, bytes]]:
-    def ip4(proto: int, l4: bytes) -> bytes:
-        h = bytearray(
-            _IP4_HDR.pack(0x45, 0, 20 + len(l4), 1, 0x4000, 64, proto, 0,
-                          bytes((198, 51, 100, 7)), bytes((203, 0, 113, 9)))
-        )  # fmt: skip
-        h[10:12] = internet_checksum(h).to_bytes(2, "big")
-        return bytes(h) + l4
-
-    def ip6(proto: int, l4: bytes) -> bytes:
-        a = socket.inet_pton(AF_INET6, "2001:db8::7")
-        b = socket.inet_pton(AF_INET6, "2001:db8:1::9")
-        return _IP6_HDR.pack(6 << 28, len(l4), proto, 64, a, b) + l4
-
-    def tcp(flags: int, opts: bytes = b"", payload: bytes = b"") -> bytes:
-        off = (20 + len(opts)) // 4
-        return _TCP_HDR.pack(40000, 443, 1000, 2000, off << 4, flags, 502, 0, 0) + opts + payload
-
-    syn_opts = (
-        b"\x02\x04\x05\xb4"
-        + b"\x04\x02"
-        + b"\x08\x0a"
-        + b"\0\0\0\1\0\0\0\0"
-        + b"\x01"
-        + b"\x03\x03\x07"
-    )
-    ts_opts = b"\x01\x01\x08\x0a\0\0\0\5\0\0\0\6"
-    udp = struct.pack("!HHHH", 5353, 53, 8 + 32, 0) + bytes(32)
-    ack4 = ip4(_TCP, tcp(TH_ACK))
-    yield "tcp_ack_v4", ack4
-    yield "tcp_ack_ts_v4", ip4(_TCP, tcp(TH_ACK, ts_opts, bytes(100)))
-    yield "tcp_syn_opts_v4", ip4(_TCP, tcp(TH_SYN, syn_opts))
-    yield "tcp_ack_v6", ip6(_TCP, tcp(TH_ACK))
-    yield "udp_v4", ip4(_UDP, udp)
-    yield "icmp_unreach_v4", build_icmp_unreach(parse(ip4(_UDP, udp)))
-
-
-def bench_parse(n: int = 100_000, repeat: int = 5) -> dict[str, dict[str, float]]:
-    """Parses per second of typical packets, with parse() and with a reused parse_into().
-
-    Best of ``repeat`` runs of ``n`` parses each: the machine is shared, the minimum is the
-    figure least disturbed by other load.
-    """
-    results: dict[str, dict[str, float]] = {}
-    for name, data in _bench_packets():
-        parse(data)  # fail loudly if a sample is wrong
-        best_new = best_into = float("inf")
-        pkt = Packet()
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            for _ in range(n):
-                parse(data)
-            t1 = time.perf_counter()
-            for _ in range(n):
-                parse_into(pkt, data)
-            t2 = time.perf_counter()
-            best_new = min(best_new, t1 - t0)
-            best_into = min(best_into, t2 - t1)
-        results[name] = {
-            "parse_per_s": round(n / best_new),
-            "parse_into_per_s": round(n / best_into),
-            "us_per_parse": round(best_new / n * 1e6, 3),
-        }
-    return results
-
-
-if __name__ == "__main__":
-    import json
-
-    print(json.dumps(bench_parse(), indent=2))

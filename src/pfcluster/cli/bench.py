@@ -5,7 +5,9 @@ before the benchmark runs: one line on stderr, exit status 1."""
 
 from __future__ import annotations
 
+import importlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import click
@@ -13,7 +15,7 @@ import click
 from pfcluster.cli.errors import ReportingGroup, check_output_file
 
 
-def write_json(path: str | None, figures: dict[str, object]) -> None:
+def write_json(path: str | None, figures: Mapping[str, object]) -> None:
     text = json.dumps(figures, indent=2, sort_keys=True)
     if path:
         Path(path).write_text(text + "\n")
@@ -22,32 +24,28 @@ def write_json(path: str | None, figures: dict[str, object]) -> None:
 
 @click.group(cls=ReportingGroup)
 def bench() -> None:
-    """Benchmarks that print figures (engine, sync)."""
+    """Benchmarks that print figures (engine, sync, parse, daemon)."""
     from pfcluster.tuning import tune_gc
 
     tune_gc()  # as the daemon runs
 
 
-@bench.command("engine")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write figures here")
-@click.option("--quick", is_flag=True, help="smaller sizes (for tests)")
-def bench_engine(json_path: str | None, quick: bool) -> None:
-    """pf engine: fast path, rule evaluation, state inserts, bytes per state."""
-    check_output_file(json_path)
-    from pfcluster.bench.engine import run
+def _in_process(name: str, summary: str) -> None:
+    """`bench NAME [--quick] [--json FILE]`: the figures of pfcluster.bench.NAME.run()."""
 
-    write_json(json_path, run(quick=quick))
+    @bench.command(name, help=summary)
+    @click.option("--json", "json_path", type=click.Path(dir_okay=False),
+                  help="write figures here")
+    @click.option("--quick", is_flag=True, help="smaller sizes (for tests)")
+    def command(json_path: str | None, quick: bool) -> None:
+        check_output_file(json_path)
+        module = importlib.import_module(f"pfcluster.bench.{name}")
+        write_json(json_path, module.run(quick=quick))
 
 
-@bench.command("sync")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write figures here")
-@click.option("--quick", is_flag=True, help="smaller sizes (for tests)")
-def bench_sync(json_path: str | None, quick: bool) -> None:
-    """pfsync: codec rates, bulk transfer, split-path overhead v5 vs v4."""
-    check_output_file(json_path)
-    from pfcluster.bench.sync import run
-
-    write_json(json_path, run(quick=quick))
+_in_process("engine", "pf engine: fast path, rule evaluation, state inserts, bytes per state.")
+_in_process("sync", "pfsync: codec rates, bulk transfer, split-path overhead v5 vs v4.")
+_in_process("parse", "Packet parser: parses per second of typical packets (parse and parse_into).")
 
 
 @bench.command("daemon")

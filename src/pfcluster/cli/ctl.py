@@ -57,20 +57,19 @@ def states(ctx: click.Context, verbose: bool, as_json: bool) -> None:
     _call(ctx, "states", as_json, verbose=verbose)
 
 
-@ctl.command()
-@json_option
-@click.pass_context
-def info(ctx: click.Context, as_json: bool) -> None:
-    """pf and pfsync counters, sync_ok (pfctl -si)."""
-    _call(ctx, "info", as_json)
+def _plain(name: str, summary: str) -> None:
+    """`ctl NAME [--json]`: a request with no arguments."""
+
+    @ctl.command(name, help=summary)
+    @json_option
+    @click.pass_context
+    def command(ctx: click.Context, as_json: bool) -> None:
+        _call(ctx, name, as_json)
 
 
-@ctl.command()
-@json_option
-@click.pass_context
-def rules(ctx: click.Context, as_json: bool) -> None:
-    """Loaded rules (pfctl -sr)."""
-    _call(ctx, "rules", as_json)
+_plain("info", "pf and pfsync counters, sync_ok (pfctl -si).")
+_plain("rules", "Loaded rules (pfctl -sr).")
+_plain("reload", "Reload the rules file atomically (a broken file is refused, old rules stay).")
 
 
 @ctl.command()
@@ -103,11 +102,3 @@ def kill(ctx: click.Context, host: tuple[str, ...], state_id: str | None,
 def flush(ctx: click.Context, what: str, as_json: bool) -> None:
     """Flush the state table (pfctl -F states); peers get a CLR."""
     _call(ctx, "flush", as_json, what=what)
-
-
-@ctl.command()
-@json_option
-@click.pass_context
-def reload(ctx: click.Context, as_json: bool) -> None:
-    """Reload the rules file atomically (a broken file is refused, old rules stay)."""
-    _call(ctx, "reload", as_json)

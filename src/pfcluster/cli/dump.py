@@ -23,27 +23,19 @@ from typing import Any
 import click
 
 from pfcluster.cli.errors import ReportingCommand
-from pfcluster.pf.constants import (
-    PF_OUT,
-    PF_WSCALE_MASK,
-    PFOTHERS_NAMES,
-    PFUDPS_NAMES,
-    PROTO_NAMES,
-    TCPS_NAMES,
-)
-from pfcluster.pfsync import legacy, wire
-from pfcluster.pfsync.pcap import (
+from pfcluster.io.capture import (
     LINKTYPE_ETHERNET,
     CaptureError,
     PfsyncPacket,
     iter_pfsync,
     pfsync_from_record,
 )
+from pfcluster.packet import addr_str
+from pfcluster.pf import pfctl
+from pfcluster.pfsync import legacy, wire
 
 DIALECT_CHOICES = (*wire.DIALECTS, "v4", "auto")
 _V5_CANDIDATES = ("openbsd45", "freebsd1301", "freebsd1400")
-PFSYNC_FLAG_SRCNODE = 0x04
-PFSYNC_FLAG_NATSRCNODE = 0x08
 
 
 # --------------------------------------------------------------------------- decoding
@@ -110,9 +102,9 @@ def _sockaddr_str(raw: bytes, dialect: str) -> str:
     fam = raw[1] if len(raw) > 1 else 0
     af = wire.af_from_wire(dialect if dialect in wire.DIALECTS else "openbsd45", fam)
     if af == socket.AF_INET:
-        return socket.inet_ntop(socket.AF_INET, raw[4:8])
+        return addr_str(af, raw[4:8])
     if af == socket.AF_INET6:
-        return socket.inet_ntop(socket.AF_INET6, raw[8:24])
+        return addr_str(af, raw[8:24])
     return raw.hex()
 
 
@@ -126,7 +118,7 @@ def _state_dict(st: wire.State, dialect: str) -> dict[str, Any]:
             keys = []
             for k in v:
                 kaf = wire.af_from_wire(wd, k.af) if k.af else af
-                kd: dict[str, Any] = {"addr": [wire.addr_str(a, kaf) for a in k.addr],
+                kd: dict[str, Any] = {"addr": [addr_str(kaf, a) for a in k.addr],
                                       "port": list(k.port)}  # fmt: skip
                 if wd == "openbsd6":
                     kd["rdomain"] = k.rdomain
@@ -136,7 +128,7 @@ def _state_dict(st: wire.State, dialect: str) -> dict[str, Any]:
         elif name in ("src", "dst"):
             out[name] = _peer_dict(v)
         elif name == "rt_addr":
-            out[name] = wire.addr_str(v, af)
+            out[name] = addr_str(af, v)
         elif isinstance(v, list):
             out[name] = list(v)
         else:
@@ -194,77 +186,11 @@ def frame_dict(pkt: PfsyncPacket, dec: Decoded, extra_errors: list[str]) -> dict
 # --------------------------------------------------------------------------- text
 
 
-def _hms(secs: int) -> str:
-    return f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}"
-
-
-def _host(raw: bytes, port: int, af: int | None, proto: int) -> str:
-    a = wire.addr_str(raw, af)
-    if af == socket.AF_INET6:
-        return f"{a}[{port}]" if port or proto in (6, 17) else a
-    return f"{a}:{port}" if port or proto in (6, 17) else a
-
-
-def _seq(p: wire.StatePeer) -> str:
-    s = f"[{p.seqlo} + {(p.seqhi - p.seqlo) & 0xFFFFFFFF}]"
-    if p.seqdiff:
-        s += f"(+{p.seqdiff})"
-    return s
-
-
 def state_lines(st: wire.State, dialect: str, verbose: int) -> list[str]:
-    """pfctl -ss (-v) style lines for one pfsync_state."""
+    """pfctl -ss (-v) style lines for one pfsync_state, indented by a tab (tcpdump)."""
     wd = dialect if dialect in wire.DIALECTS else "openbsd45"
-    af = wire.af_from_wire(wd, st.af)
-    proto = st.proto
-    ks, kw = st.key[1], st.key[0]
-    if st.direction == PF_OUT:
-        src, dst, arrow = st.src, st.dst, " -> "
-    else:
-        src, dst, arrow = st.dst, st.src, " <- "
-    nat = ks.addr != kw.addr or ks.port != kw.port
-    line = f"{st.ifname or 'all'} {PROTO_NAMES.get(proto, str(proto))} "
-    line += _host(ks.addr[1], ks.port[1], af, proto)
-    if nat:
-        line += f" ({_host(kw.addr[1], kw.port[1], af, proto)})"
-    line += arrow + _host(ks.addr[0], ks.port[0], af, proto)
-    if nat:
-        line += f" ({_host(kw.addr[0], kw.port[0], af, proto)})"
-    line += "    "
-    if proto == 6:
-        if src.state < len(TCPS_NAMES) and dst.state < len(TCPS_NAMES):
-            line += f"   {TCPS_NAMES[src.state]}:{TCPS_NAMES[dst.state]}"
-        else:
-            line += f"   {src.state}:{dst.state}"
-    elif proto == 17 and src.state < 3 and dst.state < 3:
-        line += f"   {PFUDPS_NAMES[src.state]}:{PFUDPS_NAMES[dst.state]}"
-    elif src.state < 3 and dst.state < 3:
-        line += f"   {PFOTHERS_NAMES[src.state]}:{PFOTHERS_NAMES[dst.state]}"
-    else:
-        line += f"   {src.state}:{dst.state}"
-    lines = ["\t" + line]
-    if verbose:
-        if proto == 6:
-            seq = "   " + _seq(src)
-            if src.wscale and dst.wscale:
-                seq += f" wscale {src.wscale & PF_WSCALE_MASK}"
-            seq += "  " + _seq(dst)
-            if src.wscale and dst.wscale:
-                seq += f" wscale {dst.wscale & PF_WSCALE_MASK}"
-            lines.append("\t" + seq)
-        more = (f"   age {_hms(st.creation)}, expires in {_hms(st.expire)}, "
-                f"{st.packets[0]}:{st.packets[1]} pkts, {st.bytes[0]}:{st.bytes[1]} bytes")  # fmt: skip
-        if st.anchor != 0xFFFFFFFF:
-            more += f", anchor {st.anchor}"
-        if st.rule != 0xFFFFFFFF:
-            more += f", rule {st.rule}"
-        if st.sync_flags & PFSYNC_FLAG_SRCNODE:
-            more += ", source-track"
-        if st.sync_flags & PFSYNC_FLAG_NATSRCNODE:
-            more += ", sticky-address"
-        lines.append("\t" + more)
-        lines.append(f"\t   id: {st.id:016x} creatorid: {st.creatorid:08x}")
-    return lines
+    view = pfctl.record_view(st, wire.af_from_wire(wd, st.af))
+    return ["\t" + line for line in pfctl.state_text(view, bool(verbose))]
 
 
 def message_lines(msg: Any, dialect: str, verbose: int) -> list[str]:
@@ -277,7 +203,7 @@ def message_lines(msg: Any, dialect: str, verbose: int) -> list[str]:
         return [s + (f" interface: {msg.ifname}" if msg.ifname else "")]
     if isinstance(msg, wire.Bus):
         status = {1: "start", 2: "end"}.get(msg.status, "UNKNOWN")
-        return [f"\tcreatorid: {msg.creatorid:08x} age: {_hms(msg.endtime)} status: {status}"]
+        return [f"\tcreatorid: {msg.creatorid:08x} age: {pfctl.hms(msg.endtime)} status: {status}"]
     if isinstance(msg, wire.Tdb):
         return [f"\tspi: {msg.spi:08x} rpl: {msg.rpl} cur_bytes: {msg.cur_bytes}"]
     if isinstance(msg, wire.Eof):

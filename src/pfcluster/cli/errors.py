@@ -10,7 +10,7 @@ and exits with status 1. A usage error (a bad option value, a missing argument) 
 line too, with click's exit status 2. Only the documented error types below are turned
 into a line; any other exception is a bug and keeps its traceback.
 
-- `pfcluster.pfsync.pcap.CaptureError` (str: `FILE: problem`)
+- `pfcluster.io.capture.CaptureError` (str: `FILE: problem`)
 - `pfcluster.pf.rules.RuleSyntaxError` (str: `file:line:col: message`, as pfctl)
 - `pfcluster.io.control.ControlError` (str: `SOCKET: problem`)
 - `OSError` that carries a file name (`FILE: strerror`)
@@ -65,7 +65,7 @@ def describe(exc: BaseException) -> str | None:
     The error classes are looked up in modules already imported: an exception cannot be
     an instance of a class whose module was never loaded, and `--help` stays cheap."""
     for modname, clsname in (
-        ("pfcluster.pfsync.pcap", "CaptureError"),
+        ("pfcluster.io.capture", "CaptureError"),
         ("pfcluster.pf.rules", "RuleSyntaxError"),
         ("pfcluster.io.control", "ControlError"),
     ):

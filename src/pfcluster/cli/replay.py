@@ -23,7 +23,8 @@ import click
 
 from pfcluster.cli.errors import ReportingCommand, load_rules_file
 from pfcluster.packet import MalformedPacket, addr_str, parse
-from pfcluster.pf.constants import PROTO_NAMES
+from pfcluster.pf import pfctl
+from pfcluster.pf.constants import IPPROTO_TCP, flags_str, proto_name
 from pfcluster.pf.filter import Filter, Verdict
 from pfcluster.pf.router import route
 
@@ -51,7 +52,7 @@ T = TypeVar("T")
 def _until_cut(items: Iterator[T], cut: list[Exception]) -> Iterator[T]:
     """Items until the capture turns out cut or corrupt; the CaptureError is kept in `cut`
     so the summary of what was replayed can still be printed before it is reported."""
-    from pfcluster.pfsync.pcap import CaptureError
+    from pfcluster.io.capture import CaptureError
 
     try:
         yield from items
@@ -86,7 +87,7 @@ def verdict_json(v: Verdict | None) -> dict[str, Any] | None:
 def replay(rules_path: str, ifaces: list[tuple[str, Network]], as_json: bool,
            capture: str) -> None:
     """Replay CAPTURE (pcap/pcapng) through the filter as a router."""
-    from pfcluster.pfsync.pcap import iter_ip_packets
+    from pfcluster.io.capture import iter_ip_packets
 
     ruleset = load_rules_file(rules_path)
     cut: list[Exception] = []
@@ -98,9 +99,10 @@ def replay(rules_path: str, ifaces: list[tuple[str, Network]], as_json: bool,
     for ts, raw in _until_cut(iter_ip_packets(capture), cut):
         n += 1
         if filt is None:
-            filt = Filter(ruleset, now=ts)
+            # pf seeds its state ids with the boot time: here the capture's first second
+            filt = Filter(ruleset, now=ts, id_seed=int(ts))
         last = ts
-        if ts >= filt.next_deadline(ts):  # the purge's once-a-second slice, as the daemon runs it
+        if ts >= filt.next_deadline():  # the purge's once-a-second slice, as the daemon runs it
             filt.expire(ts)
         try:
             pkt = parse(raw)
@@ -122,11 +124,9 @@ def replay(rules_path: str, ifaces: list[tuple[str, Network]], as_json: bool,
                    "out": verdict_json(v_out), "log": logs}  # fmt: skip
             out.write(json.dumps(rec) + "\n")
         else:
-            proto = PROTO_NAMES.get(pkt.proto, str(pkt.proto))
-            what = f"{addr_str(pkt.af, pkt.src)}.{pkt.sport} > {addr_str(pkt.af, pkt.dst)}.{pkt.dport} {proto}"
-            if pkt.proto == 6:
-                from pfcluster.pf.constants import flags_str
-
+            what = (f"{addr_str(pkt.af, pkt.src)}.{pkt.sport} > {addr_str(pkt.af, pkt.dst)}"
+                    f".{pkt.dport} {proto_name(pkt.proto)}")
+            if pkt.proto == IPPROTO_TCP:
                 what += f" [{flags_str(pkt.tcp_flags) or '.'}]"
             parts = [f"in {in_if}: {_short(v_in)}"]
             if v_out is not None:
@@ -138,14 +138,14 @@ def replay(rules_path: str, ifaces: list[tuple[str, Network]], as_json: bool,
         raise cut[0]  # nothing replayed (no header, not a capture...): only the error
     if filt is None:
         filt = Filter(ruleset)
-    summary = filt.counters_dict(last)
+    summary = pfctl.counters_dict(filt, last)
     summary["packets"]["total"] = n
     summary["packets"]["malformed"] = malformed
     if as_json:
-        out.write(json.dumps({"summary": summary, "states": filt.states_json(last)}) + "\n")
+        out.write(json.dumps({"summary": summary, "states": pfctl.states_json(filt, last)}) + "\n")
     else:
-        out.write("\n" + "\n".join(filt.format_info(last)) + "\n\n")
-        out.write("\n".join(filt.format_states(last, verbose=True)) + "\n")
+        out.write("\n" + "\n".join(pfctl.format_info(filt, last)) + "\n\n")
+        out.write("\n".join(pfctl.format_states(filt, last, verbose=True)) + "\n")
     if cut:
         raise cut[0]  # after the summary of what was replayed: the cut, exit status 1
 

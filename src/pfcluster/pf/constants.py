@@ -156,6 +156,10 @@ PFSTATE_PFLOW = 0x04
 PFSTATE_NOSYNC = 0x08
 PFSTATE_ACK = 0x10
 
+# pfsync_state.sync_flags bits pfctl reports (pfvar.h).
+PFSYNC_FLAG_SRCNODE = 0x04
+PFSYNC_FLAG_NATSRCNODE = 0x08
+
 # Reasons, as pfctl -si prints the counters (pfvar.h PFRES_*).
 PFRES_NAMES = (
     "match", "bad-offset", "fragment", "short", "normalize", "memory",
@@ -180,7 +184,27 @@ PFRES_SYNPROXY = 14
 PFRES_TRANSLATE = 15
 PFRES_NOROUTE = 16
 
-PROTO_NAMES = {IPPROTO_ICMP: "icmp", IPPROTO_TCP: "tcp", IPPROTO_UDP: "udp", IPPROTO_ICMPV6: "icmp6"}
+# The one protocol-name table: what pfctl prints, getprotobynumber()'s official name from
+# OpenBSD's /etc/protocols (58 is "ipv6-icmp", with icmp6 only an alias); a number not in
+# it prints as the number (proto_name). Used by every view: pfctl -ss/-sr, the JSON state
+# view, dump -v, replay and the rule log line.
+PROTO_NAMES: dict[int, str] = {
+    1: "icmp", 2: "igmp", 4: "ipencap", 6: "tcp", 17: "udp", 41: "ipv6", 47: "gre",
+    50: "esp", 51: "ah", 58: "ipv6-icmp", 89: "ospf", 103: "pim", 108: "ipcomp",
+    112: "carp", 132: "sctp", 240: "pfsync",
+}  # fmt: skip
+
+# The kernel's own spelling in pf_print_state (pf.c), the `pf: BAD state: TCP ...` log
+# lines: it switches on the protocol itself rather than asking /etc/protocols, so these
+# differ from PROTO_NAMES on purpose; other protocols print as the number.
+PF_LOG_PROTO_NAMES: dict[int, str] = {
+    IPPROTO_TCP: "TCP", IPPROTO_UDP: "UDP", IPPROTO_ICMP: "ICMP", IPPROTO_ICMPV6: "ICMPv6",
+}
+
+
+def proto_name(proto: int) -> str:
+    """pfctl's name of a protocol number (PROTO_NAMES), else the number."""
+    return PROTO_NAMES.get(proto) or str(proto)
 
 # -- ICMP state keys: pf_icmp_mapping (OpenBSD sys/net/pf.c) --------------------------------
 # An ICMP query and its reply share one state whose key holds, in place of the two ports,

@@ -11,14 +11,19 @@ packet on a state (an update) and every removal; it never does I/O itself.
 from __future__ import annotations
 
 import math
-import time
 from typing import Any, Protocol
 
-from pfcluster.packet import Packet, _build_tcp, build_icmp_unreach, build_tcp_ack, build_tcp_rst
+from pfcluster.packet import (
+    Packet,
+    _build_tcp,
+    addr_str,
+    build_icmp_unreach,
+    build_tcp_ack,
+    build_tcp_rst,
+)
 from pfcluster.pf import tcp as tcpmod
 from pfcluster.pf.constants import (
     AF_INET,
-    DIR_NAMES,
     ICMP4_ERRORS,
     ICMP4_MAPPING,
     ICMP6_ERRORS,
@@ -50,23 +55,14 @@ from pfcluster.pf.constants import (
     PFTM_MAX,
     PFUDPS_MULTIPLE,
     PFUDPS_SINGLE,
-    PROTO_NAMES,
     TCPS,
     TH_ACK,
     TH_RST,
     TH_SYN,
-    flags_str,
 )
+from pfcluster.pf.log import bad_state_lines, print_flags, print_state, rule_log_line
 from pfcluster.pf.ruleset import Rule, Ruleset
-from pfcluster.pf.state import (
-    State,
-    StateTable,
-    format_state_line,
-    format_state_verbose,
-    new_creatorid,
-    state_expires,
-    state_to_dict,
-)
+from pfcluster.pf.state import State, StateTable, new_creatorid, state_expires
 
 PASS = "pass"
 BLOCK = "block"
@@ -242,9 +238,15 @@ class StateListener(Protocol):
 
 
 class Filter:
-    """pf for one host: the ruleset, the state table and the counters."""
+    """pf for one host: the ruleset, the state table and the counters.
 
-    def __init__(self, ruleset: Ruleset, hostid: int | None = None, now: float = 0.0) -> None:
+    `id_seed` starts the 64-bit state-id counter, as pf starts it at the boot time in the
+    high 32 bits: the daemon passes the wall clock's seconds (the core reads no clock);
+    the default 0 keeps tests deterministic. pfctl's views of it are in `pf.pfctl`.
+    """
+
+    def __init__(self, ruleset: Ruleset, hostid: int | None = None, now: float = 0.0,
+                 id_seed: int = 0) -> None:
         self.ruleset = ruleset
         self.creatorid = hostid or ruleset.hostid or new_creatorid()
         self.states = StateTable()
@@ -264,9 +266,7 @@ class Filter:
             "blocked-out": 0,
         }
         self.started = now
-        self.wall_started = time.time()
-        # pf starts its id counter at the boot time in the high 32 bits.
-        self._next_id = (int(time.time()) & 0xFFFFFFFF) << 32
+        self._next_id = (id_seed & 0xFFFFFFFF) << 32
         self._last_purge = now
         self.log_enabled = True
         # Lines pf logs outside any packet's verdict (an import from a peer that replaced
@@ -528,8 +528,8 @@ class Filter:
             v = self._test_rules(direction, ifname, pkt, now)
             if self.log_enabled:
                 v.log.insert(0, f"pf: BAD ICMP {pkt.icmp_type}:{pkt.icmp_code} outer dst: "
-                                f"{_addr(pkt.af, pkt.src)} -> {_addr(pkt.af, pkt.dst)} inner src: "
-                                f"{_addr(inner.af, inner.src)} -> {_addr(inner.af, inner.dst)}")
+                                f"{addr_str(pkt.af, pkt.src)} -> {addr_str(pkt.af, pkt.dst)} inner src: "
+                                f"{addr_str(inner.af, inner.src)} -> {addr_str(inner.af, inner.dst)}")
             return v
         iproto = inner.proto
         # The quoted packet travelled against the error: its source takes the key slot
@@ -553,8 +553,8 @@ class Filter:
                 if not (tcpmod.sdiff(src.seqhi, seq) >= 0
                         and tcpmod.sdiff(seq, src.seqlo - (dst.max_win << dws)) >= 0):
                     self.extra["bad-icmp"] += 1
-                    log = [f"pf: BAD ICMP {pkt.icmp_type}:{pkt.icmp_code} {_addr(pkt.af, pkt.src)} -> "
-                           f"{_addr(pkt.af, pkt.dst)} state: {print_state(st)} seq={seq}"] \
+                    log = [f"pf: BAD ICMP {pkt.icmp_type}:{pkt.icmp_code} {addr_str(pkt.af, pkt.src)} -> "
+                           f"{addr_str(pkt.af, pkt.dst)} state: {print_state(st)} seq={seq}"] \
                         if self.log_enabled else []
                     return self._block(direction, PFRES_BADSTATE, st.rule, st, None, log)
         elif iproto in (IPPROTO_ICMP, IPPROTO_ICMPV6):
@@ -590,7 +590,7 @@ class Filter:
             return Verdict(PASS, "match")
         rule.packets += 1
         rule.bytes += pkt.ip_len
-        log = [self._rule_log_line(rule, direction, ifname, pkt)] if rule.log and self.log_enabled else []
+        log = [rule_log_line(rule, direction, ifname, pkt)] if rule.log and self.log_enabled else []
         if rule.action != PASS:
             reply = self._block_reply(rule, pkt)
             if direction == PF_IN:
@@ -701,14 +701,6 @@ class Filter:
             return build_icmp_unreach(pkt)
         return None
 
-    def _rule_log_line(self, rule: Rule, direction: int, ifname: str, pkt: Packet) -> str:
-        action = "pass" if rule.action == PASS else "block"
-        return (
-            f"rule {rule.nr}/(match) {action} {DIR_NAMES.get(direction, '?')} on {ifname}: "
-            f"{_addr(pkt.af, pkt.src)}.{pkt.sport} > {_addr(pkt.af, pkt.dst)}.{pkt.dport}: "
-            f"{PROTO_NAMES.get(pkt.proto, pkt.proto)}"
-        )
-
     # -- state management (used by purge, ctl and pfsync) ---------------------------
     def attach_state(self, st: State, now: float, from_peer: bool) -> bool:
         """Link a new state into the table, as pf_state_key_attach does.
@@ -798,7 +790,7 @@ class Filter:
                 removed += 1
         return removed
 
-    def next_deadline(self, now: float) -> float:
+    def next_deadline(self) -> float:
         return self._last_purge + 1.0
 
     def flush_states(self, now: float) -> int:
@@ -846,112 +838,6 @@ class Filter:
             if self.remove_state(st, now):
                 count += 1
         return count
-
-    # -- pfctl-style views --------------------------------------------------------------
-    def format_states(self, now: float, verbose: bool = False) -> list[str]:
-        out: list[str] = []
-        n = len(self.states)
-        for st in self.states:
-            if verbose:
-                out.extend(format_state_verbose(st, now, self.timeouts, n))
-            else:
-                out.append(format_state_line(st))
-        return out
-
-    def states_json(self, now: float) -> list[dict[str, Any]]:
-        n = len(self.states)
-        return [state_to_dict(st, now, self.timeouts, n) for st in self.states]
-
-    def counters_dict(self, now: float) -> dict[str, Any]:
-        t = self.states
-        return {
-            "hostid": f"{self.creatorid:08x}",
-            "running_seconds": round(now - self.started, 3),
-            "states": {
-                "current": len(t),
-                "searches": t.searches,
-                "inserts": t.inserts,
-                "removals": t.removals,
-                "limit": self.limit_states,
-            },
-            "counters": {name: self.counters[i] for i, name in enumerate(PFRES_NAMES)},
-            "packets": dict(self.extra),
-        }
-
-    def format_info(self, now: float) -> list[str]:
-        """pfctl -si."""
-        up = max(0, int(now - self.started))
-        d, rem = divmod(up, 86400)
-        h, rem = divmod(rem, 3600)
-        m, s = divmod(rem, 60)
-        secs = max(now - self.started, 1e-9)
-        status = f"Status: Enabled for {d} days {h:02d}:{m:02d}:{s:02d}"
-        debug = f"Debug: {getattr(self.ruleset, 'debug', 'err') or 'err'}"
-        # pfctl print_status, printf for printf.
-        lines = [
-            f"{status:<44}{debug:>15}",
-            "",
-            f"Hostid:   0x{self.creatorid:08x}",
-            f"Checksum: 0x{self.ruleset.checksum.hex()}",
-            "",
-            f"{'State Table':<27} {'Total':>14} {'Rate':>16}",
-        ]
-        t = self.states
-        lines.append(f"  {'current entries':<25} {len(t):>14} {'':>14}")
-        for name, total in (("searches", t.searches), ("inserts", t.inserts),
-                            ("removals", t.removals)):
-            lines.append(f"  {name:<25} {total:>14} {total / secs:>14.1f}/s")
-        lines.append("Counters")
-        for i, name in enumerate(PFRES_NAMES):
-            lines.append(f"  {name:<25} {self.counters[i]:>14} {self.counters[i] / secs:>14.1f}/s")
-        return lines
-
-
-def _addr(af: int, raw: bytes) -> str:
-    import socket
-
-    return socket.inet_ntop(af, raw)
-
-
-def print_host(af: int, raw: bytes, port: int) -> str:
-    a = _addr(af, raw)
-    if af == AF_INET:
-        return f"{a}:{port}" if port else a
-    return f"{a}[{port}]" if port else a
-
-
-def print_state(st: State) -> str:
-    """Modern pf_print_state: proto, direction, wire key, stack key, peers, states, rule."""
-    af, proto, a0, a1, p0, p1 = st.key
-    name = {IPPROTO_TCP: "TCP", IPPROTO_UDP: "UDP", IPPROTO_ICMP: "ICMP", IPPROTO_ICMPV6: "ICMPv6"}.get(proto, str(proto))
-    out = [name]
-    if st.direction == PF_IN:
-        out.append(" in")
-    elif st.direction == 2:
-        out.append(" out")
-    out.append(f" wire: (0) {print_host(af, a0, p0)} {print_host(af, a1, p1)}")
-    out.append(" stack: (0) -")
-    if proto == IPPROTO_TCP:
-        out.append(" " + tcpmod.format_tcp_peers(st))
-    out.append(f" {st.src.state}:{st.dst.state}")
-    if st.rule is not None:
-        out.append(f" @{st.rule.nr}")
-    return "".join(out)
-
-
-def print_flags(flags: int) -> str:
-    return (" " + flags_str(flags)) if flags else ""
-
-
-def bad_state_lines(st: State, pkt: Packet, direction: int, fail: tcpmod.TrackFailure) -> list[str]:
-    """The two lines pf logs for a packet that failed the window test."""
-    first = (
-        f"pf: BAD state: {print_state(st)}{print_flags(pkt.tcp_flags)}"
-        f" seq={fail.seq} ({fail.orig_seq}) ack={fail.ack} len={fail.p_len} ackskew={fail.ackskew}"
-        f" pkts={st.packets0}:{st.packets1}"
-        f" dir={'in' if direction == PF_IN else 'out'},{'fwd' if direction == st.direction else 'rev'}"
-    )
-    return [first, f"pf: State failure on: {fail.checks}"]
 
 
 __all__ = ["BLOCK", "PASS", "PFSTATE_NOSYNC", "PFTM_MAX", "Filter", "StateListener", "Verdict"]

@@ -11,10 +11,10 @@ compares small ints.
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 from collections.abc import Iterable
 from typing import Any
 
+from pfcluster.packet import addr_str
 from pfcluster.pf.constants import (
     AF_INET,
     AF_INET6,
@@ -32,6 +32,7 @@ from pfcluster.pf.constants import (
     PFTM,
     TIMEOUT_NAMES,
     flags_str,
+    proto_name,
 )
 
 # Skip-step slots, in pf's order (PF_SKIP_*).
@@ -60,15 +61,6 @@ PF_OP_RRG = 9  # a:b
 PORT_OP_NAMES = {
     PF_OP_EQ: "=", PF_OP_NE: "!=", PF_OP_LT: "<", PF_OP_LE: "<=",
     PF_OP_GT: ">", PF_OP_GE: ">=", PF_OP_IRG: "><", PF_OP_XRG: "<>", PF_OP_RRG: ":",
-}  # fmt: skip
-
-BLOCK_MODES = ("drop", "return", "return-rst", "return-icmp")
-
-# Names pfctl prints for protocols (OpenBSD /etc/protocols spellings).
-PROTO_PRINT = {
-    1: "icmp", 2: "igmp", 4: "ipencap", 6: "tcp", 17: "udp", 41: "ipv6", 47: "gre",
-    50: "esp", 51: "ah", 58: "ipv6-icmp", 89: "ospf", 103: "pim", 108: "ipcomp",
-    112: "carp", 132: "sctp", 240: "pfsync",
 }  # fmt: skip
 
 ICMP_TYPES = {
@@ -131,10 +123,9 @@ def _bits(af: int) -> int:
     return 32 if af == AF_INET else 128
 
 
-def addr_str(af: int, value: int) -> str:
-    if af == AF_INET:
-        return str(ipaddress.IPv4Address(value))
-    return str(ipaddress.IPv6Address(value))
+def net_str(af: int, value: int) -> str:
+    """An address held as an int (tables and rules keep them so), as text."""
+    return addr_str(af, value.to_bytes(_bits(af) // 8, "big"))
 
 
 class Table:
@@ -197,7 +188,7 @@ class Table:
         flags = "".join(f" {f}" for f in ("persist", "const", "counters") if getattr(self, f))
         items = []
         for (af, plen, net), neg in sorted(self.entries.items()):
-            text = addr_str(af, net) + ("" if plen == _bits(af) else f"/{plen}")
+            text = net_str(af, net) + ("" if plen == _bits(af) else f"/{plen}")
             items.append(("!" if neg else "") + text)
         body = " ".join(items)
         return f"table <{self.name}>{flags} {{ {body} }}" if items else f"table <{self.name}>{flags}"
@@ -235,7 +226,7 @@ class Addr:
         if self.kind == "table":
             assert self.table is not None
             return f"{neg}<{self.table.name}>"
-        text = addr_str(self.af, self.net)
+        text = net_str(self.af, self.net)
         return neg + (text if self.plen == _bits(self.af) else f"{text}/{self.plen}")
 
 
@@ -292,14 +283,6 @@ class Rule:
         self.states_tot = 0
         self.skip: list[int] = [0] * PF_SKIP_COUNT
 
-    def copy(self) -> Rule:
-        r = Rule.__new__(Rule)
-        for name in Rule.__slots__:
-            setattr(r, name, getattr(self, name))
-        r.timeouts = dict(self.timeouts)
-        r.skip = list(self.skip)
-        return r
-
     def _state_opts(self) -> list[str]:
         opts = []
         if self.max_states:
@@ -337,7 +320,7 @@ class Rule:
         if self.af:
             out.append("inet" if self.af == AF_INET else "inet6")
         if self.proto:
-            out.append(f"proto {PROTO_PRINT.get(self.proto, str(self.proto))}")
+            out.append(f"proto {proto_name(self.proto)}")
         if (self.src.kind == "any" and not self.src.neg and self.dst.kind == "any"
                 and not self.dst.neg and self.sport is None and self.dport is None):
             out.append("all")

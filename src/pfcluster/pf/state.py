@@ -18,22 +18,7 @@ import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from pfcluster.pf.constants import (
-    AF_INET,
-    DIR_NAMES,
-    IPPROTO_ICMP,
-    IPPROTO_ICMPV6,
-    IPPROTO_TCP,
-    IPPROTO_UDP,
-    PF_IN,
-    PF_OUT,
-    PF_WSCALE_MASK,
-    PFTM,
-    PFTM_MAX,
-    PFUDPS_NAMES,
-    PROTO_NAMES,
-    TCPS_NAMES,
-)
+from pfcluster.pf.constants import PFTM, PFTM_MAX
 
 if TYPE_CHECKING:
     from pfcluster.pf.ruleset import Rule
@@ -152,67 +137,9 @@ class State:
         return self.rule.nr if self.rule is not None else -1
 
     def __repr__(self) -> str:
+        from pfcluster.pf.pfctl import format_state_line
+
         return f"<State {self.id:016x}/{self.creatorid:08x} {format_state_line(self)}>"
-
-
-def addr_str(af: int, raw: bytes) -> str:
-    import socket
-
-    return socket.inet_ntop(af, raw)
-
-
-def host_port(af: int, raw: bytes, port: int, proto: int) -> str:
-    """pfctl's host:port (IPv4) or host[port] (IPv6) notation."""
-    a = addr_str(af, raw)
-    if proto in (IPPROTO_TCP, IPPROTO_UDP) or port:
-        return f"{a}:{port}" if af == AF_INET else f"{a}[{port}]"
-    return a
-
-
-def peer_state_name(proto: int, value: int) -> str:
-    if proto == IPPROTO_TCP:
-        return TCPS_NAMES[value] if 0 <= value < len(TCPS_NAMES) else str(value)
-    if proto in (IPPROTO_ICMP, IPPROTO_ICMPV6):
-        return str(value)
-    return PFUDPS_NAMES[value] if 0 <= value < len(PFUDPS_NAMES) else str(value)
-
-
-# What pfctl prints: getprotobynumber()'s official name from OpenBSD's /etc/protocols
-# (58 is "ipv6-icmp", with icmp6 only an alias), else the number.
-PFCTL_PROTO_NAMES = {
-    1: "icmp", 2: "igmp", 6: "tcp", 17: "udp", 41: "ipv6", 47: "gre", 50: "esp", 51: "ah",
-    58: "ipv6-icmp", 89: "ospf", 103: "pim", 112: "carp", 132: "sctp", 240: "pfsync",
-}  # fmt: skip
-
-
-def format_state_line(st: State) -> str:
-    """The `pfctl -ss` line: `all tcp 198.51.100.2:40000 -> 203.0.113.10:5201  ESTABLISHED:ESTABLISHED`.
-
-    pfctl prints the wire key from the creator's point of view: ``->`` for an outbound
-    state (stack side first), ``<-`` for an inbound one.
-    """
-    af, proto, a0, a1, p0, p1 = st.key
-    pname = PFCTL_PROTO_NAMES.get(proto, str(proto))
-    # Key slot 1 holds the local end for an inbound state and the source for an outbound
-    # one, so pfctl prints slot 1 first either way; only the arrow tells them apart.
-    left = host_port(af, a1, p1, proto)
-    right = host_port(af, a0, p0, proto)
-    arrow = "<-" if st.direction == PF_IN else "->"
-    # pfctl's print_state: an outbound state prints src:dst, any other prints dst:src, so
-    # the left-hand peer state always belongs to the left-hand host.
-    src, dst = _print_peers(st)
-    if proto in (IPPROTO_ICMP, IPPROTO_ICMPV6):
-        states = f"{src.state}:{dst.state}"
-    else:
-        states = f"{peer_state_name(proto, src.state)}:{peer_state_name(proto, dst.state)}"
-    return f"{st.ifname} {pname} {left} {arrow} {right}       {states}"
-
-
-def _print_peers(st: State) -> tuple[Peer, Peer]:
-    """The peers in pfctl's print order (src = &s->dst for a state that is not PF_OUT)."""
-    if st.direction == PF_OUT:
-        return st.src, st.dst
-    return st.dst, st.src
 
 
 class StateTable:
@@ -288,9 +215,6 @@ class StateTable:
         self._scan_pos = min(len(self._scan), start + count)
         return self._scan[start : self._scan_pos]
 
-    def scan_remaining(self) -> int:
-        return len(self._scan) - self._scan_pos
-
 
 def new_creatorid() -> int:
     """A random non-zero 32-bit host id, as pf picks one at boot."""
@@ -331,69 +255,3 @@ def state_expires(st: State, timeouts: list[int], nstates: int) -> float:
             return st.expire
         return st.expire + timeout * (end - states) / (end - start)
     return st.expire + timeout
-
-
-def state_to_dict(st: State, now: float, timeouts: list[int], nstates: int) -> dict[str, Any]:
-    """A JSON view for ctl/replay (pf names, hex ids)."""
-    af, proto, a0, a1, p0, p1 = st.key
-    exp = state_expires(st, timeouts, nstates)
-
-    def peer(p: Peer) -> dict[str, int]:
-        return {
-            "seqlo": p.seqlo,
-            "seqhi": p.seqhi,
-            "max_win": p.max_win,
-            "wscale": p.wscale,
-            "state": p.state,
-            "seqdiff": p.seqdiff,
-        }
-
-    return {
-        "id": f"{st.id:016x}",
-        "creatorid": f"{st.creatorid:08x}",
-        "ifname": st.ifname,
-        "proto": PROTO_NAMES.get(proto, str(proto)),
-        "af": "inet" if af == AF_INET else "inet6",
-        "direction": DIR_NAMES.get(st.direction, "?"),
-        "key": {"addr": [addr_str(af, a0), addr_str(af, a1)], "port": [p0, p1]},
-        "src": peer(st.src),
-        "dst": peer(st.dst),
-        "states": f"{peer_state_name(proto, st.src.state)}:{peer_state_name(proto, st.dst.state)}",
-        "timeout": int(st.timeout),
-        "age": round(now - st.creation, 3),
-        "expires_in": max(0.0, round(exp - now, 3)),
-        "packets": [st.packets0, st.packets1],
-        "bytes": [st.bytes0, st.bytes1],
-        "rule": st.rule_nr,
-        "line": format_state_line(st),
-    }
-
-
-def format_state_verbose(st: State, now: float, timeouts: list[int], nstates: int) -> list[str]:
-    """pfctl -ss -v: the state line, then windows, age/expiry/counters, id and rule."""
-    lines = [format_state_line(st)]
-    if st.proto == IPPROTO_TCP:
-
-        def win(p: Peer) -> str:
-            s = f"[{p.seqlo} + {(p.seqhi - p.seqlo) & 0xFFFFFFFF}]"
-            if p.seqdiff:
-                s += f"(+{p.seqdiff})"
-            if st.src.wscale and st.dst.wscale:
-                s += f" wscale {p.wscale & PF_WSCALE_MASK}"
-            return s
-
-        src, dst = _print_peers(st)
-        lines.append(f"   {win(src)}  {win(dst)}")
-    age = int(now - st.creation)
-    exp = max(0, int(state_expires(st, timeouts, nstates) - now))
-    lines.append(
-        f"   age {_hms(age)}, expires in {_hms(exp)}, "
-        f"{st.packets0}:{st.packets1} pkts, {st.bytes0}:{st.bytes1} bytes"
-        + (f", rule {st.rule_nr}" if st.rule is not None else "")
-    )
-    lines.append(f"   id: {st.id:016x} creatorid: {st.creatorid:08x}")
-    return lines
-
-
-def _hms(seconds: int) -> str:
-    return f"{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

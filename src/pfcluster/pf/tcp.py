@@ -337,25 +337,12 @@ def track_sloppy(st: State, pkt: Packet, fwd: bool, now: float) -> int:
     return TRACK_PASS
 
 
-def format_tcp_peers(st: State) -> str:
-    """The `[lo=.. high=.. win=.. modulator=.. wscale=..]` pair of pf_print_state."""
-    both_ws = bool(st.src.wscale and st.dst.wscale)
-    out = []
-    for p in (st.src, st.dst):
-        s = f"[lo={p.seqlo} high={p.seqhi} win={p.max_win} modulator={p.seqdiff}"
-        if both_ws:
-            s += f" wscale={p.wscale & PF_WSCALE_MASK}"
-        out.append(s + "]")
-    return " ".join(out)
-
-
 __all__ = [
     "TRACK_LOOSE",
     "TRACK_PASS",
     "TrackFailure",
     "fin_acked",
     "flags_str",
-    "format_tcp_peers",
     "init_src_peer",
     "note_ack",
     "sdiff",
