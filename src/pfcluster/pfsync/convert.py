@@ -4,15 +4,43 @@ Times travel as ages: `creation` is seconds since the state was made and `expire
 seconds left before it times out, so two hosts with unrelated clocks agree. Addresses are
 16-byte pf_addr on the wire and 4 or 16 bytes in our keys; AF_INET6 is 24 on OpenBSD and
 28 on FreeBSD, so the dialect decides.
+
+The record layouts come from ``pfsync.layout``; the fast paths (``state_importer``,
+``pack_state``) are generated from them once per dialect, each under its own name
+(``import_state_openbsd45``, ``pack_state_openbsd45``) and file name in ``linecache``
+(``<pfsync-generated importer openbsd45>``), so tracebacks and profiles show which one
+ran and the generated line.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from pfcluster.pf.constants import AF_INET, AF_INET6, PF_TCPS_PROXY_DST, PFSTATE_ACK, PFTM_MAX
+from pfcluster.pf.constants import (
+    AF_INET,
+    AF_INET6,
+    PF_OUT,
+    PF_TCPS_PROXY_DST,
+    PFSTATE_ACK,
+    PFTM_MAX,
+)
 from pfcluster.pf.state import Peer, State, state_expires
 from pfcluster.pfsync import wire
+from pfcluster.pfsync.layout import (
+    AF_INET_WIRE,
+    KEY_ADDR0,
+    KEY_ADDR1,
+    KEY_AF,
+    KEY_PORT0,
+    KEY_PORT1,
+    PEER_SCRUB_VALUES,
+    PEER_STATE,
+    PEER_TCP_FIELDS,
+    STATE_INDEX,
+    STATE_LAYOUTS,
+    StateIndex,
+    compile_generated,
+)
 
 U32 = 0xFFFFFFFF
 _ZERO12 = bytes(12)
@@ -35,10 +63,11 @@ def export_state(st: State, now: float, dialect: str, timeouts: list[int], nstat
     """A pfsync_state record for `st` as `dialect` carries it."""
     af, proto, a0, a1, p0, p1 = st.key
     waf = wire.af_to_wire(dialect, af)
-    v6 = dialect == "openbsd6"
-    k0 = wire.StateKey([pad_addr(a0), pad_addr(a1)], [p0, p1], 0, waf if v6 else 0)
-    k1 = wire.StateKey([pad_addr(a0), pad_addr(a1)], [p0, p1], 0, waf if v6 else 0)
-    flags = st.state_flags if dialect in ("openbsd6", "freebsd1400") else st.state_flags & 0xFF
+    layout = STATE_LAYOUTS[dialect]
+    keys6 = layout.kinds["key"] == "keys6"  # keys with rdomain + af
+    k0 = wire.StateKey([pad_addr(a0), pad_addr(a1)], [p0, p1], 0, waf if keys6 else 0)
+    k1 = wire.StateKey([pad_addr(a0), pad_addr(a1)], [p0, p1], 0, waf if keys6 else 0)
+    flags = st.state_flags if layout.kinds["state_flags"] == "u16" else st.state_flags & 0xFF
     return wire.State(
         id=st.id,
         ifname=st.ifname,
@@ -71,46 +100,27 @@ def import_state(rec: wire.State, now: float, dialect: str, timeouts: list[int])
     return state_importer(dialect)(tuple(codec.to_tuple(rec)), now, timeouts)
 
 
-class StateFields:
-    """Where the fields the engine reads sit in an unpacked pfsync_state tuple."""
-
-    __slots__ = ("creatorid", "dst", "id", "src", "timeout")
-
-    def __init__(self, index: dict[str, int]) -> None:
-        self.id = index["id"]
-        self.creatorid = index["creatorid"]
-        self.timeout = index["timeout"]
-        self.src = index["src"]
-        self.dst = index["dst"]
-
-
-def _field_index(dialect: str) -> dict[str, int]:
-    index: dict[str, int] = {}
-    i = 0
-    for attr, kind in wire._STATE_LAYOUTS[dialect]:
-        index[attr] = i
-        i += wire._KINDS[kind][1]
-    return index
-
-
-STATE_FIELDS: dict[str, StateFields] = {d: StateFields(_field_index(d)) for d in wire.DIALECTS}
-
-# Offsets inside the 11 values of a pfsync_state_peer (after the 4 scrub fields).
-_PEER_FIELDS = ("seqlo", "seqhi", "seqdiff", "max_win", "mss", "state", "wscale")
+# The engine's names for layout.StateIndex / layout.STATE_INDEX (where the fields it reads
+# sit in an unpacked pfsync_state tuple, per dialect).
+StateFields = StateIndex
+STATE_FIELDS: dict[str, StateIndex] = STATE_INDEX
 
 
 def _gen_importer(dialect: str) -> Any:
     """Unpacked pfsync_state tuple -> pf State, with pfsync's checks, in one generated
     function: validating and importing straight from the tuple spares a bulk update the
     five record objects per state that decoding into wire.State would build."""
-    ix = _field_index(dialect)
-    layout = dict(wire._STATE_LAYOUTS[dialect])
-    keys6 = layout["key"] == "keys6"
-    k = ix["key"]
-    src = ix["src"]
-    dst = ix["dst"]
+    layout = STATE_LAYOUTS[dialect]
+    ix = layout.index
+    keys6 = layout.kinds["key"] == "keys6"
+    k = ix["key"]  # the wire key's values come first
+    src = ix["src"] + PEER_SCRUB_VALUES  # pf's Peer fields start after the scrub part
+    dst = ix["dst"] + PEER_SCRUB_VALUES
+    s_state = ix["src"] + PEER_STATE
+    d_state = ix["dst"] + PEER_STATE
+    name = f"import_state_{dialect}"
     lines = [
-        "def imp(t, now, timeouts):",
+        f"def {name}(t, now, timeouts):",
         f"    waf = t[{ix['af']}]",
         "    af = AFMAP.get(waf)",
         "    if af is None:",
@@ -120,23 +130,25 @@ def _gen_importer(dialect: str) -> Any:
         f"    tm = t[{ix['timeout']}]",
         "    if tm >= PFTM_MAX:",
         "        raise Err(f'timeout {tm}')",
-        f"    if t[{src + 9}] > PEER_MAX or t[{dst + 9}] > PEER_MAX:",
+        f"    if t[{s_state}] > PEER_MAX or t[{d_state}] > PEER_MAX:",
         "        raise Err('peer state')",
         f"    direction = t[{ix['direction']}]",
-        "    if direction > 2:",
+        f"    if direction > {PF_OUT}:",
         "        raise Err(f'direction {direction}')",
     ]
     if keys6:
-        lines += [f"    if t[{k + 5}] and t[{k + 5}] not in AFMAP:", "        raise Err('key af')"]
+        kaf = k + KEY_AF
+        lines += [f"    if t[{kaf}] and t[{kaf}] not in AFMAP:", "        raise Err('key af')"]
     lines += [
         "    alen = 4 if af == AF_INET else 16",
-        f"    key = (af, t[{ix['proto']}], t[{k}][:alen], t[{k + 1}][:alen], t[{k + 2}], t[{k + 3}])",
+        f"    key = (af, t[{ix['proto']}], t[{k + KEY_ADDR0}][:alen], t[{k + KEY_ADDR1}][:alen],"
+        f" t[{k + KEY_PORT0}], t[{k + KEY_PORT1}])",
         f"    st = State(key, direction, t[{ix['creatorid']}], t[{ix['id']}], now, None,"
         f" cstr(t[{ix['ifname']}]) or 'all')",
         "    s = st.src",
-        *(f"    s.{name} = t[{src + 4 + j}]" for j, name in enumerate(_PEER_FIELDS)),
+        *(f"    s.{field} = t[{src + j}]" for j, field in enumerate(PEER_TCP_FIELDS)),
         "    d = st.dst",
-        *(f"    d.{name} = t[{dst + 4 + j}]" for j, name in enumerate(_PEER_FIELDS)),
+        *(f"    d.{field} = t[{dst + j}]" for j, field in enumerate(PEER_TCP_FIELDS)),
         f"    st.creation = now - t[{ix['creation']}]",
         "    st.timeout = tm",
         # rebuild the last-activity time from the seconds the sender had left; an
@@ -156,16 +168,12 @@ def _gen_importer(dialect: str) -> Any:
     ]
     inet6 = wire.af_to_wire(dialect, AF_INET6)
     env: dict[str, Any] = {
-        "AFMAP": {2: AF_INET, inet6: AF_INET6}, "Err": ImportError_, "PFTM_MAX": PFTM_MAX,
-        "PEER_MAX": PF_TCPS_PROXY_DST, "AF_INET": AF_INET, "State": State, "cstr": _cstr,
-        "ACK": PFSTATE_ACK,
+        "AFMAP": {AF_INET_WIRE: AF_INET, inet6: AF_INET6}, "Err": ImportError_,
+        "PFTM_MAX": PFTM_MAX, "PEER_MAX": PF_TCPS_PROXY_DST, "AF_INET": AF_INET, "State": State,
+        "cstr": wire.cstr, "ACK": PFSTATE_ACK,
     }  # fmt: skip
-    exec("\n".join(lines) + "\n", env)  # generated from the layout table
-    return env["imp"]
-
-
-def _cstr(raw: bytes) -> str:
-    return raw.split(b"\0", 1)[0].decode("latin-1")
+    src_text = "\n".join(lines) + "\n"
+    return compile_generated(src_text, f"<pfsync-generated importer {dialect}>", env, name)
 
 
 _IMPORTERS: dict[str, Any] = {}
@@ -190,18 +198,20 @@ _FIELD_EXPR: dict[str, str] = {
     "state_flags": "flags", "timeout": "st.timeout", "rtableid": "0", "set_prio": "0, 0",
     "rt_ifname": "b''",
 }  # fmt: skip
-_PEER_EXPR = "0, 0, 0, 0, {p}.seqlo, {p}.seqhi, {p}.seqdiff, {p}.max_win, {p}.mss, {p}.state, {p}.wscale"
+# A peer: the scrub values are zero (we do not scrub), then pf's Peer fields.
+_PEER_EXPR = ", ".join(["0"] * PEER_SCRUB_VALUES + [f"{{p}}.{f}" for f in PEER_TCP_FIELDS])
 
 
 def _gen_packer(dialect: str) -> Any:
     """pf State -> packed pfsync_state bytes for `dialect`, without the record objects:
     a bulk update spends most of its time building and taking apart those objects."""
-    layout = wire._STATE_LAYOUTS[dialect]
+    layout = STATE_LAYOUTS[dialect]
     codec = wire.TABLES[dialect][wire.ACTIONS[dialect]["INS"]][2]
     assert codec is not None
     items = []
-    for attr, kind in layout:
+    for attr, kind in layout.fields:
         if kind in ("keys5", "keys6"):
+            # pf key k = (af, proto, addr0, addr1, port0, port1); both wire keys alike
             one = "a0, a1, k[4], k[5]" + (", 0, waf" if kind == "keys6" else "")
             items.append(f"{one}, {one}")
         elif kind == "peer":
@@ -210,9 +220,11 @@ def _gen_packer(dialect: str) -> Any:
             items.append("0, 0")
         else:
             items.append(_FIELD_EXPR.get(attr, "0"))
-    flags = "st.state_flags" if dialect in ("openbsd6", "freebsd1400") else "st.state_flags & 0xFF"
+    u16 = layout.kinds["state_flags"] == "u16"
+    flags = "st.state_flags" if u16 else "st.state_flags & 0xFF"
+    name = f"pack_state_{dialect}"
     src = (
-        "def pack(st, now, timeouts, nstates):\n"
+        f"def {name}(st, now, timeouts, nstates):\n"
         "    k = st.key\n"
         "    a0 = k[2] if len(k[2]) == 16 else k[2] + ZERO12\n"
         "    a1 = k[3] if len(k[3]) == 16 else k[3] + ZERO12\n"
@@ -222,7 +234,7 @@ def _gen_packer(dialect: str) -> Any:
         "    exp = 0 if e <= now else min(U32, int(e - now))\n"
         "    r = st.rule\n"
         "    rule = (r.nr & U32) if r is not None else U32\n"
-        "    waf = 2 if k[0] == AF_INET else AF6\n"
+        f"    waf = {AF_INET_WIRE} if k[0] == AF_INET else AF6\n"
         f"    flags = {flags}\n"
         f"    return Packed(PACK({', '.join(items)}))\n"
     )
@@ -230,8 +242,7 @@ def _gen_packer(dialect: str) -> Any:
                            "PACK": codec.st.pack, "Packed": wire.PackedRecord,
                            "expires": state_expires, "AF_INET": AF_INET,
                            "AF6": wire.af_to_wire(dialect, AF_INET6)}  # fmt: skip
-    exec(src, env)  # generated from the layout table, no outside input
-    return env["pack"]
+    return compile_generated(src, f"<pfsync-generated packer {dialect}>", env, name)
 
 
 _PACKERS: dict[str, Any] = {}

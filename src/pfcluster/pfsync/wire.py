@@ -33,19 +33,43 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from pfcluster.pf.constants import IPPROTO_PFSYNC, PF_OUT, PF_TCPS_PROXY_DST, PFTM_MAX
+from pfcluster.pfsync.layout import (
+    ACT_EOF,
+    ACTION_IDS,
+    AF_INET6_WIRE,
+    AF_INET_WIRE,
+    DIALECTS,
+    HEADER_FMT,
+    HEADER_LEN,
+    KEY_VALUES,
+    KINDS,
+    PEER_FMT,
+    PEER_VALUES,
+    STATE_LAYOUTS,
+    SUBHEADER_FMT,
+    SUBHEADER_LEN,
+    VERSION,
+    StateLayout,
+    compile_generated,
+)
 
 __all__ = [
     "ACTIONS",
     "DIALECTS",
+    "HEADER_LEN",
     "PFSYNC_DFLTTL",
     "STATE_FIELDS",
+    "SUBHEADER_LEN",
+    "VERSION",
     "Bus",
     "Clr",
+    "Codec",
     "DelC",
     "Eof",
     "Frame",
     "InsAck",
     "IpEnvelope",
+    "Message",
     "Section",
     "State",
     "StateKey",
@@ -58,23 +82,23 @@ __all__ = [
     "addr_str",
     "af_from_wire",
     "af_to_wire",
+    "byte_view",
+    "cstr",
     "decode",
     "decode_ip",
     "encode",
     "encode_ip",
+    "make_ins_check",
+    "peer_bad",
     "record_size",
     "signed32",
 ]
 
-DIALECTS = ("openbsd45", "freebsd1301", "freebsd1400", "openbsd6")
-VERSION = {"openbsd45": 5, "freebsd1301": 5, "freebsd1400": 5, "openbsd6": 6}
+# DIALECTS, VERSION, HEADER_LEN and SUBHEADER_LEN are layout facts (pfsync.layout),
+# re-exported here because callers know them as wire.*.
 PFSYNC_DFLTTL = 255
-HEADER_LEN = 20
-SUBHEADER_LEN = 4
 IPTOS_LOWDELAY = 0x10
 IP_DF = 0x4000
-
-_AF_INET6_WIRE = {"openbsd45": 24, "openbsd6": 24, "freebsd1301": 28, "freebsd1400": 28}
 
 
 class WireError(ValueError):
@@ -99,17 +123,17 @@ def signed32(value: int) -> int:
 def af_to_wire(dialect: str, socket_af: int) -> int:
     """Local ``socket.AF_*`` -> the sender OS's ``sa_family_t`` value on the wire."""
     if socket_af == socket.AF_INET:
-        return 2
+        return AF_INET_WIRE
     if socket_af == socket.AF_INET6:
-        return _AF_INET6_WIRE[dialect]
+        return AF_INET6_WIRE[dialect]
     return socket_af
 
 
 def af_from_wire(dialect: str, value: int) -> int | None:
     """Wire ``af`` byte -> local ``socket.AF_*``; None when it is neither family."""
-    if value == 2:
+    if value == AF_INET_WIRE:
         return socket.AF_INET
-    if value == _AF_INET6_WIRE.get(dialect, -1):
+    if value == AF_INET6_WIRE.get(dialect, -1):
         return socket.AF_INET6
     return None
 
@@ -129,7 +153,7 @@ def addr_from_str(text: str) -> bytes:
     return a.packed.ljust(16, b"\0")
 
 
-def _byte_view(data: bytes | bytearray | memoryview) -> memoryview:
+def byte_view(data: bytes | bytearray | memoryview) -> memoryview:
     """``data`` as a flat, contiguous view of unsigned bytes, what the walkers index and
     unpack: a view of format "b" or "c" would index as negative ints or as bytes (an
     IPv6 extension length byte 0xff read as -1 made split_ip loop forever), and a strided
@@ -140,7 +164,7 @@ def _byte_view(data: bytes | bytearray | memoryview) -> memoryview:
     return mv
 
 
-def _cstr(raw: bytes) -> str:
+def cstr(raw: bytes) -> str:
     """A NUL-padded C char array as text. latin-1 maps every byte, so a peer's ifname
     can never make decoding fail (and encodes back to the same bytes)."""
     return raw.split(b"\0", 1)[0].decode("latin-1")
@@ -149,8 +173,9 @@ def _cstr(raw: bytes) -> str:
 # --------------------------------------------------------------------------- messages
 
 
-class _Msg:
-    """Base for the message records: field-wise equality and a readable repr.
+class Message:
+    """Base for the message records (here and in ``legacy``): field-wise equality and a
+    readable repr.
 
     ``_fields`` lists every slot along the MRO (subclasses such as ``UpdReq`` add none),
     in C order.
@@ -177,7 +202,7 @@ class _Msg:
         return f"{type(self).__name__}({body})"
 
 
-class StatePeer(_Msg):
+class StatePeer(Message):
     """struct pfsync_state_peer (with the scrub part flattened, C names kept)."""
 
     __slots__ = ("pfss_flags", "pfss_ttl", "scrub_flag", "pfss_ts_mod", "seqlo", "seqhi",  # noqa: RUF023 (C field order)
@@ -203,7 +228,7 @@ class StatePeer(_Msg):
                 self.seqhi, self.seqdiff, self.max_win, self.mss, self.state, self.wscale)  # fmt: skip
 
 
-class StateKey(_Msg):
+class StateKey(Message):
     """struct pfsync_state_key: ``addr`` two raw pf_addr, ``port`` two host ints;
     ``rdomain``/``af`` exist on the wire only in openbsd6 (0 elsewhere)."""
 
@@ -217,7 +242,7 @@ class StateKey(_Msg):
         self.af = af
 
 
-class Clr(_Msg):
+class Clr(Message):
     """struct pfsync_clr."""
 
     __slots__ = ("ifname", "creatorid")  # noqa: RUF023 (C field order)
@@ -227,7 +252,7 @@ class Clr(_Msg):
         self.creatorid = creatorid
 
 
-class InsAck(_Msg):
+class InsAck(Message):
     """struct pfsync_ins_ack."""
 
     __slots__ = ("id", "creatorid")  # noqa: RUF023 (C field order)
@@ -249,7 +274,7 @@ class DelC(InsAck):
     __slots__ = ()
 
 
-class UpdC(_Msg):
+class UpdC(Message):
     """struct pfsync_upd_c (``state_flags`` is a pad byte before openbsd6)."""
 
     __slots__ = ("id", "src", "dst", "creatorid", "expire", "timeout", "state_flags")  # noqa: RUF023 (C field order)
@@ -266,7 +291,7 @@ class UpdC(_Msg):
         self.state_flags = state_flags
 
 
-class Bus(_Msg):
+class Bus(Message):
     """struct pfsync_bus (status 1 START, 2 END)."""
 
     __slots__ = ("creatorid", "endtime", "status")
@@ -277,7 +302,7 @@ class Bus(_Msg):
         self.status = status
 
 
-class Tdb(_Msg):
+class Tdb(Message):
     """struct pfsync_tdb; ``dst`` is the raw 28-byte sockaddr_union, ``rdomain`` exists
     only in openbsd6 (a pad before)."""
 
@@ -294,7 +319,7 @@ class Tdb(_Msg):
         self.rdomain = rdomain
 
 
-class Eof(_Msg):
+class Eof(Message):
     """struct pfsync_eof (4.5 only: 20 bytes, never written by the sender)."""
 
     __slots__ = ("hmac",)
@@ -322,7 +347,7 @@ _LIST_DEFAULTS: dict[str, Callable[[], Any]] = {
 }
 
 
-class State(_Msg):
+class State(Message):
     """struct pfsync_state, the superset of all dialects' fields (C names).
 
     Fields a dialect's layout does not have keep their defaults (``STATE_FIELDS`` lists
@@ -387,8 +412,9 @@ def _gen_state_init() -> Callable[..., None]:
         env[f"_D_{name}"] = default if name not in _LIST_DEFAULTS else _MISSING
         if name in _LIST_DEFAULTS:
             env[f"_F_{name}"] = _LIST_DEFAULTS[name]
-    exec(src, env)  # generated from the field table above, no outside input
-    init: Callable[..., None] = env["__init__"]
+    init: Callable[..., None] = compile_generated(src, "<pfsync-generated State.__init__>", env,
+                                                  "__init__")  # fmt: skip
+    init.__qualname__ = "State.__init__"
     init.__doc__ = "Keyword per C field; omitted fields take their defaults."
     return init
 
@@ -413,8 +439,9 @@ def _AS_TUPLE(t: tuple[Any, ...]) -> tuple[Any, ...]:
     return t
 
 
-class _Codec:
-    """One message layout: a precompiled Struct plus tuple <-> object converters."""
+class Codec:
+    """One message layout: a precompiled Struct plus tuple <-> object converters. Public
+    so that ``legacy`` builds its v4 codecs the same way."""
 
     __slots__ = ("cls", "from_tuple", "size", "st", "to_tuple")
 
@@ -426,10 +453,10 @@ class _Codec:
         self.from_tuple = from_tuple
         self.to_tuple = to_tuple
 
-    def raw(self) -> _Codec:
+    def raw(self) -> Codec:
         """This layout decoding to plain tuples (for receivers that build their own
         objects from the fields, as the pfsync engine does for state records)."""
-        return _Codec(self.st.format, tuple, _AS_TUPLE, self.to_tuple)
+        return Codec(self.st.format, tuple, _AS_TUPLE, self.to_tuple)
 
     def decode_many(self, mv: memoryview, off: int, count: int, stride: int) -> list[Any]:
         """``count`` records every ``stride`` bytes from ``off``. The caller has checked
@@ -454,21 +481,19 @@ class _Codec:
         self.st.pack_into(buf, off, *self.to_tuple(msg))
 
 
-_PEER_FMT = "HBBIIIIHHBB6x"  # 11 values, 32 bytes
+def _id_creator_codec(cls: type) -> Codec:
+    return Codec("!QI", cls, lambda t: cls(t[0], t[1]), lambda m: (m.id, m.creatorid))
 
 
-def _id_creator_codec(cls: type) -> _Codec:
-    return _Codec("!QI", cls, lambda t: cls(t[0], t[1]), lambda m: (m.id, m.creatorid))
-
-
-def _clr_codec() -> _Codec:
-    return _Codec("!16sI", Clr, lambda t: Clr(_cstr(t[0]), t[1]),
+def _clr_codec() -> Codec:
+    return Codec("!16sI", Clr, lambda t: Clr(cstr(t[0]), t[1]),
                   lambda m: (m.ifname.encode("latin-1"), m.creatorid))  # fmt: skip
 
 
-def _upd_c_codec(v6: bool) -> _Codec:
+def _upd_c_codec(v6: bool) -> Codec:
+    # id, then two peers of PEER_VALUES (11) values each: t[1:12] and t[12:23]
     if v6:
-        fmt = "!Q" + _PEER_FMT + _PEER_FMT + "IIBB2x"
+        fmt = "!Q" + PEER_FMT + PEER_FMT + "IIBB2x"
 
         def from_t(t: tuple[Any, ...]) -> UpdC:
             return UpdC(t[0], StatePeer(*t[1:12]), StatePeer(*t[12:23]), t[23], t[24], t[25],
@@ -478,7 +503,7 @@ def _upd_c_codec(v6: bool) -> _Codec:
             return (m.id, *m.src.astuple(), *m.dst.astuple(), m.creatorid, m.expire,
                     m.timeout, m.state_flags)  # fmt: skip
     else:
-        fmt = "!Q" + _PEER_FMT + _PEER_FMT + "IIB3x"
+        fmt = "!Q" + PEER_FMT + PEER_FMT + "IIB3x"
 
         def from_t(t: tuple[Any, ...]) -> UpdC:
             return UpdC(t[0], StatePeer(*t[1:12]), StatePeer(*t[12:23]), t[23], t[24], t[25])
@@ -487,80 +512,47 @@ def _upd_c_codec(v6: bool) -> _Codec:
             return (m.id, *m.src.astuple(), *m.dst.astuple(), m.creatorid, m.expire,
                     m.timeout)  # fmt: skip
 
-    return _Codec(fmt, UpdC, from_t, to_t)
+    return Codec(fmt, UpdC, from_t, to_t)
 
 
-def _bus_codec() -> _Codec:
-    return _Codec("!IIB3x", Bus, lambda t: Bus(*t), lambda m: (m.creatorid, m.endtime, m.status))
+def _bus_codec() -> Codec:
+    return Codec("!IIB3x", Bus, lambda t: Bus(*t), lambda m: (m.creatorid, m.endtime, m.status))
 
 
-def _tdb_codec(variant: str) -> _Codec:
+def _tdb_codec(variant: str) -> Codec:
     """variant: "v5" (rpl u32, pad), "v6" (rpl u32, rdomain), "v6r64" (rpl u64, rdomain)."""
     rpl = "Q" if variant == "v6r64" else "I"
     tail = "2x" if variant == "v5" else "H"
     fmt = f"!I28s{rpl}QBB{tail}"
     if variant == "v5":
-        return _Codec(fmt, Tdb, lambda t: Tdb(*t),
+        return Codec(fmt, Tdb, lambda t: Tdb(*t),
                       lambda m: (m.spi, m.dst, m.rpl, m.cur_bytes, m.sproto, m.updates))  # fmt: skip
-    return _Codec(fmt, Tdb, lambda t: Tdb(*t),
+    return Codec(fmt, Tdb, lambda t: Tdb(*t),
                   lambda m: (m.spi, m.dst, m.rpl, m.cur_bytes, m.sproto, m.updates, m.rdomain))  # fmt: skip
 
 
-def _eof_codec() -> _Codec:
-    return _Codec("!20s", Eof, lambda t: Eof(t[0]), lambda m: (m.hmac,))
+def _eof_codec() -> Codec:
+    return Codec("!20s", Eof, lambda t: Eof(t[0]), lambda m: (m.hmac,))
 
 
-# State layouts: (attribute, kind). Kinds map to struct format and value count.
-_KINDS: dict[str, tuple[str, int]] = {
-    "u8": ("B", 1), "u16": ("H", 1), "u32": ("I", 1), "i32": ("i", 1), "u64": ("Q", 1),
-    "ifname": ("16s", 1), "addr": ("16s", 1), "peer": (_PEER_FMT, 11),
-    "keys5": ("16s16sHH" * 2, 8), "keys6": ("16s16sHHHBx" * 2, 12),
-    "u64pair": ("QQ", 2), "i32pair": ("ii", 2), "u8pair": ("BB", 2),
-}  # fmt: skip
-
-_STATE_HEAD: list[tuple[str, str]] = [
-    ("id", "u64"), ("ifname", "ifname"), ("key", "keys5"), ("src", "peer"), ("dst", "peer"),
-    ("rt_addr", "addr"), ("rule", "u32"), ("anchor", "u32"), ("nat_rule", "u32"),
-    ("creation", "u32"), ("expire", "u32"), ("packets", "u64pair"), ("bytes", "u64pair"),
-    ("creatorid", "u32"),
-]  # fmt: skip
-
+# The pfsync_state layouts live in pfsync.layout; the record's field names per dialect in
+# wire order, as dump and the tests know them:
+STATE_FIELDS: dict[str, tuple[str, ...]] = {d: lay.names for d, lay in STATE_LAYOUTS.items()}
+# (attribute, kind) lists, the form tests/test_wire_roundtrip.py reads.
 _STATE_LAYOUTS: dict[str, list[tuple[str, str]]] = {
-    # OpenBSD 4.5 pfvar.h 1.282: 240 bytes
-    "openbsd45": [*_STATE_HEAD, ("af", "u8"), ("proto", "u8"), ("direction", "u8"),
-                  ("log", "u8"), ("state_flags", "u8"), ("timeout", "u8"),
-                  ("sync_flags", "u8"), ("updates", "u8")],
-    # FreeBSD pfsync_state_1301: 242 bytes (__spare[2] after direction)
-    "freebsd1301": [*_STATE_HEAD, ("af", "u8"), ("proto", "u8"), ("direction", "u8"),
-                    ("spare", "u16"), ("log", "u8"), ("state_flags", "u8"), ("timeout", "u8"),
-                    ("sync_flags", "u8"), ("updates", "u8")],
-    # FreeBSD pfsync_state_1400: 277 bytes
-    "freebsd1400": [*_STATE_HEAD, ("af", "u8"), ("proto", "u8"), ("direction", "u8"),
-                    ("state_flags", "u16"), ("log", "u8"), ("spare", "u8"), ("timeout", "u8"),
-                    ("sync_flags", "u8"), ("updates", "u8"), ("qid", "u16"), ("pqid", "u16"),
-                    ("dnpipe", "u16"), ("dnrpipe", "u16"), ("rtableid", "i32"),
-                    ("min_ttl", "u8"), ("set_tos", "u8"), ("max_mss", "u16"),
-                    ("set_prio", "u8pair"), ("rt", "u8"), ("rt_ifname", "ifname")],
-    # OpenBSD current pfvar.h 1.543: 264 bytes (key with rdomain + af)
-    "openbsd6": [*[(("key", "keys6") if a == "key" else (a, k)) for a, k in _STATE_HEAD],
-                 ("rtableid", "i32pair"), ("max_mss", "u16"), ("af", "u8"), ("proto", "u8"),
-                 ("direction", "u8"), ("log", "u8"), ("rt", "u8"), ("timeout", "u8"),
-                 ("sync_flags", "u8"), ("updates", "u8"), ("min_ttl", "u8"), ("set_tos", "u8"),
-                 ("state_flags", "u16"), ("set_prio", "u8pair")],
-}  # fmt: skip
-
-STATE_FIELDS: dict[str, tuple[str, ...]] = {
-    d: tuple(a for a, _ in layout) for d, layout in _STATE_LAYOUTS.items()
+    d: list(lay.fields) for d, lay in STATE_LAYOUTS.items()
 }
 
 
-def _state_codec(layout: list[tuple[str, str]]) -> _Codec:
+def _state_codec(layout: StateLayout) -> Codec:
     """A codec for one pfsync_state layout, its two converters generated as straight-line
     code (unpacked tuple -> record, record -> tuple to pack): the loop over fields is
-    unrolled once here instead of on every message."""
-    fmt = "!" + "".join(_KINDS[k][0] for _, k in layout)
-    present = {a for a, _ in layout}
-    dec = ["def from_t(t):", "    st = new(State)"]
+    unrolled once here instead of on every message. The functions are named and filed
+    per layout (``state_from_tuple_openbsd45`` in ``<pfsync-generated state codec
+    openbsd45>``) so a traceback shows which one and the line."""
+    d = layout.dialect
+    present = set(layout.names)
+    dec = [f"def state_from_tuple_{d}(t):", "    st = new(State)"]
     for name, value in _STATE_DEFAULTS.items():
         if name in present:
             continue
@@ -570,24 +562,21 @@ def _state_codec(layout: list[tuple[str, str]]) -> _Codec:
             dec.append(f"    st.{name} = {value!r}")
     enc_items: list[str] = []
     i = 0
-    for attr, kind in layout:
-        n = _KINDS[kind][1]
+    for attr, kind in layout.fields:
         if kind == "peer":
-            dec.append(f"    st.{attr} = StatePeer(*t[{i}:{i + 11}])")
+            dec.append(f"    st.{attr} = StatePeer(*t[{i}:{i + PEER_VALUES}])")
             enc_items.append(f"*m.{attr}.astuple()")
-        elif kind == "keys5":
-            dec.append(f"    st.{attr} = [StateKey([t[{i}], t[{i + 1}]], [t[{i + 2}], t[{i + 3}]]), "
-                       f"StateKey([t[{i + 4}], t[{i + 5}]], [t[{i + 6}], t[{i + 7}]])]")
+        elif kind in ("keys5", "keys6"):
+            per = KEY_VALUES[kind]
+            keys = []
             for k in (0, 1):
-                enc_items.append(f"m.{attr}[{k}].addr[0], m.{attr}[{k}].addr[1], "
-                                 f"m.{attr}[{k}].port[0], m.{attr}[{k}].port[1]")
-        elif kind == "keys6":
-            dec.append(f"    st.{attr} = [StateKey([t[{i}], t[{i + 1}]], [t[{i + 2}], t[{i + 3}]], t[{i + 4}], t[{i + 5}]), "
-                       f"StateKey([t[{i + 6}], t[{i + 7}]], [t[{i + 8}], t[{i + 9}]], t[{i + 10}], t[{i + 11}])]")
-            for k in (0, 1):
-                enc_items.append(f"m.{attr}[{k}].addr[0], m.{attr}[{k}].addr[1], "
-                                 f"m.{attr}[{k}].port[0], m.{attr}[{k}].port[1], "
-                                 f"m.{attr}[{k}].rdomain, m.{attr}[{k}].af")
+                v = [f"t[{i + k * per + j}]" for j in range(per)]
+                keys.append(f"StateKey([{v[0]}, {v[1]}], [{v[2]}, {v[3]}]{''.join(', ' + x for x in v[4:])})")
+                enc = [f"m.{attr}[{k}].addr[0]", f"m.{attr}[{k}].addr[1]",
+                       f"m.{attr}[{k}].port[0]", f"m.{attr}[{k}].port[1]",
+                       f"m.{attr}[{k}].rdomain", f"m.{attr}[{k}].af"]  # fmt: skip
+                enc_items.append(", ".join(enc[:per]))
+            dec.append(f"    st.{attr} = [{keys[0]}, {keys[1]}]")
         elif kind == "ifname":
             dec.append(f"    st.{attr} = cstr(t[{i}])")
             enc_items.append(f"m.{attr}.encode('latin-1')")
@@ -603,16 +592,18 @@ def _state_codec(layout: list[tuple[str, str]]) -> _Codec:
         else:
             dec.append(f"    st.{attr} = t[{i}]")
             enc_items.append(f"m.{attr}")
-        i += n
+        i += KINDS[kind].nvalues
     dec.append("    return st")
-    enc = ["def to_t(m):", f"    return ({', '.join(enc_items)},)"]
+    enc_fn = [f"def state_to_tuple_{d}(m):", f"    return ({', '.join(enc_items)},)"]
     env: dict[str, Any] = {
         "new": State.__new__, "State": State, "StatePeer": StatePeer, "StateKey": StateKey,
-        "cstr": _cstr, "pair": _as_pair, "one": _as_one,
+        "cstr": cstr, "pair": _as_pair, "one": _as_one,
     }  # fmt: skip
     env.update({f"F_{n}": f for n, f in _LIST_DEFAULTS.items()})
-    exec("\n".join(dec) + "\n\n" + "\n".join(enc) + "\n", env)  # generated from the layout table
-    return _Codec(fmt, State, env["from_t"], env["to_t"])
+    src = "\n".join(dec) + "\n\n" + "\n".join(enc_fn) + "\n"
+    name = f"<pfsync-generated state codec {d}>"
+    from_t = compile_generated(src, name, env, f"state_from_tuple_{d}")
+    return Codec(layout.fmt, State, from_t, env[f"state_to_tuple_{d}"])
 
 
 def _as_pair(v: Any) -> tuple[int, int]:
@@ -626,7 +617,9 @@ def _as_one(v: Any) -> int:
 # --------------------------------------------------------------------------- checks
 
 
-def _peer_bad(m: State | UpdC) -> str | None:
+def peer_bad(m: State | UpdC) -> str | None:
+    """pfsync_input's badval test of an update (full or compressed; v4 ``StateUpd`` too):
+    a timeout index or a peer TCP state out of range. The reason, or None if sound."""
     if m.timeout >= PFTM_MAX:
         return f"timeout {m.timeout}"
     if m.src.state > PF_TCPS_PROXY_DST:
@@ -636,21 +629,23 @@ def _peer_bad(m: State | UpdC) -> str | None:
     return None
 
 
-def _make_ins_check(dialect: str) -> Callable[[Any], str | None]:
-    inet6 = _AF_INET6_WIRE[dialect]
+def make_ins_check(dialect: str) -> Callable[[Any], str | None]:
+    """The badval test of an inserted state as ``dialect`` receives it (``peer_bad`` plus
+    direction and address family; openbsd6 also each key's af). v4 INS reuses 4.5's."""
+    inet6 = AF_INET6_WIRE[dialect]
     v6 = dialect == "openbsd6"
 
     def check(m: State) -> str | None:
-        bad = _peer_bad(m)
+        bad = peer_bad(m)
         if bad:
             return bad
         if m.direction > PF_OUT:
             return f"direction {m.direction}"
-        if m.af not in (2, inet6):
+        if m.af not in (AF_INET_WIRE, inet6):
             return f"af {m.af}"
         if v6:
             for k in m.key:
-                if k.af and k.af not in (2, inet6):
+                if k.af and k.af not in (AF_INET_WIRE, inet6):
                     return f"key.af {k.af}"
         return None
 
@@ -660,72 +655,69 @@ def _make_ins_check(dialect: str) -> Callable[[Any], str | None]:
 # --------------------------------------------------------------------------- tables
 
 # (name, record size, codec or None when unsupported, check or None)
-Entry = tuple[str, int, "_Codec | None", "Callable[[Any], str | None] | None"]
+Entry = tuple[str, int, "Codec | None", "Callable[[Any], str | None] | None"]
 
-_ACT_NAMES_V5 = ("CLR", "INS", "INS_ACK", "UPD", "UPD_C", "UPD_REQ", "DEL", "DEL_C",
-                 "INS_F", "DEL_F", "BUS", "TDB", "EOF")  # fmt: skip
+Spec = tuple[int, "Codec | None", "Callable[[Any], str | None] | None"]
+
+
+def _entry(codec: Codec | None, check: Callable[[Any], str | None] | None = None) -> Spec:
+    return (codec.size if codec is not None else 0, codec, check)
+
+
+_UNSUPPORTED: Spec = (0, None, None)
 
 
 def _build_tables() -> dict[str, dict[int, Entry]]:
+    """Each dialect's action -> Entry table: what each message name is in that dialect,
+    numbered by ``layout.ACTION_IDS``."""
     iack, ureq, delc = _id_creator_codec(InsAck), _id_creator_codec(UpdReq), _id_creator_codec(DelC)
-    clr, bus = _clr_codec(), _bus_codec()
-    tables: dict[str, dict[int, Entry]] = {}
+    clr, bus = _entry(_clr_codec()), _entry(_bus_codec())
+    common: dict[str, Spec] = {
+        "CLR": clr, "INS_ACK": _entry(iack), "UPD_REQ": _entry(ureq), "DEL_C": _entry(delc),
+        "INS_F": _UNSUPPORTED, "DEL_F": _UNSUPPORTED, "BUS": bus,
+    }  # fmt: skip
+    state = {d: _state_codec(STATE_LAYOUTS[d]) for d in DIALECTS}
 
-    def v5_table(dialect: str, state: _Codec, eof: _Codec | None) -> dict[int, Entry]:
-        ins = _make_ins_check(dialect)
-        upd_c = _upd_c_codec(False)
-        tdb = _tdb_codec("v5")
+    def v5(dialect: str, state: Codec, eof: Codec | None) -> dict[str, Spec]:
         return {
-            0: ("CLR", clr.size, clr, None),
-            1: ("INS", state.size, state, ins),
-            2: ("INS_ACK", iack.size, iack, None),
-            3: ("UPD", state.size, state, _peer_bad),
-            4: ("UPD_C", upd_c.size, upd_c, _peer_bad),
-            5: ("UPD_REQ", ureq.size, ureq, None),
-            6: ("DEL", state.size, state, None),
-            7: ("DEL_C", delc.size, delc, None),
-            8: ("INS_F", 0, None, None),
-            9: ("DEL_F", 0, None, None),
-            10: ("BUS", bus.size, bus, None),
-            11: ("TDB", tdb.size, tdb, None),
-            12: ("EOF", eof.size if eof else 0, eof, None),
+            **common,
+            "INS": _entry(state, make_ins_check(dialect)),
+            "UPD": _entry(state, peer_bad),
+            "UPD_C": _entry(_upd_c_codec(False), peer_bad),
+            "DEL": _entry(state),
+            "TDB": _entry(_tdb_codec("v5")),
+            "EOF": _entry(eof),
         }
 
-    s45 = _state_codec(_STATE_LAYOUTS["openbsd45"])
-    s1301 = _state_codec(_STATE_LAYOUTS["freebsd1301"])
-    s1400 = _state_codec(_STATE_LAYOUTS["freebsd1400"])
-    s6 = _state_codec(_STATE_LAYOUTS["openbsd6"])
-    tables["openbsd45"] = v5_table("openbsd45", s45, _eof_codec())
-    tables["freebsd1301"] = v5_table("freebsd1301", s1301, None)
-    t14 = v5_table("freebsd1400", s1301, None)
-    ins14 = _make_ins_check("freebsd1400")
-    t14[1] = ("INS_1301", s1301.size, s1301, ins14)
-    t14[3] = ("UPD_1301", s1301.size, s1301, _peer_bad)
-    t14[13] = ("INS", s1400.size, s1400, ins14)
-    t14[14] = ("UPD", s1400.size, s1400, _peer_bad)
-    tables["freebsd1400"] = t14
-
-    upd_c6 = _upd_c_codec(True)
-    tdb6, tdb6r = _tdb_codec("v6"), _tdb_codec("v6r64")
-    tables["openbsd6"] = {
-        0: ("CLR", clr.size, clr, None),
-        1: ("OINS", 0, None, None),
-        2: ("INS_ACK", iack.size, iack, None),
-        3: ("OUPD", 0, None, None),
-        4: ("UPD_C", upd_c6.size, upd_c6, _peer_bad),
-        5: ("UPD_REQ", ureq.size, ureq, None),
-        6: ("DEL", s6.size, s6, None),
-        7: ("DEL_C", delc.size, delc, None),
-        8: ("INS_F", 0, None, None),
-        9: ("DEL_F", 0, None, None),
-        10: ("BUS", bus.size, bus, None),
-        11: ("OTDB", tdb6.size, None, None),
-        12: ("EOF", 0, None, None),
-        13: ("INS", s6.size, s6, _make_ins_check("openbsd6")),
-        14: ("UPD", s6.size, s6, _peer_bad),
-        15: ("TDB", tdb6r.size, tdb6r, None),
+    s1301 = state["freebsd1301"]
+    ins14 = make_ins_check("freebsd1400")
+    specs: dict[str, dict[str, Spec]] = {
+        "openbsd45": v5("openbsd45", state["openbsd45"], _eof_codec()),
+        "freebsd1301": v5("freebsd1301", s1301, None),
+        # FreeBSD 14 keeps the 1301 record under 1/3 and for DEL; 13/14 carry the 1400 one
+        "freebsd1400": {
+            **v5("freebsd1400", s1301, None),
+            "INS_1301": _entry(s1301, ins14),
+            "UPD_1301": _entry(s1301, peer_bad),
+            "INS": _entry(state["freebsd1400"], ins14),
+            "UPD": _entry(state["freebsd1400"], peer_bad),
+        },
+        "openbsd6": {
+            **common,
+            "OINS": _UNSUPPORTED,
+            "OUPD": _UNSUPPORTED,
+            "UPD_C": _entry(_upd_c_codec(True), peer_bad),
+            "DEL": _entry(state["openbsd6"]),
+            "OTDB": (_tdb_codec("v6").size, None, None),  # known size, ignored
+            "EOF": _UNSUPPORTED,
+            "INS": _entry(state["openbsd6"], make_ins_check("openbsd6")),
+            "UPD": _entry(state["openbsd6"], peer_bad),
+            "TDB": _entry(_tdb_codec("v6r64")),
+        },
     }
-    return tables
+    return {
+        d: {aid: (name, *specs[d][name]) for name, aid in ACTION_IDS[d].items()} for d in DIALECTS
+    }
 
 
 TABLES: dict[str, dict[int, Entry]] = _build_tables()
@@ -849,8 +841,8 @@ class Frame:
                 yield from s.messages
 
 
-_HEADER = struct.Struct("!BBH16s")
-_SUBH = struct.Struct("!BBH")
+_HEADER = struct.Struct(HEADER_FMT)
+_SUBH = struct.Struct(SUBHEADER_FMT)
 
 
 def decode(data: bytes | bytearray | memoryview, dialect: str = "openbsd45",
@@ -865,8 +857,8 @@ def decode(data: bytes | bytearray | memoryview, dialect: str = "openbsd45",
     if raw_states:
         table = RAW_STATE_TABLES[dialect]
     mv = memoryview(data)
-    if mv.format != "B" or mv.ndim != 1 or not mv.c_contiguous:  # _byte_view, inlined
-        mv = _byte_view(mv)
+    if mv.format != "B" or mv.ndim != 1 or not mv.c_contiguous:  # byte_view, inlined
+        mv = byte_view(mv)
     total = len(mv)
     if total < HEADER_LEN:
         raise WireError("hdrops", f"{total} bytes, header needs {HEADER_LEN}")
@@ -1025,9 +1017,8 @@ def encode(frame: Frame, dialect: str = "openbsd45") -> bytes:
     table = _table(dialect)
     v6 = VERSION[dialect] == 6
     sections = list(frame.sections)
-    eof_id = 12
-    if not v6 and (not sections or sections[-1].action_id != eof_id):
-        eof = Section("EOF", eof_id, 1, [Eof()] if dialect == "openbsd45" else [])
+    if not v6 and (not sections or sections[-1].action_id != ACT_EOF):
+        eof = Section("EOF", ACT_EOF, 1, [Eof()] if dialect == "openbsd45" else [])
         sections.append(eof)
     plan = []
     total = HEADER_LEN
@@ -1065,7 +1056,7 @@ def encode(frame: Frame, dialect: str = "openbsd45") -> bytes:
 # --------------------------------------------------------------------------- IP envelope
 
 
-class IpEnvelope(_Msg):
+class IpEnvelope(Message):
     """What the IP header said: addresses as text, ``ttl`` (hop limit for IPv6)."""
 
     __slots__ = ("version", "src", "dst", "ttl", "tos", "proto", "ident", "df", "hlen",  # noqa: RUF023 (C field order)
@@ -1095,7 +1086,7 @@ def split_ip(data: bytes | bytearray | memoryview) -> tuple[IpEnvelope, memoryvi
 
     Raises WireError("hdrops") when the header does not fit.
     """
-    mv = _byte_view(data)
+    mv = byte_view(data)
     if len(mv) < 1:
         raise WireError("hdrops", "empty packet")
     ver = mv[0] >> 4
