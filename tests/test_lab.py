@@ -148,7 +148,7 @@ def test_cli_compare_writes_table_chart_json(no_leftovers: None, tmp_path) -> No
     assert result.exit_code == 0, result.output
     doc = json.loads((out / "compare.json").read_text())
     assert [r["name"] for r in doc["summary"]] == [
-        "single", "symmetric", "split-v5", "split-v4", "ecmp-v5"]
+        "single", "symmetric", "split-v5", "split-v5-thesis-merge", "split-v4", "ecmp-v5"]
     assert all(r["goodput_mbps"] > 0 for r in doc["summary"])
     assert all(r["iperf"]["streams"] == 2 and r["ok"] for r in doc["runs"])
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
