@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from pfcluster.packet import addr_str
 from pfcluster.pfsync import wire
 from pfcluster.pfsync.wire import (
     Bus,
@@ -285,7 +286,7 @@ def test_state_helpers(dialect: str) -> None:
     assert wire.signed32(st.anchor) == -1 and wire.signed32(st.rule) == 3
     assert wire.af_from_wire(dialect, wire.af_to_wire(dialect, socket.AF_INET6)) == socket.AF_INET6
     assert wire.af_to_wire(dialect, socket.AF_INET6) == (24 if "openbsd" in dialect else 28)
-    assert wire.addr_str(st.key[0].addr[0], socket.AF_INET) == "198.51.100.2"
+    assert addr_str(socket.AF_INET, st.key[0].addr[0]) == "198.51.100.2"
 
 
 @pytest.mark.parametrize("dialect", ["openbsd45", "freebsd1301", "freebsd1400"])

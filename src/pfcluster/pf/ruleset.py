@@ -466,34 +466,34 @@ class Ruleset:
             r, sk, rif, rifnot, rdir, raf, rproto, sa, da, sp, dp, fl, ic = prog[i]
             r.evaluations += 1
             if rif is not None and (rif == ifname) is rifnot:
-                i = sk[0]
+                i = sk[PF_SKIP_IFP]
                 continue
             if rdir and rdir != direction:
-                i = sk[1]
+                i = sk[PF_SKIP_DIR]
                 continue
             if raf and raf != af:
-                i = sk[3]
+                i = sk[PF_SKIP_AF]
                 continue
             if rproto and rproto != proto:
-                i = sk[4]
+                i = sk[PF_SKIP_PROTO]
                 continue
             if sa is not None:
                 mask, net, neg, table = sa
                 if table is None:
                     if ((src & mask) == net) is neg:
-                        i = sk[5]
+                        i = sk[PF_SKIP_SRC_ADDR]
                         continue
                 elif table.contains(af, src) is neg:
-                    i = sk[5]
+                    i = sk[PF_SKIP_SRC_ADDR]
                     continue
             if da is not None:
                 mask, net, neg, table = da
                 if table is None:
                     if ((dst & mask) == net) is neg:
-                        i = sk[6]
+                        i = sk[PF_SKIP_DST_ADDR]
                         continue
                 elif table.contains(af, dst) is neg:
-                    i = sk[6]
+                    i = sk[PF_SKIP_DST_ADDR]
                     continue
             if v == _V_TCP:
                 if fl is not None and (pkt.tcp_flags & fl[1]) != fl[0]:
@@ -517,12 +517,12 @@ class Ruleset:
             if sp is not None:
                 op, a1, a2 = sp
                 if not (pkt.sport == a1 if op == PF_OP_EQ else port_match(op, a1, a2, pkt.sport)):
-                    i = sk[7]
+                    i = sk[PF_SKIP_SRC_PORT]
                     continue
             if dp is not None:
                 op, a1, a2 = dp
                 if not (pkt.dport == a1 if op == PF_OP_EQ else port_match(op, a1, a2, pkt.dport)):
-                    i = sk[8]
+                    i = sk[PF_SKIP_DST_PORT]
                     continue
             match = r
             if r.quick:

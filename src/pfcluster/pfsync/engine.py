@@ -46,6 +46,7 @@ from pfcluster.pfsync.convert import (
 )
 from pfcluster.pfsync.defer import Deferrals
 from pfcluster.pfsync.events import Event, LogLine, Released, SyncOk
+from pfcluster.pfsync.layout import PEER_STATE, PEER_VALUES
 from pfcluster.pfsync.merge import MERGE_RULES
 from pfcluster.pfsync.policy import Policy, V5Policy
 from pfcluster.pfsync.queues import (
@@ -618,11 +619,12 @@ class Engine:
                 self._import(t, now)
                 continue
             timeout = t[f.timeout]
-            if timeout >= PFTM_MAX or t[s + 9] > PF_TCPS_PROXY_DST or t[d + 9] > PF_TCPS_PROXY_DST:
+            if timeout >= PFTM_MAX or t[s + PEER_STATE] > PF_TCPS_PROXY_DST \
+                    or t[d + PEER_STATE] > PF_TCPS_PROXY_DST:
                 self.counters["badval"] += 1
                 continue
-            self._merge(st, wire.StatePeer(*t[s : s + 11]), wire.StatePeer(*t[d : d + 11]),
-                        timeout, now)
+            self._merge(st, wire.StatePeer(*t[s : s + PEER_VALUES]),
+                        wire.StatePeer(*t[d : d + PEER_VALUES]), timeout, now)
 
     def _in_upd_c(self, msgs: list[Any], now: float) -> None:
         by_id = self.filter.states.by_id

@@ -25,6 +25,7 @@ V4_ACTIONS: dict[str, int] = {
     "DEL_F": 7, "UREQ": 8, "BUS": 9, "TDB_UPD": 10,
 }  # fmt: skip
 V4_ACTION_NAMES: dict[int, str] = {v: k for k, v in V4_ACTIONS.items()}
+V4_MAX_RECORDS = 255  # the header's count is a u8
 V4_ACT_MAX = 11
 # tcpdump 4.4 PFSYNC_ACTIONS strings.
 V4_TCPDUMP_NAMES = ("CLR ST", "INS ST", "UPD ST", "DEL ST", "UPD ST COMP", "DEL ST COMP",
@@ -215,7 +216,7 @@ def encode_v4(frame: V4Frame) -> bytes:
     if codec is None:
         raise WireError("encode", f"cannot encode v4 action {frame.action}")
     n = len(frame.messages)
-    if n > 255:
+    if n > V4_MAX_RECORDS:
         raise WireError("encode", f"{n} records; the v4 count is a u8")
     buf = bytearray(V4_HEADER_LEN + n * codec.size)
     try:
@@ -255,7 +256,6 @@ __all__ = [
 # The v4 record each engine message becomes (v4 calls the update request UREQ).
 V4_ENGINE_ACTIONS = {"INS": "INS", "UPD": "UPD", "UPD_C": "UPD_C", "DEL_C": "DEL_C",
                      "UPD_REQ": "UREQ", "CLR": "CLR", "BUS": "BUS"}
-V4_MAX_RECORDS = 255  # the header's count is a u8
 
 
 class V4Policy:

@@ -79,7 +79,6 @@ __all__ = [
     "UpdReq",
     "WireError",
     "addr_from_str",
-    "addr_str",
     "af_from_wire",
     "af_to_wire",
     "byte_view",
@@ -136,15 +135,6 @@ def af_from_wire(dialect: str, value: int) -> int | None:
     if value == AF_INET6_WIRE.get(dialect, -1):
         return socket.AF_INET6
     return None
-
-
-def addr_str(raw: bytes, socket_af: int | None) -> str:
-    """A pf_addr as text: dotted quad for AF_INET, RFC 5952 for AF_INET6, else hex."""
-    if socket_af == socket.AF_INET:
-        return socket.inet_ntop(socket.AF_INET, raw[:4])
-    if socket_af == socket.AF_INET6:
-        return socket.inet_ntop(socket.AF_INET6, raw[:16])
-    return raw.hex()
 
 
 def addr_from_str(text: str) -> bytes:
