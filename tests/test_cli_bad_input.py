@@ -37,7 +37,7 @@ def pfcluster(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[st
     script = Path(sys.executable).with_name("pfcluster")
     argv = [str(script)] if script.exists() else [sys.executable, "-m", "pfcluster.cli.main"]
     return subprocess.run([*argv, *args], capture_output=True, text=True, timeout=timeout,
-                          check=False)  # fmt: skip
+                          check=False)
 
 
 def cli(*args: str) -> Any:
@@ -71,7 +71,7 @@ def assert_one_line(res: Any, *names: str, code: int | None = None) -> str:
 def _pfsync_ip() -> bytes:
     a = wire.ACTIONS["openbsd45"]
     frame = wire.Frame(wire.VERSION["openbsd45"], sections=[
-        wire.Section("BUS", a["BUS"], messages=[wire.Bus(0xC0FFEE01, 3725, 2)])])  # fmt: skip
+        wire.Section("BUS", a["BUS"], messages=[wire.Bus(0xC0FFEE01, 3725, 2)])])
     return wire.encode_ip(frame, "openbsd45", "192.0.2.1", "224.0.0.240", ttl=255)
 
 
@@ -97,7 +97,7 @@ def _pcapng(records: list[bytes], linktype: int = 101) -> bytes:
     shb = _block(0x0A0D0D0A, struct.pack("<IHHq", 0x1A2B3C4D, 1, 0, -1))
     idb = _block(1, struct.pack("<HHI", linktype, 0, 65535))
     epbs = b"".join(_block(6, struct.pack("<IIIII", 0, 0, i, len(r), len(r)) + r)
-                    for i, r in enumerate(records))  # fmt: skip
+                    for i, r in enumerate(records))
     return shb + idb + epbs
 
 
@@ -125,7 +125,7 @@ def bad_captures(tmp: Path) -> dict[str, tuple[Path, str]]:
 
 
 KINDS = ["missing", "empty", "text", "short-header", "linktype-147", "huge-caplen",
-         "pcapng-bad-block", "pcapng-linktype-147", "directory"]  # fmt: skip
+         "pcapng-bad-block", "pcapng-linktype-147", "directory"]
 
 
 @pytest.fixture
@@ -241,12 +241,12 @@ def test_replay_bad_rules(tmp_path: Path, kind: str) -> None:
     res = pfcluster("replay", "--rules", str(path), *IFACES, str(cap))
     line = assert_one_line(res, str(path), code=1)
     word = {"missing": "No such file", "directory": "Is a directory", "binary": "not a text file",
-            "syntax": f"{path}:2:"}[kind]  # fmt: skip
+            "syntax": f"{path}:2:"}[kind]
     assert word in line
 
 
 @pytest.mark.parametrize("spec", ["em0", "em0=", "=198.51.100.0/24", "em0=198.51.100.0/99",
-                                  "em0=banana"])  # fmt: skip
+                                  "em0=banana"])
 def test_replay_bad_iface(tmp_path: Path, rules: Path, spec: str) -> None:
     cap = tmp_path / "ok.pcap"
     cap.write_bytes(_pcap_header() + _pcap_record(_tcp_ip(1)))
@@ -264,7 +264,7 @@ def test_replay_bad_iface(tmp_path: Path, rules: Path, spec: str) -> None:
     ["lab", "run", "--dialect", "openbsd99"],
     ["lab", "run", "--paths", "diagonal"],
     ["nosuchcommand"],
-])  # fmt: skip
+])
 def test_usage_errors_are_one_line(argv: list[str]) -> None:
     res = pfcluster(*argv)
     line = assert_one_line(res, code=2)
@@ -292,7 +292,7 @@ def test_dump_live_missing_interface(need_root: None) -> None:
     (["lab", "sweep", "--out", "{tmp}/file/sweep"], "not a directory"),
     (["lab", "run", "--rules", "{tmp}/bad.conf"], "bad.conf:1:"),
     (["lab", "compare", "--rules", "{tmp}/bad.conf"], "bad.conf:1:"),
-])  # fmt: skip
+])
 def test_bench_and_lab_refuse_bad_paths_before_running(tmp_path: Path, argv: list[str],
                                                        word: str) -> None:
     (tmp_path / "file").write_text("a file, not a directory\n")
@@ -350,7 +350,7 @@ def _reply(data: bytes) -> Callable[[socket.socket], object]:
 
 
 CTL_CMDS = [["states"], ["states", "-v"], ["info"], ["rules"], ["kill", "--id", "1"],
-            ["flush", "states"], ["reload"], ["--json", "info"], ["info", "--json"]]  # fmt: skip
+            ["flush", "states"], ["reload"], ["--json", "info"], ["info", "--json"]]
 
 REPLIES: dict[str, tuple[bytes, str]] = {
     "garbage": (b"hello, I am not a daemon\n", "not JSON"),
@@ -403,7 +403,7 @@ def test_ctl_bad_reply(sock_path: Path, reply: str, cmd: list[str]) -> None:
         res = cli("ctl", "--control", str(sock_path), *cmd)
         if cmd == ["info"]:  # and once as the user runs it
             assert assert_one_line(pfcluster("ctl", "--control", str(sock_path), *cmd)) == \
-                assert_one_line(res)  # fmt: skip
+                assert_one_line(res)
     line = assert_one_line(res, str(sock_path), word, code=1)
     assert line.startswith("pfcluster ctl")
 
@@ -414,7 +414,7 @@ def test_ctl_refused_request_is_the_daemons_error(sock_path: Path) -> None:
         res = pfcluster("ctl", "--control", str(sock_path), "reload")
         as_json = pfcluster("ctl", "--control", str(sock_path), "reload", "--json")
     assert assert_one_line(res, code=1) == \
-        "pfcluster ctl reload: pf.conf:6:3: syntax error second line"  # fmt: skip
+        "pfcluster ctl reload: pf.conf:6:3: syntax error second line"
     assert as_json.returncode == 1 and json.loads(as_json.stdout)["ok"] is False
 
 
@@ -439,7 +439,7 @@ def test_commands_run_alone_also_print_one_line(tmp_path: Path) -> None:
     junk.write_text("junk\n")
     res = CliRunner().invoke(dump, [str(junk)])
     assert res.exit_code == 1 and res.stderr == f"dump: {junk}: not a pcap or pcapng " \
-        "capture (magic 0x6a756e6b)\n"  # fmt: skip
+        "capture (magic 0x6a756e6b)\n"
     conf = tmp_path / "pf.conf"
     conf.write_text("pass all\n")
     res = CliRunner().invoke(replay, ["--rules", str(conf), *IFACES, str(junk)])
@@ -459,7 +459,7 @@ def test_bugs_keep_their_traceback() -> None:
     assert describe(ValueError("invalid tcpdump header")) is None
     assert describe(OSError(5, "Input/output error")) is None  # no file named: not ours
     assert describe(FileNotFoundError(2, "No such file or directory", "x")) == \
-        "x: No such file or directory"  # fmt: skip
+        "x: No such file or directory"
     assert describe(CaptureError("c.pcap", "empty file")) == "c.pcap: empty file"
 
 
@@ -495,7 +495,7 @@ def test_readers_agree_with_dpkt_and_read_every_interface(tmp_path: Path) -> Non
             + blk(6, struct.pack(">IIIII", 1, 0, 2500, len(eth), len(eth)) + eth)
             + blk(3, struct.pack(">I", len(ip)) + ip)
             + blk(0x0A0D0D0A, struct.pack(">IHHq", 0x1A2B3C4D, 1, 0, -1))
-            + blk(1, struct.pack(">HHI", 113, 0, 0)))  # fmt: skip
+            + blk(1, struct.pack(">HHI", 113, 0, 0)))
     path = tmp_path / "be.pcapng"
     path.write_bytes(data)
     assert list(iter_link(path)) == [(2.5, 1, eth), (2.5, 101, ip)]

@@ -28,7 +28,7 @@ def _state(dialect: str) -> wire.State:
         creatorid=0xC0FFEE01, af=2, proto=6, direction=2, timeout=2, expire=86399, creation=65,
         packets=[10, 20], bytes=[1000, 2000], rule=0,
         **({"rtableid": 0} if dialect == "freebsd1400" else {}),
-    )  # fmt: skip
+    )
 
 
 def _frame(dialect: str) -> wire.Frame:
@@ -39,17 +39,17 @@ def _frame(dialect: str) -> wire.Frame:
             wire.UpdC(0x5F00000000000001 + i, wire.StatePeer(seqlo=i, state=4),
                       wire.StatePeer(state=4), 0xC0FFEE01, 0, 2) for i in range(3)]),
         wire.Section("BUS", a["BUS"], messages=[wire.Bus(0xC0FFEE01, 3725, 2)]),
-    ])  # fmt: skip
+    ])
 
 
 def _eth(ip: bytes, v6: bool = False) -> bytes:
     return b"\x01\x00\x5e\x00\x00\xf0" + b"\x02\x00\x00\x00\x00\x01" + \
-        struct.pack("!H", 0x86DD if v6 else 0x0800) + ip  # fmt: skip
+        struct.pack("!H", 0x86DD if v6 else 0x0800) + ip
 
 
 def _vlan_eth(ip: bytes) -> bytes:
     return b"\x01\x00\x5e\x00\x00\xf0" + b"\x02\x00\x00\x00\x00\x01" + \
-        struct.pack("!HHH", 0x8100, 5, 0x0800) + ip  # fmt: skip
+        struct.pack("!HHH", 0x8100, 5, 0x0800) + ip
 
 
 def _write(path: Path, linktype: int, records: list[bytes], ng: bool = False) -> Path:
@@ -79,9 +79,9 @@ def _run(*args: str) -> tuple[str, str]:
 def eth_pcap(tmp_path: Path) -> Path:
     tcp = dpkt.ethernet.Ethernet(dst=b"\x00" * 6, src=b"\x00" * 6, data=dpkt.ip.IP(
         src=socket.inet_aton(CLIENT), dst=socket.inet_aton(SERVER), p=6,
-        data=dpkt.tcp.TCP(sport=1, dport=2)))  # fmt: skip
+        data=dpkt.tcp.TCP(sport=1, dport=2)))
     records = [_eth(_ip4("openbsd45")), bytes(tcp), _eth(_truncated()),
-               _vlan_eth(_ip4("openbsd45", ttl=64))]  # fmt: skip
+               _vlan_eth(_ip4("openbsd45", ttl=64))]
     return _write(tmp_path / "eth.pcap", 1, records)
 
 
@@ -90,7 +90,7 @@ def test_text_default_and_verbose(eth_pcap: Path) -> None:
     lines = out.splitlines()
     assert lines[0] == "1700000000.000000 192.0.2.1 > 224.0.0.240: PFSYNCv5 len 560 (ttl 255)"
     assert lines[1:5] == ["    act INS ST count 1", "    act UPD ST COMP count 3",
-                          "    act BULK UPD STAT count 1", "    act EOF count 1"]  # fmt: skip
+                          "    act BULK UPD STAT count 1", "    act EOF count 1"]
     # truncated frame: what decoded, the reason, then the next frame
     t = out
     assert "1700000002.000000 192.0.2.1 > 224.0.0.240: PFSYNCv5 len 560 (ttl 255)" in t
@@ -142,7 +142,7 @@ def test_json(eth_pcap: Path) -> None:
     assert "state_flags" not in upd["messages"][1]
     assert o["sections"][2]["messages"] == [{"creatorid": 0xC0FFEE01, "endtime": 3725, "status": 2}]
     assert o["sections"][3] == {"action": "EOF", "action_id": 12, "count": 1,
-                                "messages": [{"hmac": "00" * 20}]}  # fmt: skip
+                                "messages": [{"hmac": "00" * 20}]}
     bad = objs[1]
     assert bad["errors"] == ["badlen: header len 560 > 362 bytes"]
     assert [s["action"] for s in bad["sections"]] == ["INS", "UPD_C"]
@@ -170,7 +170,7 @@ def test_linux_sll_and_sll2_and_pcapng(tmp_path: Path) -> None:
     sll = struct.pack("!HHH8sH", 0, 1, 6, b"\x02" * 8, 0x0800) + ip
     sll2 = struct.pack("!HHIHBB8s", 0x0800, 0, 2, 1, 0, 6, b"\x02" * 8) + ip
     for name, lt, rec, ng in [("sll.pcap", 113, sll, False), ("sll2.pcap", 276, sll2, False),
-                              ("eth.pcapng", 1, _eth(ip), True)]:  # fmt: skip
+                              ("eth.pcapng", 1, _eth(ip), True)]:
         path = _write(tmp_path / name, lt, [rec], ng=ng)
         out, _ = _run("--dialect", "freebsd1400", "--json", str(path))
         o = json.loads(out)
@@ -191,7 +191,7 @@ def test_pfsync_linktype_and_v4(tmp_path: Path) -> None:
 def test_subprocess(eth_pcap: Path) -> None:
     exe = Path(sys.executable).parent / "pfcluster"
     res = subprocess.run([str(exe), "dump", "--json", str(eth_pcap)], capture_output=True,
-                         text=True, timeout=60, check=True)  # fmt: skip
+                         text=True, timeout=60, check=True)
     assert len(res.stdout.splitlines()) == 3
     assert json.loads(res.stdout.splitlines()[0])["len"] == 560
 

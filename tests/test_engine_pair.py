@@ -22,7 +22,7 @@ PACKETS_10K = 1448 * 6600  # ~9 900 data + ack packets
 
 
 def warm(protocol: str = "v5", defer: bool = True, link: SyncLink | None = None,
-         **kw: object) -> Cluster:  # fmt: skip
+         **kw: object) -> Cluster:
     c = Cluster(protocol=protocol, defer=defer, link=link or SyncLink(latency=0.001), **kw)  # type: ignore[arg-type]
     c.run_until(1.5)
     assert all(n.engine.sync_ok for n in c.nodes)
@@ -31,7 +31,7 @@ def warm(protocol: str = "v5", defer: bool = True, link: SyncLink | None = None,
 
 def fields(st: State) -> tuple:
     return (st.key, st.src.as_tuple(), st.dst.as_tuple(), st.timeout, st.direction,
-            st.creatorid, st.id, st.packets0, st.packets1, st.bytes0, st.bytes1)  # fmt: skip
+            st.creatorid, st.id, st.packets0, st.packets1, st.bytes0, st.bytes1)
 
 
 def table(node: Node) -> dict:
@@ -41,7 +41,7 @@ def table(node: Node) -> dict:
 def synced(st: State) -> tuple:
     """What pfsync keeps equal on every node (packet counters travel only in full records)."""
     return (st.key, st.src.as_tuple(), st.dst.as_tuple(), st.timeout, st.direction,
-            st.creatorid, st.id)  # fmt: skip
+            st.creatorid, st.id)
 
 
 def synced_table(node: Node) -> dict:
@@ -53,9 +53,9 @@ def synced_table(node: Node) -> dict:
 
 def test_split_path_v5_completes_v4_stalls() -> None:
     r5 = warm("v5", defer=True).transfer(TcpTransfer(total_bytes=PACKETS_10K), "A", "B",
-                                         rate_pps=10000, max_time=20)  # fmt: skip
+                                         rate_pps=10000, max_time=20)
     r4 = warm("v4", defer=False).transfer(TcpTransfer(total_bytes=PACKETS_10K), "A", "B",
-                                          rate_pps=10000, max_time=20)  # fmt: skip
+                                          rate_pps=10000, max_time=20)
     print(
         f"\nsplit v5: {r5['packets']} pkts, blocked {r5['blocked']}, "
         f"{r5['goodput_bps'] / 1e6:.1f} Mbit/s, {r5['sync_bytes_per_data_byte']:.3f} sync B/B; "
@@ -82,7 +82,7 @@ def _first_packet_race(protocol: str, defer: bool) -> tuple[list[bool], Cluster]
     def at_server(raw: bytes, now: float) -> None:
         for seg in x.server_receive(raw, now):
             c.at(now + 0.0001, lambda t, r=seg.raw: verdicts.append(
-                c.forward(b, r, False, t, lambda _t: None)))  # fmt: skip
+                c.forward(b, r, False, t, lambda _t: None)))
 
     syn = x.syn(c.now)
     c.forward(a, syn.raw, True, c.now, lambda t, r=syn.raw: at_server(r, t))
@@ -138,7 +138,7 @@ def test_bulk_update_brings_new_node_in_sync() -> None:
     a_table = table(a)
     ta = a.filter.timeouts
     a_expires = {(s.creatorid, s.id): (s.creation, state_expires(s, ta, 10000))
-                 for s in a.filter.states}  # fmt: skip
+                 for s in a.filter.states}
     b = c.add_node()
     seen = len(b.events)  # sync_ok changes from here on
     assert not b.engine.sync_ok
@@ -312,7 +312,7 @@ def _churn(c: Cluster, t0: float, seconds: float, every: float = 0.005, life: fl
         raw = tcp_packet(client, server, 20000 + i, 5201, 1, 0, TH_SYN, 65535)
         pkt = parse(raw)
         made = [v.state for v in (a.filter.test(PF_IN, "em0", pkt, now),
-                                  a.filter.test(PF_OUT, "em1", pkt, now)) if v.new_state]  # fmt: skip
+                                  a.filter.test(PF_OUT, "em1", pkt, now)) if v.new_state]
         a.engine.end_of_batch(now)
         c.pump(a, now)
 
@@ -338,7 +338,7 @@ def _overhead(protocol: str, churn: bool) -> dict:
     c.run_until(c.now + 2)  # the last paced frame leaves
     frames, nbytes = c.link.frames - f0, c.link.bytes - b0
     return {"frames": frames, "bytes": nbytes, "per_data_byte": nbytes / r["bytes_delivered"],
-            "per_packet": frames / r["packets"]}  # fmt: skip
+            "per_packet": frames / r["packets"]}
 
 
 def test_symmetric_overhead_v5_below_v4() -> None:
@@ -380,5 +380,5 @@ def test_bench_sync_quick() -> None:
     assert r["split_completed"] and r["split_blocked"] == 0
     assert r["split_goodput_mbps_v4"] < 0.2 * r["split_goodput_mbps"]
     for k in ("split_sync_bytes_per_data_byte", "frames_per_data_packet",
-              "split_sync_bytes_per_data_byte_v4", "frames_per_data_packet_v4"):  # fmt: skip
+              "split_sync_bytes_per_data_byte_v4", "frames_per_data_packet_v4"):
         assert isinstance(r[k], float)

@@ -131,7 +131,7 @@ def updc(st: State, **changes: object) -> wire.UpdC:
 
 def snapshot(eng: Engine) -> dict:
     return {(s.creatorid, s.id): (s.key, s.src.as_tuple(), s.dst.as_tuple(), s.timeout)
-            for s in eng.filter.states}  # fmt: skip
+            for s in eng.filter.states}
 
 
 def paired(**kw: object) -> tuple[Engine, Engine]:
@@ -550,7 +550,7 @@ def test_clr_removes_by_creator_and_ifname() -> None:
     a.receive(pfsync_frame([("CLR", [wire.Clr("em0", HOST_B)])]), 2.0)
     left = sorted((s.creatorid, s.ifname) for s in a.filter.states)
     assert left == sorted([(HOST_A, "all"), (HOST_B, "em1"), (HOST_C, "em0"), (HOST_C, "em1"),
-                           (HOST_C, "em0")])  # fmt: skip
+                           (HOST_C, "em0")])
     a.receive(pfsync_frame([("CLR", [wire.Clr("", HOST_C)])]), 2.1)
     assert sorted(s.creatorid for s in a.filter.states) == [HOST_A, HOST_B]
     assert a.filter.states.by_id(HOST_A, mine.id) is not None
@@ -854,7 +854,7 @@ def test_v4_one_message_type_per_frame() -> None:
     a.filter.remove_state(sts[1], 2.0)
     a.state_updated(sts[2], 2.0)
     a.receive(legacy.encode_v4(legacy.V4Frame(legacy.V4_ACTIONS["UREQ"],
-                                              [legacy.StateUpdReq(sts[3].id, HOST_A)])), 2.0)  # fmt: skip
+                                              [legacy.StateUpdReq(sts[3].id, HOST_A)])), 2.0)
     a.end_of_batch(2.0)
     out = a.take_output() + flush(a, 3.0)
     kinds = []
@@ -984,7 +984,7 @@ def test_flush_sends_one_clr_and_no_del_c() -> None:
 
     for i in range(5):
         raw = tcp_packet(bytes([198, 51, 100, 2]), bytes([203, 0, 113, 10]), 40000 + i, 5201,
-                         1000, 0, 0x02, 65535)  # fmt: skip
+                         1000, 0, 0x02, 65535)
         c.forward(a, raw, True, 2.0, lambda t: None)
     c.run_until(4.0)
     assert len(b.filter.states) == 10

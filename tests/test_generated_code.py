@@ -80,7 +80,7 @@ def test_every_generated_function_has_its_source_in_linecache() -> None:
     assert len(files) == len(set(files))
     for d in DIALECTS:
         for what, fn in (("state codec", "state_from_tuple"), ("importer", "import_state"),
-                         ("packer", "pack_state")):  # fmt: skip
+                         ("packer", "pack_state")):
             name = f"<pfsync-generated {what} {d}>"
             assert name in layout.GENERATED_SOURCES
             assert linecache.getline(name, 1).startswith(f"def {fn}_{d}(")

@@ -17,18 +17,18 @@ def _s(name, fields):  # type: ignore[no-untyped-def]
 
 
 V4Header = _s("pfsync_header_v4", [("version", c_uint8), ("af", c_uint8), ("action", c_uint8),
-                                   ("count", c_uint8), ("pf_chksum", c_uint8 * 16)])  # fmt: skip
+                                   ("count", c_uint8), ("pf_chksum", c_uint8 * 16)])
 StateUpdC = _s("pfsync_state_upd", [("id", c_uint32 * 2), ("src", Peer), ("dst", Peer),
                ("creatorid", c_uint32), ("expire", c_uint32), ("timeout", c_uint8),
-               ("updates", c_uint8), ("pad", c_uint8 * 6)])  # fmt: skip
+               ("updates", c_uint8), ("pad", c_uint8 * 6)])
 StateDelC = _s("pfsync_state_del", [("id", c_uint32 * 2), ("creatorid", c_uint32),
-               ("src_state", c_uint8), ("dst_state", c_uint8), ("pad", c_uint8 * 2)])  # fmt: skip
+               ("src_state", c_uint8), ("dst_state", c_uint8), ("pad", c_uint8 * 2)])
 StateUpdReqC = _s("pfsync_state_upd_req", [("id", c_uint64), ("creatorid", c_uint32),
-                  ("pad", c_uint32)])  # fmt: skip
+                  ("pad", c_uint32)])
 StateClrC = _s("pfsync_state_clr", [("ifname", c_char * 16), ("creatorid", c_uint32),
-               ("pad", c_uint32)])  # fmt: skip
+               ("pad", c_uint32)])
 StateBusC = _s("pfsync_state_bus", [("creatorid", c_uint32), ("endtime", c_uint32),
-               ("status", c_uint8), ("pad", c_uint8 * 7)])  # fmt: skip
+               ("status", c_uint8), ("pad", c_uint8 * 7)])
 
 
 def test_sizes() -> None:
@@ -36,7 +36,7 @@ def test_sizes() -> None:
     for cls, size, action in [(StateUpdC, 88, "UPD_C"), (StateDelC, 16, "DEL_C"),
                               (StateUpdReqC, 16, "UREQ"), (StateClrC, 24, "CLR"),
                               (StateBusC, 16, "BUS"), (State45, 240, "INS"),
-                              (TdbV5, 48, "TDB_UPD")]:  # fmt: skip
+                              (TdbV5, 48, "TDB_UPD")]:
         assert ctypes.sizeof(cls) == size
         assert legacy.v4_message_size(action) == size
     assert legacy.v4_message_size("INS_F") == 0
@@ -86,7 +86,7 @@ def test_errors() -> None:
     cases = [(good[:10], "hdrops"), (bytes([5]) + good[1:], "badver"),
              (good[:2] + bytes([11]) + good[3:], "badact"),
              (good[:2] + bytes([6]) + good[3:], "badact"),  # INS_F not implemented
-             (good[:3] + bytes([2]) + good[4:], "badlen")]  # fmt: skip
+             (good[:3] + bytes([2]) + good[4:], "badlen")]
     for data, reason in cases:
         with pytest.raises(WireError) as ei:
             legacy.decode_v4(data)

@@ -78,7 +78,7 @@ def oracle(data: bytes) -> dict[str, Any]:
         "th_off": 0, "p_len": 0, "mss": -1, "wscale": -1, "sack_ok": False,
         "ts_val": -1, "ts_ecr": -1, "icmp_type": 0, "icmp_code": 0, "icmp_id": -1,
         "truncated": False,
-    }  # fmt: skip
+    }
     if version == 4:
         f.update(
             proto=s.proto,
@@ -208,7 +208,7 @@ TCP_OPTION_CASES = [
      ("WScale", 7)],
     [("MSS", 536), ("NOP", None), ("WScale", 3), ("EOL", None)],
     [("NOP", None), ("NOP", None), ("SAck", (1000, 2000))],  # SACK blocks: ignored
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(
@@ -220,7 +220,7 @@ def test_tcp_options(version: int, options: list[Any]) -> None:
     data = bytes(
         l3 / TCP(sport=40000, dport=443, seq=0xDEADBEEF, ack=0x01020304, flags="SA",
                  window=29200, options=options)
-    )  # fmt: skip
+    )
     check(data)
 
 
@@ -435,7 +435,7 @@ def test_udp_bad_length(ulen: int) -> None:
 
 @pytest.mark.parametrize(("icmp_type", "is_query"), [(8, True), (0, True), (13, True), (14, True),
                                                      (15, True), (16, True), (17, True), (18, True),
-                                                     (9, False), (10, False)])  # fmt: skip
+                                                     (9, False), (10, False)])
 def test_icmp_queries(icmp_type: int, is_query: bool) -> None:
     data = bytes(ip4() / ICMP(type=icmp_type, id=0x4321, seq=9) / Raw(b"ping" * 4))
     p = check(data)
@@ -461,16 +461,16 @@ def test_icmp_port_unreachable_quoting_udp() -> None:
 
 def test_icmp_port_unreachable_quoting_tcp_8_bytes() -> None:
     orig = bytes(ip4() / TCP(sport=40000, dport=25, seq=1234567, ack=99, flags="PA",
-                             options=[("Timestamp", (5, 6))]) / Raw(b"MAIL"))  # fmt: skip
+                             options=[("Timestamp", (5, 6))]) / Raw(b"MAIL"))
     p = check(icmp4_error(orig, 3, 3, 28), inner=True)
     inner = check_inner(p, orig, 28)
     assert (inner.sport, inner.dport, inner.seq, inner.tcp_flags, inner.th_off) == (
-        40000, 25, 1234567, 0, 0)  # fmt: skip
+        40000, 25, 1234567, 0, 0)
 
 
 def test_icmp_time_exceeded_quoting_tcp_with_options() -> None:
     orig = bytes(ip4(ttl=1, options=[IPOption_NOP()] * 4)
-                 / TCP(sport=1, dport=2, flags="S", options=[("MSS", 1460)]))  # fmt: skip
+                 / TCP(sport=1, dport=2, flags="S", options=[("MSS", 1460)]))
     whole = check(icmp4_error(orig, 11, 0, len(orig)), inner=True)
     inner = check_inner(whole, orig, len(orig))
     assert not inner.truncated and inner.mss == 1460 and inner.ip_opts
@@ -535,7 +535,7 @@ def test_icmp6_echo() -> None:
 
 def test_icmp6_neighbour_solicitation_has_no_id() -> None:
     data = bytes(IPv6(src="fe80::1", dst="ff02::1:ff00:2", hlim=255)
-                 / ICMPv6ND_NS(tgt="fe80::2") / ICMPv6NDOptSrcLLAddr(lladdr="02:00:00:00:00:01"))  # fmt: skip
+                 / ICMPv6ND_NS(tgt="fe80::2") / ICMPv6NDOptSrcLLAddr(lladdr="02:00:00:00:00:01"))
     p = check(data)
     assert (p.icmp_type, p.icmp_id, p.inner) == (135, -1, None)
 
@@ -545,10 +545,10 @@ def test_icmp6_neighbour_solicitation_has_no_id() -> None:
     [ICMPv6DestUnreach(code=4), ICMPv6PacketTooBig(mtu=1280), ICMPv6TimeExceeded(),
      ICMPv6ParamProblem(ptr=6)],
     ids=["unreach", "toobig", "timex", "paramprob"],
-)  # fmt: skip
+)
 def test_icmp6_errors(error: ScapyPacket) -> None:
     orig = bytes(ip6() / IPv6ExtHdrDestOpt()
-                 / TCP(sport=443, dport=50000, flags="SA", options=[("MSS", 1440)]) / Raw(b"d" * 9))  # fmt: skip
+                 / TCP(sport=443, dport=50000, flags="SA", options=[("MSS", 1440)]) / Raw(b"d" * 9))
     data = bytes(IPv6(src=ROUTER6, dst=A6) / error / orig)
     p = check(data, inner=True)
     inner = check_inner(p, orig, len(orig))
@@ -640,7 +640,7 @@ def test_every_truncation_of_valid_packets_raises_malformed() -> None:
 def test_input_buffer_types() -> None:
     data = bytes(ip4() / TCP(sport=3, dport=4, flags="A"))
     for buf in (data, bytearray(data), memoryview(data), memoryview(b"xx" + data)[2:],
-                memoryview(data).cast("c"), memoryview(data).cast("b")):  # fmt: skip
+                memoryview(data).cast("c"), memoryview(data).cast("b")):
         p = parse(buf)
         assert (p.sport, p.dport, p.src) == (3, 4, socket.inet_pton(socket.AF_INET, A4))
         assert isinstance(p.src, bytes) and isinstance(p.raw, memoryview)
@@ -671,7 +671,7 @@ def test_parse_into_leaves_packet_alone_on_error() -> None:
 
 def test_repr() -> None:
     p = parse(bytes(ip4() / TCP(sport=1234, dport=80, flags="SA", seq=5, ack=6,
-                                options=[("MSS", 1460)])))  # fmt: skip
+                                options=[("MSS", 1460)])))
     r = repr(p)
     assert "198.51.100.10:1234 > 203.0.113.20:80" in r and "SA" in r and "mss=1460" in r
     assert "2001:db8:1::10" in repr(parse(bytes(ip6() / UDP())))
@@ -731,20 +731,20 @@ def recomputed(data: bytes) -> bytes:
     # pf_return sends seq = th_ack whatever the flags (not RFC 793's 0 for a non-ACK)
     [("S", 0, 5000, 1001), ("A", 0, 5000, 1000), ("PA", 10, 5000, 1010), ("FA", 3, 5000, 1004),
      ("SA", 0, 5000, 1001), ("", 0, 5000, 1000)],
-)  # fmt: skip
+)
 def test_build_tcp_rst(
     version: int, flags: str, payload: int, want_seq: int, want_ack: int
 ) -> None:
     l3 = ip4() if version == 4 else ip6()
     orig = parse(bytes(l3 / TCP(sport=40000, dport=80, seq=1000, ack=5000, flags=flags)
-                       / Raw(b"p" * payload)))  # fmt: skip
+                       / Raw(b"p" * payload)))
     out = build_tcp_rst(orig)
     assert recomputed(out) == out
     s = IP(out) if version == 4 else IPv6(out)
     assert (s.src, s.dst) == ((B4, A4) if version == 4 else (B6, A6))
     t = s[TCP]
     assert (t.sport, t.dport, t.seq, t.ack, str(t.flags), t.window) == (
-        80, 40000, want_seq, want_ack, "RA", 0)  # fmt: skip
+        80, 40000, want_seq, want_ack, "RA", 0)
     if version == 4:
         assert s.flags.DF and s.tos == 0x10 and s.ttl == 64
     else:

@@ -55,11 +55,11 @@ A6, B6 = "2001:db8:1::10", "2001:db8:2::20"
 
 def _seeds() -> list[bytes]:
     syn_opts = [("MSS", 1460), ("SAckOK", b""), ("Timestamp", (7, 0)), ("NOP", None),
-                ("WScale", 7)]  # fmt: skip
+                ("WScale", 7)]
     tcp4 = IP(src=A4, dst=B4) / TCP(sport=40000, dport=443, flags="S", options=syn_opts)
     udp4 = IP(src=A4, dst=B4) / UDP(sport=5353, dport=53) / Raw(b"q" * 12)
     tcp6 = IPv6(src=A6, dst=B6) / TCP(flags="PA", options=[("NOP", None), ("NOP", None),
-                                                          ("Timestamp", (1, 2))]) / Raw(b"d" * 8)  # fmt: skip
+                                                          ("Timestamp", (1, 2))]) / Raw(b"d" * 8)
     seeds = [
         bytes(tcp4),
         bytes(IP(src=A4, dst=B4) / TCP(flags="A")),

@@ -172,4 +172,4 @@ def peers(st: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
 __all__ = [
     "CLIENT", "CLIENT6", "HOSTID", "M32", "SERVER", "SERVER6", "TCP", "TcpConn",
     "ip", "make_filter", "peers", "pk", "udp",
-]  # fmt: skip
+]

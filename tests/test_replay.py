@@ -11,7 +11,7 @@ from pfcluster.cli.replay import replay
 
 DATA = Path(__file__).resolve().parents[1] / "src" / "pfcluster" / "data"
 ARGS = ["--rules", str(DATA / "sample.conf"), "--iface", "em0=198.51.100.0/24",
-        "--iface", "em1=203.0.113.0/24"]  # fmt: skip
+        "--iface", "em1=203.0.113.0/24"]
 
 
 def run(*extra: str) -> str:
@@ -49,7 +49,7 @@ def test_text_output_has_pfctl_views() -> None:
 
 def test_bad_iface_spec_is_refused() -> None:
     res = CliRunner().invoke(replay, ["--rules", str(DATA / "sample.conf"), "--iface", "em0",
-                                      str(DATA / "sample.pcap")])  # fmt: skip
+                                      str(DATA / "sample.pcap")])
     assert res.exit_code != 0 and "NAME=CIDR" in res.output
 
 
@@ -57,6 +57,6 @@ def test_rule_error_is_reported_like_pfctl(tmp_path: Path) -> None:
     bad = tmp_path / "bad.conf"
     bad.write_text("pass in on em0 proto tcp to port 99999\n")
     res = CliRunner().invoke(replay, ["--rules", str(bad), "--iface", "em0=198.51.100.0/24",
-                                      str(DATA / "sample.pcap")])  # fmt: skip
+                                      str(DATA / "sample.pcap")])
     assert res.exit_code == 1
     assert f"{bad}:1:" in res.output

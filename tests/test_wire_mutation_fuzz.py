@@ -62,7 +62,7 @@ def _state(i: int, af: int, **kw: Any) -> wire.State:
         direction=1, timeout=2, creatorid=0xC0FFEE00 + i, packets=[i, 2 * i],
         bytes=[3 * i, 4 * i], src=wire.StatePeer(seqlo=i, seqhi=i + 1, state=4, wscale=0x87),
         dst=wire.StatePeer(seqlo=2 * i, state=4),
-    )  # fmt: skip
+    )
     fields.update(kw)
     return wire.State(**fields)
 
@@ -76,7 +76,7 @@ def _messages(dialect: str, name: str) -> list[Any]:
         return [_state(1, 2), _state(2, inet6, **bad)]
     if name == "UPD_C":
         return [wire.UpdC(7, wire.StatePeer(seqlo=5, state=4), creatorid=9, timeout=2),
-                wire.UpdC(8, timeout=PFTM_MAX + 3)]  # fmt: skip
+                wire.UpdC(8, timeout=PFTM_MAX + 3)]
     if name in ("INS_ACK", "UPD_REQ", "DEL_C"):
         cls = {"INS_ACK": wire.InsAck, "UPD_REQ": wire.UpdReq, "DEL_C": wire.DelC}[name]
         return [cls(1, 2), cls(0, 0)]
@@ -141,7 +141,7 @@ def _seeds() -> list[Seed]:
         out.append(Seed(d, _full_frame(d)))
         small = wire.Frame(wire.VERSION[d],
                            sections=[wire.Section("DEL_C", wire.ACTIONS[d]["DEL_C"],
-                                                  messages=[wire.DelC(1, 2)])])  # fmt: skip
+                                                  messages=[wire.DelC(1, 2)])])
         out.append(Seed(d, wire.encode(small, d)))
     out += [Seed("openbsd6", data) for data in _v6_extras()]
     v4msgs: dict[int, list[Any]] = {
@@ -239,7 +239,7 @@ def mutate(seed: Seed, tape: bytes) -> bytes:
 
 def _shape(frame: wire.Frame) -> list[tuple[Any, ...]]:
     return [(s.action, s.action_id, s.count, len(s.messages), s.mlen, s.skipped, s.truncated)
-            for s in frame.sections]  # fmt: skip
+            for s in frame.sections]
 
 
 def _no_badval(errors: list[str]) -> list[str]:
@@ -328,7 +328,7 @@ def check_ip(data: bytes, dialect: str, tape: bytes) -> None:
     t = (tape + bytes(4))[:4]
     if t[0] & 1:
         hdr = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0x10, 20 + len(data), 0, 0x4000,
-                                    255, 240, 0, bytes(4), bytes(4)))  # fmt: skip
+                                    255, 240, 0, bytes(4), bytes(4)))
         if t[1] & 1:
             hdr[0] = 0x40 | (t[2] & 0x0F)  # any IHL
         if t[1] & 2:
@@ -345,7 +345,7 @@ def check_ip(data: bytes, dialect: str, tape: bytes) -> None:
         if t[1] & 2:
             plen = (t[2] << 8) | t[3]
         hdr = bytearray(struct.pack("!IHBB16s16s", 6 << 28, plen & 0xFFFF,
-                                    0 if ext else 240, 255, bytes(16), bytes(16)))  # fmt: skip
+                                    0 if ext else 240, 255, bytes(16), bytes(16)))
         hdr += ext
     packet: bytes | memoryview = bytes(hdr) + data
     if t[1] & 8:
@@ -438,7 +438,7 @@ def test_ipv6_extension_walk_on_a_signed_byte_view() -> None:
     hop_by_hop = bytes([0, 0xFF]) + bytes(14)  # next header: hop-by-hop again
     packet = struct.pack("!IHBB16s16s", 6 << 28, 16, 0, 255, bytes(16), bytes(16)) + hop_by_hop
     views: list[Any] = [memoryview(packet), memoryview(packet).cast("b"),
-                        memoryview(packet).cast("c")]  # fmt: skip
+                        memoryview(packet).cast("c")]
     for view in views:
         with _deadline(2.0), pytest.raises(wire.WireError) as ei:
             wire.decode_ip(view, "openbsd45")

@@ -25,7 +25,7 @@ peer = st.builds(StatePeer, u16, u8, u8, u32, u32, u32, u32, u16, u16, u8, u8)
 def keys(v6: bool) -> st.SearchStrategy[list[StateKey]]:
     key = st.builds(StateKey, st.lists(addr, min_size=2, max_size=2),
                     st.lists(u16, min_size=2, max_size=2),
-                    u16 if v6 else st.just(0), u8 if v6 else st.just(0))  # fmt: skip
+                    u16 if v6 else st.just(0), u8 if v6 else st.just(0))
     return st.lists(key, min_size=2, max_size=2)
 
 
@@ -33,7 +33,7 @@ _KIND_STRAT: dict[str, Any] = {"u8": u8, "u16": u16, "u32": u32, "u64": u64, "i3
                                "ifname": ifname, "addr": addr, "peer": peer,
                                "u64pair": st.lists(u64, min_size=2, max_size=2),
                                "i32pair": st.lists(i32, min_size=2, max_size=2),
-                               "u8pair": st.lists(u8, min_size=2, max_size=2)}  # fmt: skip
+                               "u8pair": st.lists(u8, min_size=2, max_size=2)}
 
 
 def state_for(layout: str) -> st.SearchStrategy[State]:
@@ -74,7 +74,7 @@ def message_strategy(dialect: str, name: str) -> st.SearchStrategy[Any]:
 
 
 NAMES = {d: [n for n in wire.ACTIONS[d] if wire.TABLES[d][wire.ACTIONS[d][n]][2] is not None
-             and n != "EOF"] for d in wire.DIALECTS}  # fmt: skip
+             and n != "EOF"] for d in wire.DIALECTS}
 
 
 @st.composite

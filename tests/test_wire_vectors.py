@@ -40,64 +40,64 @@ def _s(name: str, fields: list[tuple[str, Any]]) -> type[ctypes.BigEndianStructu
 
 Addr = c_uint8 * 16
 Header = _s("pfsync_header", [("version", c_uint8), ("_pad", c_uint8), ("len", c_uint16),
-                              ("pfcksum", c_uint8 * 16)])  # fmt: skip
+                              ("pfcksum", c_uint8 * 16)])
 SubhV5 = _s("pfsync_subheader_v5", [("action", c_uint8), ("_pad", c_uint8), ("count", c_uint16)])
 SubhV6 = _s("pfsync_subheader_v6", [("action", c_uint8), ("len", c_uint8), ("count", c_uint16)])
 Peer = _s("pfsync_state_peer", [
     ("pfss_flags", c_uint16), ("pfss_ttl", c_uint8), ("scrub_flag", c_uint8),
     ("pfss_ts_mod", c_uint32), ("seqlo", c_uint32), ("seqhi", c_uint32), ("seqdiff", c_uint32),
     ("max_win", c_uint16), ("mss", c_uint16), ("state", c_uint8), ("wscale", c_uint8),
-    ("pad", c_uint8 * 6)])  # fmt: skip
+    ("pad", c_uint8 * 6)])
 KeyV5 = _s("pfsync_state_key_v5", [("addr", Addr * 2), ("port", c_uint16 * 2)])
 KeyV6 = _s("pfsync_state_key_v6", [("addr", Addr * 2), ("port", c_uint16 * 2),
-                                   ("rdomain", c_uint16), ("af", c_uint8), ("pad", c_uint8)])  # fmt: skip
+                                   ("rdomain", c_uint16), ("af", c_uint8), ("pad", c_uint8)])
 
 
 def _state_head(key: Any) -> list[tuple[str, Any]]:
     return [("id", c_uint64), ("ifname", c_char * 16), ("key", key * 2), ("src", Peer),
             ("dst", Peer), ("rt_addr", Addr), ("rule", c_uint32), ("anchor", c_uint32),
             ("nat_rule", c_uint32), ("creation", c_uint32), ("expire", c_uint32),
-            ("packets", c_uint64 * 2), ("bytes", c_uint64 * 2), ("creatorid", c_uint32)]  # fmt: skip
+            ("packets", c_uint64 * 2), ("bytes", c_uint64 * 2), ("creatorid", c_uint32)]
 
 
 _u8 = c_uint8
 State45 = _s("pfsync_state_45", [*_state_head(KeyV5), ("af", _u8), ("proto", _u8),
              ("direction", _u8), ("log", _u8), ("state_flags", _u8), ("timeout", _u8),
-             ("sync_flags", _u8), ("updates", _u8)])  # fmt: skip
+             ("sync_flags", _u8), ("updates", _u8)])
 State1301 = _s("pfsync_state_1301", [*_state_head(KeyV5), ("af", _u8), ("proto", _u8),
                ("direction", _u8), ("__spare", _u8 * 2), ("log", _u8), ("state_flags", _u8),
-               ("timeout", _u8), ("sync_flags", _u8), ("updates", _u8)])  # fmt: skip
+               ("timeout", _u8), ("sync_flags", _u8), ("updates", _u8)])
 State1400 = _s("pfsync_state_1400", [*_state_head(KeyV5), ("af", _u8), ("proto", _u8),
                ("direction", _u8), ("state_flags", c_uint16), ("log", _u8), ("__spare", _u8),
                ("timeout", _u8), ("sync_flags", _u8), ("updates", _u8), ("qid", c_uint16),
                ("pqid", c_uint16), ("dnpipe", c_uint16), ("dnrpipe", c_uint16),
                ("rtableid", c_int32), ("min_ttl", _u8), ("set_tos", _u8), ("max_mss", c_uint16),
-               ("set_prio", _u8 * 2), ("rt", _u8), ("rt_ifname", c_char * 16)])  # fmt: skip
+               ("set_prio", _u8 * 2), ("rt", _u8), ("rt_ifname", c_char * 16)])
 StateO6 = _s("pfsync_state_obsd", [*_state_head(KeyV6), ("rtableid", c_int32 * 2),
              ("max_mss", c_uint16), ("af", _u8), ("proto", _u8), ("direction", _u8),
              ("log", _u8), ("rt", _u8), ("timeout", _u8), ("sync_flags", _u8),
              ("updates", _u8), ("min_ttl", _u8), ("set_tos", _u8), ("state_flags", c_uint16),
-             ("set_prio", _u8 * 2)])  # fmt: skip
+             ("set_prio", _u8 * 2)])
 ClrC = _s("pfsync_clr", [("ifname", c_char * 16), ("creatorid", c_uint32)])
 IdCreator = _s("pfsync_ins_ack", [("id", c_uint64), ("creatorid", c_uint32)])
 UpdCV5 = _s("pfsync_upd_c_v5", [("id", c_uint64), ("src", Peer), ("dst", Peer),
-            ("creatorid", c_uint32), ("expire", c_uint32), ("timeout", _u8), ("_pad", _u8 * 3)])  # fmt: skip
+            ("creatorid", c_uint32), ("expire", c_uint32), ("timeout", _u8), ("_pad", _u8 * 3)])
 UpdCV6 = _s("pfsync_upd_c_v6", [("id", c_uint64), ("src", Peer), ("dst", Peer),
             ("creatorid", c_uint32), ("expire", c_uint32), ("timeout", _u8),
-            ("state_flags", _u8), ("_pad", _u8 * 2)])  # fmt: skip
+            ("state_flags", _u8), ("_pad", _u8 * 2)])
 BusC = _s("pfsync_bus", [("creatorid", c_uint32), ("endtime", c_uint32), ("status", _u8),
-                         ("_pad", _u8 * 3)])  # fmt: skip
+                         ("_pad", _u8 * 3)])
 TdbV5 = _s("pfsync_tdb_v5", [("spi", c_uint32), ("dst", _u8 * 28), ("rpl", c_uint32),
-           ("cur_bytes", c_uint64), ("sproto", _u8), ("updates", _u8), ("_pad", _u8 * 2)])  # fmt: skip
+           ("cur_bytes", c_uint64), ("sproto", _u8), ("updates", _u8), ("_pad", _u8 * 2)])
 TdbV6 = _s("pfsync_tdb_obsd", [("spi", c_uint32), ("dst", _u8 * 28), ("rpl", c_uint64),
-           ("cur_bytes", c_uint64), ("sproto", _u8), ("updates", _u8), ("rdomain", c_uint16)])  # fmt: skip
+           ("cur_bytes", c_uint64), ("sproto", _u8), ("updates", _u8), ("rdomain", c_uint16)])
 EofC = _s("pfsync_eof", [("hmac", _u8 * 20)])
 
 
 def test_documented_sizes() -> None:
     sizes = {Header: 20, SubhV5: 4, SubhV6: 4, Peer: 32, KeyV5: 36, KeyV6: 40, State45: 240,
              State1301: 242, State1400: 277, StateO6: 264, ClrC: 20, IdCreator: 12, UpdCV5: 84,
-             UpdCV6: 84, BusC: 12, TdbV5: 48, TdbV6: 52, EofC: 20}  # fmt: skip
+             UpdCV6: 84, BusC: 12, TdbV5: 48, TdbV6: 52, EofC: 20}
     for cls, size in sizes.items():
         assert ctypes.sizeof(cls) == size, cls.__name__
     expect = {
@@ -106,7 +106,7 @@ def test_documented_sizes() -> None:
         "freebsd1301": {"INS": 242, "UPD": 242, "DEL": 242, "UPD_C": 84, "TDB": 48, "EOF": 0},
         "freebsd1400": {"INS": 277, "UPD": 277, "INS_1301": 242, "DEL": 242, "EOF": 0},
         "openbsd6": {"INS": 264, "UPD": 264, "DEL": 264, "UPD_C": 84, "TDB": 52, "BUS": 12},
-    }  # fmt: skip
+    }
     for dialect, table in expect.items():
         for name, size in table.items():
             assert wire.record_size(dialect, name) == size, (dialect, name)
@@ -132,7 +132,7 @@ V6B = socket.inet_pton(socket.AF_INET6, "2001:db8::2:3")
 def _fill_peer(c: Any, base: int) -> StatePeer:
     vals = dict(pfss_flags=0x0001, pfss_ttl=64 + base, scrub_flag=1, pfss_ts_mod=0x11223344 + base,
                 seqlo=0xA0000000 + base, seqhi=0xA0010000 + base, seqdiff=0x1234 + base,
-                max_win=0xFFF0 - base, mss=1460 - base, state=4, wscale=0x80 | (base & 0x0F))  # fmt: skip
+                max_win=0xFFF0 - base, mss=1460 - base, state=4, wscale=0x80 | (base & 0x0F))
     for k, v in vals.items():
         setattr(c, k, v)
     return StatePeer(**vals)
@@ -170,7 +170,7 @@ def _fill_state(c: Any, dialect: str) -> State:
                 anchor=0xFFFFFFFF, nat_rule=0xFFFFFFFE, creation=0x00010203, expire=86399,
                 packets=[c.packets[0], c.packets[1]], bytes=[c.bytes[0], c.bytes[1]],
                 creatorid=0xA1B2C3D4, af=2, proto=6, direction=2, log=1, timeout=2,
-                sync_flags=0x04, updates=9)  # fmt: skip
+                sync_flags=0x04, updates=9)
     if dialect == "openbsd45":
         c.state_flags = 0x11
         exp.state_flags = 0x11
@@ -184,20 +184,20 @@ def _fill_state(c: Any, dialect: str) -> State:
         c.rt_ifname = b"vtnet0"
         for k, v in dict(state_flags=0x0123, qid=10, pqid=11, dnpipe=12, dnrpipe=13, rtableid=-1,
                          min_ttl=5, set_tos=0x10, max_mss=1400, rt=2, set_prio=[3, 4],
-                         rt_ifname="vtnet0").items():  # fmt: skip
+                         rt_ifname="vtnet0").items():
             setattr(exp, k, v)
     else:
         c.rtableid[0], c.rtableid[1] = 1, -2
         c.max_mss, c.rt, c.min_ttl, c.set_tos, c.state_flags = 1400, 3, 6, 0x08, 0x0210
         c.set_prio[0], c.set_prio[1] = 5, 6
         for k, v in dict(rtableid=[1, -2], max_mss=1400, rt=3, min_ttl=6, set_tos=0x08,
-                         state_flags=0x0210, set_prio=[5, 6]).items():  # fmt: skip
+                         state_flags=0x0210, set_prio=[5, 6]).items():
             setattr(exp, k, v)
     return exp
 
 
 STATE_STRUCT = {"openbsd45": State45, "freebsd1301": State1301, "freebsd1400": State1400,
-                "openbsd6": StateO6}  # fmt: skip
+                "openbsd6": StateO6}
 
 
 def _message(dialect: str, name: str) -> tuple[bytes, Any]:
@@ -205,7 +205,7 @@ def _message(dialect: str, name: str) -> tuple[bytes, Any]:
     v6 = dialect == "openbsd6"
     if name in ("INS", "UPD", "DEL", "INS_1301", "UPD_1301"):
         layout = State1301 if name.endswith("1301") or (name == "DEL" and dialect == "freebsd1400") \
-            else STATE_STRUCT[dialect]  # fmt: skip
+            else STATE_STRUCT[dialect]
         c = layout()
         d = "freebsd1301" if layout is State1301 else dialect
         exp = _fill_state(c, d)

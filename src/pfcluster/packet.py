@@ -126,7 +126,7 @@ _FIELDS = (
     "sport", "dport", "tcp_flags", "seq", "ack", "win", "th_off", "p_len",
     "mss", "wscale", "sack_ok", "ts_val", "ts_ecr",
     "icmp_type", "icmp_code", "icmp_id", "inner",
-)  # fmt: skip
+)
 
 
 class Packet:
@@ -211,7 +211,7 @@ class Packet:
                     for name, val in (("mss", self.mss), ("ws", self.wscale),
                                       ("tsval", self.ts_val), ("tsecr", self.ts_ecr))
                     if val >= 0
-                ]  # fmt: skip
+                ]
                 if self.sack_ok:
                     opts.append("sackOK")
                 if opts:

@@ -51,7 +51,7 @@ def _established_filter(nstates: int, now: float) -> tuple[Filter, list[tuple[in
         syn = parse(tcp_packet(c, SERVER, sport, 5201, cisn, 0, TH_SYN, 65535, 0, syn_options(1460, 7)))
         f.test(PF_IN, "em0", syn, now)
         sa = parse(tcp_packet(SERVER, c, 5201, sport, sisn, cisn + 1, TH_SYN | TH_ACK, 65535, 0,
-                              syn_options(1460, 7)))  # fmt: skip
+                              syn_options(1460, 7)))
         f.test(2, "em0", sa, now)
         ack = parse(tcp_packet(c, SERVER, sport, 5201, cisn + 1, sisn + 1, TH_ACK, 2048))
         f.test(PF_IN, "em0", ack, now)
@@ -94,7 +94,7 @@ def bench_insert(n: int = 100000) -> float:
     now = 1000.0
     f = Filter(parse_rules(RULES, "bench.conf"), hostid=1, now=now)
     pkts = [parse(tcp_packet(_addr(i // 60000), SERVER, 1024 + i % 60000, 5201, i, 0, TH_SYN, 65535))
-            for i in range(n)]  # fmt: skip
+            for i in range(n)]
     test = f.test
     gc.collect()
     t0 = time.perf_counter()

@@ -25,7 +25,7 @@ def _ip4(proto: int, l4: bytes) -> bytes:
     h = bytearray(
         _IP4_HDR.pack(0x45, 0, 20 + len(l4), 1, 0x4000, 64, proto, 0,
                       bytes((198, 51, 100, 7)), bytes((203, 0, 113, 9)))
-    )  # fmt: skip
+    )
     h[10:12] = internet_checksum(h).to_bytes(2, "big")
     return bytes(h) + l4
 

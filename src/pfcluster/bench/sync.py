@@ -20,13 +20,13 @@ DIALECT = "openbsd45"
 
 def _sample_state(i: int) -> wire.State:
     key = wire.StateKey([wire.addr_from_str("198.51.100.2"), wire.addr_from_str("203.0.113.10")],
-                        [30000 + i, 5201])  # fmt: skip
+                        [30000 + i, 5201])
     return wire.State(
         id=(1 << 32) + i, ifname="eth1", key=[key, wire.StateKey(list(key.addr), list(key.port))],
         src=wire.StatePeer(seqlo=1000 + i, seqhi=66535 + i, max_win=65535, state=4, wscale=0x87),
         dst=wire.StatePeer(seqlo=5000 + i, seqhi=70535 + i, max_win=65535, state=4, wscale=0x87),
         creatorid=0xC0FFEE01, af=2, proto=6, direction=1, timeout=2, packets=[i, i], bytes=[i, i],
-    )  # fmt: skip
+    )
 
 
 def _full_frame(action: str, make: Callable[[int], Any], size: int) -> wire.Frame:
@@ -61,7 +61,7 @@ def codec_rates(quick: bool = False) -> dict[str, dict[str, float]]:
                                                           0xC0FFEE01, 0, 2),
                              wire.record_size(DIALECT, "UPD_C")),
         "INS": _full_frame("INS", _sample_state, wire.record_size(DIALECT, "INS")),
-    }  # fmt: skip
+    }
     dec: dict[str, float] = {}
     enc: dict[str, float] = {}
     for name, frame in frames.items():

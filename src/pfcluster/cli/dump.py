@@ -119,7 +119,7 @@ def _state_dict(st: wire.State, dialect: str) -> dict[str, Any]:
             for k in v:
                 kaf = wire.af_from_wire(wd, k.af) if k.af else af
                 kd: dict[str, Any] = {"addr": [addr_str(kaf, a) for a in k.addr],
-                                      "port": list(k.port)}  # fmt: skip
+                                      "port": list(k.port)}
                 if wd == "openbsd6":
                     kd["rdomain"] = k.rdomain
                     kd["af"] = k.af
@@ -165,18 +165,18 @@ def frame_dict(pkt: PfsyncPacket, dec: Decoded, extra_errors: list[str]) -> dict
     obj: dict[str, Any] = {"ts": pkt.ts, "src": pkt.src, "dst": pkt.dst, "ttl": pkt.ttl}
     if f is None:
         obj.update(version=pkt.payload[0] if pkt.payload else None, len=len(pkt.payload),
-                   pfcksum=None, sections=[])  # fmt: skip
+                   pfcksum=None, sections=[])
         errors = [str(dec.error)] if dec.error else []
     elif isinstance(f, legacy.V4Frame):
         obj.update(version=f.version, len=len(pkt.payload), pfcksum=bytes(f.pf_chksum).hex(),
                    sections=[{"action": f.action_name, "action_id": f.action, "count": f.count,
-                              "messages": [message_dict(m, "v4") for m in f.messages]}])  # fmt: skip
+                              "messages": [message_dict(m, "v4") for m in f.messages]}])
         errors = list(f.errors)
     else:
         obj.update(version=f.version, len=f.len, pfcksum=bytes(f.pfcksum).hex(),
                    sections=[{"action": s.action, "action_id": s.action_id, "count": s.count,
                               "messages": [message_dict(m, dec.dialect) for m in s.messages]}
-                             for s in f.sections])  # fmt: skip
+                             for s in f.sections])
         errors = list(f.errors)
     obj["errors"] = extra_errors + errors
     obj["dialect"] = dec.dialect
@@ -231,7 +231,7 @@ def frame_text(pkt: PfsyncPacket, dec: Decoded, verbose: int, extra_errors: list
     elif isinstance(f, legacy.V4Frame):
         head += f"PFSYNCv{f.version} count {f.count}"
         name = (legacy.V4_TCPDUMP_NAMES[f.action] if f.action < len(legacy.V4_TCPDUMP_NAMES)
-                else f"{f.action}?")  # fmt: skip
+                else f"{f.action}?")
         lines.append(f"    act {name} count {f.count}")
         if verbose:
             for m in f.messages:
@@ -264,7 +264,7 @@ def _live(ifname: str, count: int | None, seconds: float | None) -> Iterator[Pfs
         sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(eth_p_all))
     except OSError as exc:
         raise CaptureError(ifname, f"cannot open a packet socket: {exc.strerror or exc} "
-                                   "(needs CAP_NET_RAW)") from exc  # fmt: skip
+                                   "(needs CAP_NET_RAW)") from exc
     try:
         try:
             sock.bind((ifname, 0))
@@ -298,16 +298,16 @@ def _live(ifname: str, count: int | None, seconds: float | None) -> Iterator[Pfs
 
 def _check_ifname(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     if value is not None and (not 0 < len(value.encode()) < 16
-                              or any(c in "\0/" or c.isspace() for c in value)):  # fmt: skip
+                              or any(c in "\0/" or c.isspace() for c in value)):
         raise click.BadParameter(f"{value!r}: not an interface name (1..15 bytes, no NUL, "
-                                 "slash or blanks)")  # fmt: skip
+                                 "slash or blanks)")
     return value
 
 
 @click.command("dump", cls=ReportingCommand)
 @click.argument("capture", required=False, type=click.Path())
 @click.option("--dialect", type=click.Choice(DIALECT_CHOICES), default="auto", show_default=True,
-              help="wire dialect; auto picks it from the version byte and section sizes")  # fmt: skip
+              help="wire dialect; auto picks it from the version byte and section sizes")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per frame per line")
 @click.option("-v", "--verbose", count=True, help="print every message")
 @click.option("-i", "--interface", "ifname", callback=_check_ifname,
@@ -316,7 +316,7 @@ def _check_ifname(ctx: click.Context, param: click.Parameter, value: str | None)
 @click.option("--seconds", type=click.FloatRange(min=0, min_open=True),
               help="stop live capture after S seconds")
 def dump(capture: str | None, dialect: str, as_json: bool, verbose: int, ifname: str | None,
-         max_count: int | None, seconds: float | None) -> None:  # fmt: skip
+         max_count: int | None, seconds: float | None) -> None:
     """Print every pfsync frame of CAPTURE (pcap/pcapng) or of a live interface."""
     if (capture is None) == (ifname is None):
         raise click.UsageError("give exactly one of CAPTURE or -i IF")

@@ -184,4 +184,4 @@ def load_rules_file(path: str) -> Ruleset:
         return load_rules(path)
     except UnicodeDecodeError as exc:
         raise CommandError(f"{path}: not a text file (byte 0x{exc.object[exc.start]:02x} "
-                           f"at offset {exc.start} is not UTF-8)") from None  # fmt: skip
+                           f"at offset {exc.start} is not UTF-8)") from None

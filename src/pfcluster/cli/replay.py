@@ -109,7 +109,7 @@ def replay(rules_path: str, ifaces: list[tuple[str, Network]], as_json: bool,
         except MalformedPacket as e:
             malformed += 1
             rec = {"n": n, "ts": ts, "action": "block", "in": None, "out": None,
-                   "log": [f"malformed: {e}"]}  # fmt: skip
+                   "log": [f"malformed: {e}"]}
             out.write((json.dumps(rec) if as_json else f"{n} {ts:.6f} block malformed: {e}") + "\n")
             continue
         in_if = pick_iface(ifaces, pkt.src, pkt.dst)
@@ -121,7 +121,7 @@ def replay(rules_path: str, ifaces: list[tuple[str, Network]], as_json: bool,
         action = rv.action
         if as_json:
             rec = {"n": n, "ts": ts, "action": action, "in": verdict_json(v_in),
-                   "out": verdict_json(v_out), "log": logs}  # fmt: skip
+                   "out": verdict_json(v_out), "log": logs}
             out.write(json.dumps(rec) + "\n")
         else:
             what = (f"{addr_str(pkt.af, pkt.src)}.{pkt.sport} > {addr_str(pkt.af, pkt.dst)}"

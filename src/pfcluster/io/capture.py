@@ -47,7 +47,7 @@ PFSYNC_LINKTYPES = (DLT_PFSYNC_OPENBSD, LINKTYPE_PFSYNC)
 SUPPORTED_LINKTYPES = frozenset(
     (LINKTYPE_NULL, LINKTYPE_ETHERNET, *LINKTYPE_RAW_ALIASES, LINKTYPE_IPV4, LINKTYPE_IPV6,
      LINKTYPE_LOOP, LINKTYPE_LINUX_SLL, LINKTYPE_LINUX_SLL2, *PFSYNC_LINKTYPES)
-)  # fmt: skip
+)
 
 # A record longer than this is a corrupt length field, not a packet (libpcap's largest
 # per-link-type maximum is 256 KiB; pcapng blocks also hold options).
@@ -141,7 +141,7 @@ def _check_linktype(path: str, linktype: int, where: str = "") -> None:
     if linktype not in SUPPORTED_LINKTYPES:
         supported = ", ".join(str(t) for t in sorted(SUPPORTED_LINKTYPES))
         raise CaptureError(path, f"unsupported link type {linktype}{where} "
-                                 f"(supported: {supported})")  # fmt: skip
+                                 f"(supported: {supported})")
 
 
 def _pcap_records(fh: BinaryIO, path: str, head: bytes) -> Iterator[tuple[float, int, bytes]]:
@@ -157,11 +157,11 @@ def _pcap_records(fh: BinaryIO, path: str, head: bytes) -> Iterator[tuple[float,
         n += 1
         if len(hdr) < hdr_len:
             raise CaptureError(path, f"truncated dump file: record {n} header cut after "
-                                     f"{len(hdr)} of {hdr_len} bytes")  # fmt: skip
+                                     f"{len(hdr)} of {hdr_len} bytes")
         sec, frac, caplen, _origlen = struct.unpack_from(order + "IIII", hdr)
         if caplen > MAX_RECORD:
             raise CaptureError(path, f"record {n}: capture length {caplen} exceeds "
-                                     f"{MAX_RECORD} (corrupt file)")  # fmt: skip
+                                     f"{MAX_RECORD} (corrupt file)")
         buf = _read(fh, caplen, path, f"record {n}")
         yield sec + frac / divisor, linktype, buf
 
@@ -211,7 +211,7 @@ def _pcapng_records(fh: BinaryIO, path: str, head: bytes) -> Iterator[tuple[floa
         nblock += 1
         if len(start) < 8:
             raise CaptureError(path, f"truncated dump file: block {nblock} header cut after "
-                                     f"{len(start)} of 8 bytes")  # fmt: skip
+                                     f"{len(start)} of 8 bytes")
         btype = struct.unpack_from(order + "I", start)[0]  # SHB: same in both orders
         if btype == PCAPNG_SHB:  # a new section: its byte-order magic decides
             bom = _read(fh, 4, path, f"block {nblock} (section header)")
@@ -221,7 +221,7 @@ def _pcapng_records(fh: BinaryIO, path: str, head: bytes) -> Iterator[tuple[floa
                 order = ">"
             else:
                 raise CaptureError(path, f"block {nblock}: section header has a bad byte-order "
-                                         f"magic 0x{bom.hex()}")  # fmt: skip
+                                         f"magic 0x{bom.hex()}")
             ifaces = []
             rest_head = bom
         else:
@@ -233,12 +233,12 @@ def _pcapng_records(fh: BinaryIO, path: str, head: bytes) -> Iterator[tuple[floa
         trailer = _read(fh, 4, path, f"block {nblock}")
         if struct.unpack(order + "I", trailer)[0] != blen:
             raise CaptureError(path, f"block {nblock}: trailing length differs from {blen} "
-                                     "(corrupt file)")  # fmt: skip
+                                     "(corrupt file)")
         if btype == PCAPNG_SHB:
             major = struct.unpack_from(order + "H", body, 4)[0] if len(body) >= 6 else None
             if major != 1:
                 raise CaptureError(path, f"block {nblock}: pcapng version {major} "
-                                         "is not supported")  # fmt: skip
+                                         "is not supported")
             continue
         if btype == PCAPNG_IDB:
             ifaces.append(_idb(path, body, order, nblock))
@@ -252,10 +252,10 @@ def _pcapng_records(fh: BinaryIO, path: str, head: bytes) -> Iterator[tuple[floa
                 ifid, _drops, hi, lo, caplen, _origlen = struct.unpack_from(order + "HHIIII", body)
             if ifid >= len(ifaces):
                 raise CaptureError(path, f"block {nblock}: packet for interface {ifid}, "
-                                         f"but {len(ifaces)} interface(s) described")  # fmt: skip
+                                         f"but {len(ifaces)} interface(s) described")
             if 20 + caplen > len(body):
                 raise CaptureError(path, f"block {nblock}: capture length {caplen} runs past "
-                                         "the block (corrupt file)")  # fmt: skip
+                                         "the block (corrupt file)")
             iface = ifaces[ifid]
             last_ts = iface.offset + ((hi << 32) | lo) / iface.divisor
             yield last_ts, iface.linktype, body[20 : 20 + caplen]
@@ -263,7 +263,7 @@ def _pcapng_records(fh: BinaryIO, path: str, head: bytes) -> Iterator[tuple[floa
         if btype == PCAPNG_SPB:
             if not ifaces:
                 raise CaptureError(path, f"block {nblock}: simple packet block before any "
-                                         "interface description")  # fmt: skip
+                                         "interface description")
             if len(body) < 4:
                 raise CaptureError(path, f"block {nblock}: simple packet block too short")
             origlen = struct.unpack_from(order + "I", body)[0]
@@ -289,7 +289,7 @@ def _records(fh: BinaryIO, path: str) -> Iterator[tuple[float, int, bytes]]:
     rest = fh.read(20)
     if len(rest) < 20:
         raise CaptureError(path, f"truncated dump file: pcap file header cut after "
-                                 f"{4 + len(rest)} of 24 bytes")  # fmt: skip
+                                 f"{4 + len(rest)} of 24 bytes")
     yield from _pcap_records(fh, path, head + rest)
 
 

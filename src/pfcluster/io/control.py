@@ -194,7 +194,7 @@ def request(path: str, cmd: str, timeout: float = 10.0, **args: Any) -> dict[str
         st = os.stat(path)
     except OSError as exc:
         raise ControlError(f"{path}: cannot connect: {exc.strerror or exc} "
-                           "(is the daemon running? see --control)") from exc  # fmt: skip
+                           "(is the daemon running? see --control)") from exc
     if not stat.S_ISSOCK(st.st_mode):
         raise ControlError(f"{path}: cannot connect: not a socket")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -230,5 +230,5 @@ def request(path: str, cmd: str, timeout: float = 10.0, **args: Any) -> dict[str
         raise ControlError(f"{path}: {what}: {line[:80]!r}") from exc
     if not isinstance(resp, dict) or not isinstance(resp.get("ok"), bool):
         raise ControlError(f"{path}: bad answer (not an object with a boolean 'ok'): "
-                           f"{line[:80]!r}")  # fmt: skip
+                           f"{line[:80]!r}")
     return resp

@@ -65,7 +65,7 @@ TCPS_NAMES = (
     "CLOSED", "LISTEN", "SYN_SENT", "SYN_RCVD", "ESTABLISHED", "CLOSE_WAIT",
     "FIN_WAIT_1", "CLOSING", "LAST_ACK", "FIN_WAIT_2", "TIME_WAIT",
     "PROXY_SRC", "PROXY_DST",
-)  # fmt: skip
+)
 
 # UDP and other-protocol peer states.
 PFUDPS_NO_TRAFFIC = 0
@@ -147,7 +147,7 @@ DEFAULT_TIMEOUTS: tuple[int, ...] = (
     60, 10,                        # frag, interval
     PFSTATE_ADAPT_START, PFSTATE_ADAPT_END,
     0, 30,                         # src.track, ts diff
-)  # fmt: skip
+)
 
 # PFSTATE_* flags carried by a state (and, truncated to 8 bits, by pfsync v5 records).
 PFSTATE_ALLOWOPTS = 0x01
@@ -165,7 +165,7 @@ PFRES_NAMES = (
     "match", "bad-offset", "fragment", "short", "normalize", "memory",
     "bad-timestamp", "congestion", "ip-option", "proto-cksum", "state-mismatch",
     "state-insert", "state-limit", "src-limit", "synproxy", "translate", "no-route",
-)  # fmt: skip
+)
 PFRES_MATCH = 0
 PFRES_BADOFF = 1
 PFRES_FRAG = 2
@@ -192,7 +192,7 @@ PROTO_NAMES: dict[int, str] = {
     1: "icmp", 2: "igmp", 4: "ipencap", 6: "tcp", 17: "udp", 41: "ipv6", 47: "gre",
     50: "esp", 51: "ah", 58: "ipv6-icmp", 89: "ospf", 103: "pim", 108: "ipcomp",
     112: "carp", 132: "sctp", 240: "pfsync",
-}  # fmt: skip
+}
 
 # The kernel's own spelling in pf_print_state (pf.c), the `pf: BAD state: TCP ...` log
 # lines: it switches on the protocol itself rather than asking /etc/protocols, so these
@@ -222,12 +222,12 @@ ICMP4_MAPPING: dict[int, tuple[int, int, bool]] = {
     33: (33, PF_IN, False), 34: (33, PF_OUT, False),    # IPv6 where-are-you / I-am-here
     35: (35, PF_IN, False), 36: (35, PF_OUT, False),    # mobile registration
     10: (10, PF_IN, False), 9: (10, PF_OUT, False),     # router solicitation / advert
-}  # fmt: skip
+}
 ICMP6_MAPPING: dict[int, tuple[int, int, bool]] = {
     128: (128, PF_IN, True), 129: (128, PF_OUT, True),  # echo / echo reply
     139: (139, PF_IN, False), 140: (139, PF_OUT, False),  # node information (WRU, FQDN)
     201: (201, PF_IN, False), 200: (201, PF_OUT, False),  # mtrace / mtrace response
-}  # fmt: skip
+}
 # Errors map to another connection's state (pf_icmp_mapping returns 1 for them).
 ICMP4_ERRORS = frozenset((3, 4, 5, 11, 12))
 ICMP6_ERRORS = frozenset((1, 2, 3, 4))

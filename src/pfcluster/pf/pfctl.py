@@ -207,7 +207,7 @@ def record_view(st: Any, af: int | None) -> StateView:
         (st.packets[0], st.packets[1]), (st.bytes[0], st.bytes[1]),
         None if st.rule == 0xFFFFFFFF else st.rule,
         None if st.anchor == 0xFFFFFFFF else st.anchor, tuple(flags),
-    )  # fmt: skip
+    )
 
 
 # -- the JSON state view ------------------------------------------------------------------

@@ -80,7 +80,7 @@ PROTOCOLS: dict[str, int] = {
     "ax.25": 93, "etherip": 97, "encap": 98, "pim": 103, "ipcomp": 108, "vrrp": 112,
     "carp": 112, "l2tp": 115, "isis": 124, "sctp": 132, "udplite": 136,
     "mpls-in-ip": 137, "pfsync": 240,
-}  # fmt: skip
+}
 
 # IANA service names used when /etc/services is missing (tcp and udp share these).
 _BUILTIN_SERVICES: dict[str, int] = {
@@ -93,7 +93,7 @@ _BUILTIN_SERVICES: dict[str, int] = {
     "microsoft-ds": 445, "isakmp": 500, "syslog": 514, "submission": 587, "ldaps": 636,
     "rsync": 873, "imaps": 993, "pop3s": 995, "openvpn": 1194, "radius": 1812,
     "nfs": 2049, "mysql": 3306, "sip": 5060, "postgresql": 5432, "x11": 6000,
-}  # fmt: skip
+}
 
 
 def _load_services() -> dict[tuple[str, str], int]:

@@ -61,7 +61,7 @@ PF_OP_RRG = 9  # a:b
 PORT_OP_NAMES = {
     PF_OP_EQ: "=", PF_OP_NE: "!=", PF_OP_LT: "<", PF_OP_LE: "<=",
     PF_OP_GT: ">", PF_OP_GE: ">=", PF_OP_IRG: "><", PF_OP_XRG: "<>", PF_OP_RRG: ":",
-}  # fmt: skip
+}
 
 ICMP_TYPES = {
     "echorep": 0, "unreach": 3, "squench": 4, "redir": 5, "althost": 6, "echoreq": 8,
@@ -69,20 +69,20 @@ ICMP_TYPES = {
     "timerep": 14, "inforeq": 15, "inforep": 16, "maskreq": 17, "maskrep": 18,
     "trace": 30, "dataconv": 31, "mobredir": 32, "ipv6-where": 33, "ipv6-here": 34,
     "mobregreq": 35, "mobregrep": 36, "skip": 39, "photuris": 40,
-}  # fmt: skip
+}
 ICMP6_TYPES = {
     "unreach": 1, "toobig": 2, "timex": 3, "paramprob": 4, "echoreq": 128, "echorep": 129,
     "groupqry": 130, "listqry": 130, "grouprep": 131, "listenrep": 131, "groupterm": 132,
     "listendone": 132, "routersol": 133, "routeradv": 134, "neighbrsol": 135,
     "neighbradv": 136, "redir": 137, "routrrenum": 138, "wrureq": 139, "wrurep": 140,
     "mtraceresp": 200, "mtrace": 201,
-}  # fmt: skip
+}
 ICMP_CODES = {
     "net-unr": 0, "host-unr": 1, "proto-unr": 2, "port-unr": 3, "needfrag": 4,
     "srcfail": 5, "net-unk": 6, "host-unk": 7, "isolate": 8, "net-prohib": 9,
     "host-prohib": 10, "net-tos": 11, "host-tos": 12, "filter-prohib": 13,
     "host-preced": 14, "cutoff-preced": 15, "transit": 0, "reassemb": 1,
-}  # fmt: skip
+}
 _ICMP_TYPE_PRINT = {v: k for k, v in reversed(ICMP_TYPES.items())}
 _ICMP6_TYPE_PRINT = {v: k for k, v in reversed(ICMP6_TYPES.items())}
 
@@ -242,7 +242,7 @@ class Rule:
         "ifnot", "keep_state", "label", "line", "log", "log_all", "max_states", "no_sync",
         "nr", "packets", "pflow", "policy", "proto", "quick", "return_mode", "skip",
         "sloppy", "sport", "src", "state_type", "states_cur", "states_tot", "timeouts",
-    )  # fmt: skip
+    )
 
     def __init__(self) -> None:
         self.nr = 0

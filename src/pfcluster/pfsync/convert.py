@@ -171,7 +171,7 @@ def _gen_importer(dialect: str) -> Any:
         "AFMAP": {AF_INET_WIRE: AF_INET, inet6: AF_INET6}, "Err": ImportError_,
         "PFTM_MAX": PFTM_MAX, "PEER_MAX": PF_TCPS_PROXY_DST, "AF_INET": AF_INET, "State": State,
         "cstr": wire.cstr, "ACK": PFSTATE_ACK,
-    }  # fmt: skip
+    }
     src_text = "\n".join(lines) + "\n"
     return compile_generated(src_text, f"<pfsync-generated importer {dialect}>", env, name)
 
@@ -197,7 +197,7 @@ _FIELD_EXPR: dict[str, str] = {
     "proto": "k[1]", "direction": "st.direction", "log": "st.log",
     "state_flags": "flags", "timeout": "st.timeout", "rtableid": "0", "set_prio": "0, 0",
     "rt_ifname": "b''",
-}  # fmt: skip
+}
 # A peer: the scrub values are zero (we do not scrub), then pf's Peer fields.
 _PEER_EXPR = ", ".join(["0"] * PEER_SCRUB_VALUES + [f"{{p}}.{f}" for f in PEER_TCP_FIELDS])
 
@@ -241,7 +241,7 @@ def _gen_packer(dialect: str) -> Any:
     env: dict[str, Any] = {"ZERO16": bytes(16), "ZERO12": _ZERO12, "U32": U32,
                            "PACK": codec.st.pack, "Packed": wire.PackedRecord,
                            "expires": state_expires, "AF_INET": AF_INET,
-                           "AF6": wire.af_to_wire(dialect, AF_INET6)}  # fmt: skip
+                           "AF6": wire.af_to_wire(dialect, AF_INET6)}
     return compile_generated(src, f"<pfsync-generated packer {dialect}>", env, name)
 
 

@@ -75,7 +75,7 @@ STAT_NAMES = (
     "bulk_starts_received", "bulk_ends_received", "bulk_done", "bulk_gave_up",
     "deferred", "defer_acked", "defer_update", "defer_timeout", "defer_overlimit", "defer_dropped",
     "import_failed", "tdb_received",
-)  # fmt: skip
+)
 
 
 

@@ -82,9 +82,9 @@ AF_INET6_WIRE = {"openbsd45": 24, "openbsd6": 24, "freebsd1301": 28, "freebsd140
 """``sa_family_t`` of IPv6 as the sending OS numbers it (the record carries it raw)."""
 
 _ACT_V5 = ("CLR", "INS", "INS_ACK", "UPD", "UPD_C", "UPD_REQ", "DEL", "DEL_C",
-           "INS_F", "DEL_F", "BUS", "TDB", "EOF")  # fmt: skip
+           "INS_F", "DEL_F", "BUS", "TDB", "EOF")
 _ACT_V6 = ("CLR", "OINS", "INS_ACK", "OUPD", "UPD_C", "UPD_REQ", "DEL", "DEL_C",
-           "INS_F", "DEL_F", "BUS", "OTDB", "EOF", "INS", "UPD", "TDB")  # fmt: skip
+           "INS_F", "DEL_F", "BUS", "OTDB", "EOF", "INS", "UPD", "TDB")
 _ACT_F14 = (*({"INS": "INS_1301", "UPD": "UPD_1301"}.get(n, n) for n in _ACT_V5), "INS", "UPD")
 
 ACTION_IDS: dict[str, dict[str, int]] = {
@@ -108,7 +108,7 @@ assert all(ids["EOF"] == ACT_EOF for ids in ACTION_IDS.values())
 PEER_FMT = "HBBIIIIHHBB6x"
 """struct pfsync_state_peer (32 bytes): the scrub part, then the TCP window part."""
 PEER_FIELDS = ("pfss_flags", "pfss_ttl", "scrub_flag", "pfss_ts_mod", "seqlo", "seqhi",
-               "seqdiff", "max_win", "mss", "state", "wscale")  # fmt: skip
+               "seqdiff", "max_win", "mss", "state", "wscale")
 """The values a peer unpacks to, in C order (``wire.StatePeer`` takes them so)."""
 PEER_VALUES = len(PEER_FIELDS)  # 11
 PEER_SCRUB_VALUES = 4
@@ -145,7 +145,7 @@ KINDS: dict[str, Kind] = {
     "keys5": Kind("16s16sHH" * 2, 2 * KEY_VALUES["keys5"]),
     "keys6": Kind("16s16sHHHBx" * 2, 2 * KEY_VALUES["keys6"]),
     "u64pair": Kind("QQ", 2), "i32pair": Kind("ii", 2), "u8pair": Kind("BB", 2),
-}  # fmt: skip
+}
 """Field kinds of the state layouts. ``keys5``/``keys6`` are both keys of a state."""
 
 # --------------------------------------------------------------------------- records
@@ -157,10 +157,10 @@ class StateLayout:
     where each attribute's first value sits in the unpacked tuple."""
 
     __slots__ = ("dialect", "fields", "fmt", "index", "kinds", "names", "nvalues", "revision",
-                 "size")  # fmt: skip
+                 "size")
 
     def __init__(self, dialect: str, revision: str, size: int,
-                 fields: list[tuple[str, str]]) -> None:  # fmt: skip
+                 fields: list[tuple[str, str]]) -> None:
         self.dialect = dialect
         self.revision = revision
         self.fields: tuple[tuple[str, str], ...] = tuple(fields)
@@ -187,7 +187,7 @@ _STATE_HEAD: list[tuple[str, str]] = [
     ("rt_addr", "addr"), ("rule", "u32"), ("anchor", "u32"), ("nat_rule", "u32"),
     ("creation", "u32"), ("expire", "u32"), ("packets", "u64pair"), ("bytes", "u64pair"),
     ("creatorid", "u32"),
-]  # fmt: skip
+]
 """The first 232 bytes, common to every layout (openbsd6 widens ``key``)."""
 
 STATE_LAYOUTS: dict[str, StateLayout] = {
@@ -213,7 +213,7 @@ STATE_LAYOUTS: dict[str, StateLayout] = {
         ("direction", "u8"), ("log", "u8"), ("rt", "u8"), ("timeout", "u8"),
         ("sync_flags", "u8"), ("updates", "u8"), ("min_ttl", "u8"), ("set_tos", "u8"),
         ("state_flags", "u16"), ("set_prio", "u8pair")]),
-}  # fmt: skip
+}
 """Per-dialect ``pfsync_state`` records (facts section 2.4)."""
 
 

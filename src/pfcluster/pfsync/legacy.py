@@ -23,13 +23,13 @@ PFSYNC_V4_VERSION = 4
 V4_ACTIONS: dict[str, int] = {
     "CLR": 0, "INS": 1, "UPD": 2, "DEL": 3, "UPD_C": 4, "DEL_C": 5, "INS_F": 6,
     "DEL_F": 7, "UREQ": 8, "BUS": 9, "TDB_UPD": 10,
-}  # fmt: skip
+}
 V4_ACTION_NAMES: dict[int, str] = {v: k for k, v in V4_ACTIONS.items()}
 V4_MAX_RECORDS = 255  # the header's count is a u8
 V4_ACT_MAX = 11
 # tcpdump 4.4 PFSYNC_ACTIONS strings.
 V4_TCPDUMP_NAMES = ("CLR ST", "INS ST", "UPD ST", "DEL ST", "UPD ST COMP", "DEL ST COMP",
-                    "INS FR", "DEL FR", "UPD REQ", "BLK UPD STAT", "TDB UPD")  # fmt: skip
+                    "INS FR", "DEL FR", "UPD REQ", "BLK UPD STAT", "TDB UPD")
 
 
 class StateUpd(Message):
@@ -38,7 +38,7 @@ class StateUpd(Message):
     __slots__ = ("id", "src", "dst", "creatorid", "expire", "timeout", "updates")  # noqa: RUF023 (C field order)
 
     def __init__(self, id: int = 0, src: StatePeer | None = None, dst: StatePeer | None = None,
-                 creatorid: int = 0, expire: int = 0, timeout: int = 0, updates: int = 0) -> None:  # fmt: skip
+                 creatorid: int = 0, expire: int = 0, timeout: int = 0, updates: int = 0) -> None:
         self.id = id
         self.src = src if src is not None else StatePeer()
         self.dst = dst if dst is not None else StatePeer()
@@ -55,7 +55,7 @@ class StateDel(Message):
     __slots__ = ("id", "creatorid", "src_state", "dst_state")  # noqa: RUF023 (C field order)
 
     def __init__(self, id: int = 0, creatorid: int = 0, src_state: int = 0,
-                 dst_state: int = 0) -> None:  # fmt: skip
+                 dst_state: int = 0) -> None:
         self.id = id
         self.creatorid = creatorid
         self.src_state = src_state
@@ -104,7 +104,7 @@ _V4_CODECS: dict[int, Codec] = {
     V4_ACTIONS["TDB_UPD"]: Codec("!I28sIQBB2x", Tdb, lambda t: Tdb(*t),
                                  lambda m: (m.spi, m.dst, m.rpl, m.cur_bytes, m.sproto,
                                             m.updates)),
-}  # fmt: skip
+}
 # INS, UPD and DEL carry the full OpenBSD 4.5 pfsync_state (pfvar.h 1.282 is shared).
 _codec = wire.TABLES["openbsd45"][wire.ACTIONS["openbsd45"]["INS"]][2]
 assert _codec is not None
@@ -138,7 +138,7 @@ class V4Frame:
 
     def __init__(self, action: int = 0, messages: list[Any] | None = None, count: int | None = None,
                  af: int = 0, pf_chksum: bytes = bytes(16), version: int = PFSYNC_V4_VERSION,
-                 errors: list[str] | None = None, invalid: list[int] | None = None) -> None:  # fmt: skip
+                 errors: list[str] | None = None, invalid: list[int] | None = None) -> None:
         self.version = version
         self.af = af
         self.action = action
@@ -157,13 +157,13 @@ class V4Frame:
             return NotImplemented
         return (self.version, self.af, self.action, self.count, bytes(self.pf_chksum),
                 self.messages, self.errors) == (other.version, other.af, other.action,
-                other.count, bytes(other.pf_chksum), other.messages, other.errors)  # fmt: skip
+                other.count, bytes(other.pf_chksum), other.messages, other.errors)
 
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
         return (f"V4Frame({self.action_name}, count={self.count}, messages={self.messages!r}, "
-                f"errors={self.errors!r})")  # fmt: skip
+                f"errors={self.errors!r})")
 
 
 _V4_HEADER = struct.Struct("!BBBB16s")
@@ -221,7 +221,7 @@ def encode_v4(frame: V4Frame) -> bytes:
     buf = bytearray(V4_HEADER_LEN + n * codec.size)
     try:
         _V4_HEADER.pack_into(buf, 0, frame.version, frame.af, frame.action, n,
-                             bytes(frame.pf_chksum))  # fmt: skip
+                             bytes(frame.pf_chksum))
         off = V4_HEADER_LEN
         for m in frame.messages:
             codec.encode_into(buf, off, m)

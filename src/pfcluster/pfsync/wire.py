@@ -196,11 +196,11 @@ class StatePeer(Message):
     """struct pfsync_state_peer (with the scrub part flattened, C names kept)."""
 
     __slots__ = ("pfss_flags", "pfss_ttl", "scrub_flag", "pfss_ts_mod", "seqlo", "seqhi",  # noqa: RUF023 (C field order)
-                 "seqdiff", "max_win", "mss", "state", "wscale")  # fmt: skip
+                 "seqdiff", "max_win", "mss", "state", "wscale")
 
     def __init__(self, pfss_flags: int = 0, pfss_ttl: int = 0, scrub_flag: int = 0,
                  pfss_ts_mod: int = 0, seqlo: int = 0, seqhi: int = 0, seqdiff: int = 0,
-                 max_win: int = 0, mss: int = 0, state: int = 0, wscale: int = 0) -> None:  # fmt: skip
+                 max_win: int = 0, mss: int = 0, state: int = 0, wscale: int = 0) -> None:
         self.pfss_flags = pfss_flags
         self.pfss_ttl = pfss_ttl
         self.scrub_flag = scrub_flag
@@ -215,7 +215,7 @@ class StatePeer(Message):
 
     def astuple(self) -> tuple[int, ...]:
         return (self.pfss_flags, self.pfss_ttl, self.scrub_flag, self.pfss_ts_mod, self.seqlo,
-                self.seqhi, self.seqdiff, self.max_win, self.mss, self.state, self.wscale)  # fmt: skip
+                self.seqhi, self.seqdiff, self.max_win, self.mss, self.state, self.wscale)
 
 
 class StateKey(Message):
@@ -225,7 +225,7 @@ class StateKey(Message):
     __slots__ = ("addr", "port", "rdomain", "af")  # noqa: RUF023 (C field order)
 
     def __init__(self, addr: list[bytes] | None = None, port: list[int] | None = None,
-                 rdomain: int = 0, af: int = 0) -> None:  # fmt: skip
+                 rdomain: int = 0, af: int = 0) -> None:
         self.addr = addr if addr is not None else [bytes(16), bytes(16)]
         self.port = port if port is not None else [0, 0]
         self.rdomain = rdomain
@@ -271,7 +271,7 @@ class UpdC(Message):
 
     def __init__(self, id: int = 0, src: StatePeer | None = None,
                  dst: StatePeer | None = None, creatorid: int = 0, expire: int = 0,
-                 timeout: int = 0, state_flags: int = 0) -> None:  # fmt: skip
+                 timeout: int = 0, state_flags: int = 0) -> None:
         self.id = id
         self.src = src if src is not None else StatePeer()
         self.dst = dst if dst is not None else StatePeer()
@@ -299,7 +299,7 @@ class Tdb(Message):
     __slots__ = ("spi", "dst", "rpl", "cur_bytes", "sproto", "updates", "rdomain")  # noqa: RUF023 (C field order)
 
     def __init__(self, spi: int = 0, dst: bytes = bytes(28), rpl: int = 0, cur_bytes: int = 0,
-                 sproto: int = 0, updates: int = 0, rdomain: int = 0) -> None:  # fmt: skip
+                 sproto: int = 0, updates: int = 0, rdomain: int = 0) -> None:
         self.spi = spi
         self.dst = dst
         self.rpl = rpl
@@ -325,7 +325,7 @@ _STATE_DEFAULTS: dict[str, Any] = {
     "direction": 0, "log": 0, "state_flags": 0, "timeout": 0, "sync_flags": 0, "updates": 0,
     "rtableid": None, "max_mss": 0, "min_ttl": 0, "set_tos": 0, "rt": 0, "set_prio": None,
     "qid": 0, "pqid": 0, "dnpipe": 0, "dnrpipe": 0, "rt_ifname": "", "spare": 0,
-}  # fmt: skip
+}
 _LIST_DEFAULTS: dict[str, Callable[[], Any]] = {
     "key": lambda: [StateKey(), StateKey()],
     "src": StatePeer,
@@ -403,7 +403,7 @@ def _gen_state_init() -> Callable[..., None]:
         if name in _LIST_DEFAULTS:
             env[f"_F_{name}"] = _LIST_DEFAULTS[name]
     init: Callable[..., None] = compile_generated(src, "<pfsync-generated State.__init__>", env,
-                                                  "__init__")  # fmt: skip
+                                                  "__init__")
     init.__qualname__ = "State.__init__"
     init.__doc__ = "Keyword per C field; omitted fields take their defaults."
     return init
@@ -436,7 +436,7 @@ class Codec:
     __slots__ = ("cls", "from_tuple", "size", "st", "to_tuple")
 
     def __init__(self, fmt: str, cls: type, from_tuple: Callable[[tuple[Any, ...]], Any],
-                 to_tuple: Callable[[Any], Sequence[Any]]) -> None:  # fmt: skip
+                 to_tuple: Callable[[Any], Sequence[Any]]) -> None:
         self.st = struct.Struct(fmt)
         self.size = self.st.size
         self.cls = cls
@@ -477,7 +477,7 @@ def _id_creator_codec(cls: type) -> Codec:
 
 def _clr_codec() -> Codec:
     return Codec("!16sI", Clr, lambda t: Clr(cstr(t[0]), t[1]),
-                  lambda m: (m.ifname.encode("latin-1"), m.creatorid))  # fmt: skip
+                  lambda m: (m.ifname.encode("latin-1"), m.creatorid))
 
 
 def _upd_c_codec(v6: bool) -> Codec:
@@ -487,11 +487,11 @@ def _upd_c_codec(v6: bool) -> Codec:
 
         def from_t(t: tuple[Any, ...]) -> UpdC:
             return UpdC(t[0], StatePeer(*t[1:12]), StatePeer(*t[12:23]), t[23], t[24], t[25],
-                        t[26])  # fmt: skip
+                        t[26])
 
         def to_t(m: UpdC) -> tuple[Any, ...]:
             return (m.id, *m.src.astuple(), *m.dst.astuple(), m.creatorid, m.expire,
-                    m.timeout, m.state_flags)  # fmt: skip
+                    m.timeout, m.state_flags)
     else:
         fmt = "!Q" + PEER_FMT + PEER_FMT + "IIB3x"
 
@@ -500,7 +500,7 @@ def _upd_c_codec(v6: bool) -> Codec:
 
         def to_t(m: UpdC) -> tuple[Any, ...]:
             return (m.id, *m.src.astuple(), *m.dst.astuple(), m.creatorid, m.expire,
-                    m.timeout)  # fmt: skip
+                    m.timeout)
 
     return Codec(fmt, UpdC, from_t, to_t)
 
@@ -516,9 +516,9 @@ def _tdb_codec(variant: str) -> Codec:
     fmt = f"!I28s{rpl}QBB{tail}"
     if variant == "v5":
         return Codec(fmt, Tdb, lambda t: Tdb(*t),
-                      lambda m: (m.spi, m.dst, m.rpl, m.cur_bytes, m.sproto, m.updates))  # fmt: skip
+                      lambda m: (m.spi, m.dst, m.rpl, m.cur_bytes, m.sproto, m.updates))
     return Codec(fmt, Tdb, lambda t: Tdb(*t),
-                  lambda m: (m.spi, m.dst, m.rpl, m.cur_bytes, m.sproto, m.updates, m.rdomain))  # fmt: skip
+                  lambda m: (m.spi, m.dst, m.rpl, m.cur_bytes, m.sproto, m.updates, m.rdomain))
 
 
 def _eof_codec() -> Codec:
@@ -564,7 +564,7 @@ def _state_codec(layout: StateLayout) -> Codec:
                 keys.append(f"StateKey([{v[0]}, {v[1]}], [{v[2]}, {v[3]}]{''.join(', ' + x for x in v[4:])})")
                 enc = [f"m.{attr}[{k}].addr[0]", f"m.{attr}[{k}].addr[1]",
                        f"m.{attr}[{k}].port[0]", f"m.{attr}[{k}].port[1]",
-                       f"m.{attr}[{k}].rdomain", f"m.{attr}[{k}].af"]  # fmt: skip
+                       f"m.{attr}[{k}].rdomain", f"m.{attr}[{k}].af"]
                 enc_items.append(", ".join(enc[:per]))
             dec.append(f"    st.{attr} = [{keys[0]}, {keys[1]}]")
         elif kind == "ifname":
@@ -588,7 +588,7 @@ def _state_codec(layout: StateLayout) -> Codec:
     env: dict[str, Any] = {
         "new": State.__new__, "State": State, "StatePeer": StatePeer, "StateKey": StateKey,
         "cstr": cstr, "pair": _as_pair, "one": _as_one,
-    }  # fmt: skip
+    }
     env.update({f"F_{n}": f for n, f in _LIST_DEFAULTS.items()})
     src = "\n".join(dec) + "\n\n" + "\n".join(enc_fn) + "\n"
     name = f"<pfsync-generated state codec {d}>"
@@ -665,7 +665,7 @@ def _build_tables() -> dict[str, dict[int, Entry]]:
     common: dict[str, Spec] = {
         "CLR": clr, "INS_ACK": _entry(iack), "UPD_REQ": _entry(ureq), "DEL_C": _entry(delc),
         "INS_F": _UNSUPPORTED, "DEL_F": _UNSUPPORTED, "BUS": bus,
-    }  # fmt: skip
+    }
     state = {d: _state_codec(STATE_LAYOUTS[d]) for d in DIALECTS}
 
     def v5(dialect: str, state: Codec, eof: Codec | None) -> dict[str, Spec]:
@@ -718,7 +718,7 @@ RAW_STATE_TABLES: dict[str, dict[int, Entry]] = {
     d: {a: ((e[0], e[1], e[2].raw(), None) if e[0] in STATE_ACTIONS and e[2] is not None else e)
         for a, e in t.items()}
     for d, t in TABLES.items()
-}  # fmt: skip
+}
 ACTIONS: dict[str, dict[str, int]] = {d: {e[0]: a for a, e in t.items()} for d, t in TABLES.items()}
 ACTION_NAMES: dict[str, dict[int, str]] = {
     d: {a: e[0] for a, e in t.items()} for d, t in TABLES.items()
@@ -731,7 +731,7 @@ TCPDUMP_NAMES: dict[str, str] = {
     "INS_F": "INS FR", "DEL_F": "DEL FR", "BUS": "BULK UPD STAT", "TDB": "TDB UPD", "EOF": "EOF",
     "OINS": "INS ST OLD", "OUPD": "UPD ST OLD", "OTDB": "UPD TDB OLD",
     "INS_1301": "INS ST 1301", "UPD_1301": "UPD ST 1301",
-}  # fmt: skip
+}
 
 
 def _table(dialect: str) -> dict[int, Entry]:
@@ -765,7 +765,7 @@ class Section:
 
     def __init__(self, action: str, action_id: int, count: int | None = None,
                  messages: list[Any] | None = None, mlen: int | None = None,
-                 skipped: bool = False, truncated: bool = False) -> None:  # fmt: skip
+                 skipped: bool = False, truncated: bool = False) -> None:
         self.action = action
         self.action_id = action_id
         self.messages = messages if messages is not None else []
@@ -779,13 +779,13 @@ class Section:
             return NotImplemented
         return (self.action, self.action_id, self.count, self.messages, self.mlen,
                 self.skipped) == (other.action, other.action_id, other.count, other.messages,
-                                  other.mlen, other.skipped)  # fmt: skip
+                                  other.mlen, other.skipped)
 
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
         return (f"Section({self.action!r}, {self.action_id}, count={self.count}, "
-                f"messages={self.messages!r})")  # fmt: skip
+                f"messages={self.messages!r})")
 
 
 class Frame:
@@ -802,7 +802,7 @@ class Frame:
     def __init__(self, version: int = 5, len: int | None = None,
                  pfcksum: bytes = bytes(16), sections: list[Section] | None = None,
                  errors: list[str] | None = None,
-                 invalid: list[tuple[int, int]] | None = None) -> None:  # fmt: skip
+                 invalid: list[tuple[int, int]] | None = None) -> None:
         self.version = version
         self.len = len
         self.pfcksum = pfcksum
@@ -816,13 +816,13 @@ class Frame:
         if self.len is not None and other.len is not None and self.len != other.len:
             return False
         return (self.version, bytes(self.pfcksum), self.sections, self.errors) == (
-            other.version, bytes(other.pfcksum), other.sections, other.errors)  # fmt: skip
+            other.version, bytes(other.pfcksum), other.sections, other.errors)
 
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
         return (f"Frame(version={self.version}, len={self.len}, sections={self.sections!r}, "
-                f"errors={self.errors!r})")  # fmt: skip
+                f"errors={self.errors!r})")
 
     def messages(self, action: str) -> Iterable[Any]:
         """All messages of sections named ``action`` (convenience for the engine)."""
@@ -836,7 +836,7 @@ _SUBH = struct.Struct(SUBHEADER_FMT)
 
 
 def decode(data: bytes | bytearray | memoryview, dialect: str = "openbsd45",
-           raw_states: bool = False) -> Frame:  # fmt: skip
+           raw_states: bool = False) -> Frame:
     """Decode a pfsync payload (starting at pfsync_header) as ``dialect`` sends it.
 
     Raises only ``WireError`` (reason = pfsyncstats name, ``.frame`` = partial frame).
@@ -895,7 +895,7 @@ def _check_section(frame: Frame, sec: Section, check: Callable[[Any], str | None
 
 
 def _walk_v5(mv: memoryview, total: int, hlen: int, frame: Frame, table: dict[int, Entry],
-             dialect: str) -> None:  # fmt: skip
+             dialect: str) -> None:
     """4.5: loop until EOF (reading past the packet = badlen, EOF not at the end =
     badact). FreeBSD: loop while a subheader fits in header.len; EOF ends the frame."""
     obsd = dialect == "openbsd45"
@@ -958,7 +958,7 @@ def _walk_v6(mv: memoryview, hlen: int, frame: Frame, table: dict[int, Entry]) -
                 need = count * mlen
                 if off + need > end:
                     frame.sections.append(Section(name, action, count, mlen=mlen, skipped=True,
-                                                  truncated=True))  # fmt: skip
+                                                  truncated=True))
                     raise WireError(
                         "badlen", f"skipped {name} needs {need} bytes, {end - off} left"
                     )
@@ -976,10 +976,10 @@ def _walk_v6(mv: memoryview, hlen: int, frame: Frame, table: dict[int, Entry]) -
             fit = max(0, (end - off) // mlen) if mlen else 0
             msgs = codec.decode_many(mv, off, min(fit, count), mlen)
             frame.sections.append(Section(name, action, count, msgs,
-                                          mlen=None if mlen == size else mlen, truncated=True))  # fmt: skip
+                                          mlen=None if mlen == size else mlen, truncated=True))
             raise WireError("badlen", f"{name} count {count} needs {need} bytes, {end - off} left")
         sec = Section(name, action, count, codec.decode_many(mv, off, count, mlen),
-                      mlen=None if mlen == size else mlen)  # fmt: skip
+                      mlen=None if mlen == size else mlen)
         frame.sections.append(sec)
         if entry[3] is not None:
             _check_section(frame, sec, entry[3])
@@ -1050,10 +1050,10 @@ class IpEnvelope(Message):
     """What the IP header said: addresses as text, ``ttl`` (hop limit for IPv6)."""
 
     __slots__ = ("version", "src", "dst", "ttl", "tos", "proto", "ident", "df", "hlen",  # noqa: RUF023 (C field order)
-                 "total_len")  # fmt: skip
+                 "total_len")
 
     def __init__(self, version: int, src: str, dst: str, ttl: int, tos: int = 0, proto: int = 240,
-                 ident: int = 0, df: bool = False, hlen: int = 20, total_len: int = 0) -> None:  # fmt: skip
+                 ident: int = 0, df: bool = False, hlen: int = 20, total_len: int = 0) -> None:
         self.version = version
         self.src = src
         self.dst = dst
@@ -1090,7 +1090,7 @@ def split_ip(data: bytes | bytearray | memoryview) -> tuple[IpEnvelope, memoryvi
         end = min(len(mv), tlen) if tlen >= hl else len(mv)
         env = IpEnvelope(4, socket.inet_ntop(socket.AF_INET, bytes(src)),
                          socket.inet_ntop(socket.AF_INET, bytes(dst)), ttl, tos, proto, ident,
-                         bool(frag & IP_DF), hl, tlen)  # fmt: skip
+                         bool(frag & IP_DF), hl, tlen)
         return env, mv[hl:end]
     if ver == 6:
         if len(mv) < 40:
@@ -1107,7 +1107,7 @@ def split_ip(data: bytes | bytearray | memoryview) -> tuple[IpEnvelope, memoryvi
             raise WireError("hdrops", "IPv6 extension header truncated")
         env = IpEnvelope(6, socket.inet_ntop(socket.AF_INET6, bytes(src)),
                          socket.inet_ntop(socket.AF_INET6, bytes(dst)), hlim,
-                         (vtf >> 20) & 0xFF, nxt, 0, False, off, 40 + plen)  # fmt: skip
+                         (vtf >> 20) & 0xFF, nxt, 0, False, off, 40 + plen)
         return env, mv[off:end]
     raise WireError("hdrops", f"not IP (version nibble {ver})")
 
@@ -1139,7 +1139,7 @@ def _ip_checksum(hdr: bytes | bytearray) -> int:
 
 
 def encode_ip(frame: Frame, dialect: str, src: str, dst: str, ttl: int = PFSYNC_DFLTTL,
-              ident: int = 0) -> bytes:  # fmt: skip
+              ident: int = 0) -> bytes:
     """The frame in an IP packet as pfsync sends it: IPv4 tos 0x10, DF, TTL 255, proto
     240, no options; IPv6 next header 240, hop limit ``ttl``."""
     payload = encode(frame, dialect)
@@ -1148,7 +1148,7 @@ def encode_ip(frame: Frame, dialect: str, src: str, dst: str, ttl: int = PFSYNC_
         raise WireError("encode", "src and dst address families differ")
     if a_src.version == 4:
         hdr = bytearray(_IP4.pack(0x45, IPTOS_LOWDELAY, 20 + len(payload), ident & 0xFFFF, IP_DF,
-                                  ttl, IPPROTO_PFSYNC, 0, a_src.packed, a_dst.packed))  # fmt: skip
+                                  ttl, IPPROTO_PFSYNC, 0, a_src.packed, a_dst.packed))
         struct.pack_into("!H", hdr, 10, _ip_checksum(hdr))
         return bytes(hdr) + payload
     hdr6 = _IP6.pack(6 << 28, len(payload), IPPROTO_PFSYNC, ttl, a_src.packed, a_dst.packed)

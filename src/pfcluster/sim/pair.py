@@ -57,7 +57,7 @@ class SyncLink:
     """The sync LAN: every frame goes to every other node after `latency` (+ jitter)."""
 
     def __init__(self, latency: float = 0.001, loss: float = 0.0, duplicate: float = 0.0,
-                 reorder: float = 0.0, seed: int = 1) -> None:  # fmt: skip
+                 reorder: float = 0.0, seed: int = 1) -> None:
         self.latency = latency
         self.loss = loss
         self.duplicate = duplicate
@@ -86,12 +86,12 @@ class Cluster:
                  dialect: str = "openbsd45", defer: bool = False, maxupd: int = 128,
                  link: SyncLink | None = None, host_delay: float = 0.00005,
                  defer_timeout: float = 0.02, start: float = 0.0,
-                 start_nodes: bool = True) -> None:  # fmt: skip
+                 start_nodes: bool = True) -> None:
         self.now = start
         self.link = link or SyncLink()
         self.host_delay = host_delay
         self.config = EngineConfig(dialect=dialect, protocol=protocol, maxupd=maxupd,
-                                   defer=defer, defer_timeout=defer_timeout, bulk_retry=1.0)  # fmt: skip
+                                   defer=defer, defer_timeout=defer_timeout, bulk_retry=1.0)
         self.rules = rules
         self.nodes: list[Node] = []
         self._events: list[tuple[float, int, Callable[[float], None]]] = []
@@ -162,7 +162,7 @@ class Cluster:
                 self.pump(node, dl)
 
     def run_until(self, t_end: float, stop: Callable[[], bool] | None = None,
-                  max_events: int = 5_000_000) -> None:  # fmt: skip
+                  max_events: int = 5_000_000) -> None:
         n = 0
         while n < max_events:
             t_ev = self._events[0][0] if self._events else None
@@ -194,7 +194,7 @@ class Cluster:
 
     # -- packets through a firewall ----------------------------------------------------
     def forward(self, node: Node, raw: bytes, to_server: bool, now: float,
-                deliver: Callable[[float], None]) -> bool:  # fmt: skip
+                deliver: Callable[[float], None]) -> bool:
         """The router step the daemon runs (`pf.router.route`); deliver what passes."""
         if not node.up:
             return False
@@ -215,13 +215,13 @@ class Cluster:
         return ok
 
     def _forward_at(self, node: Node, raw: bytes, to_server: bool,
-                    deliver: Callable[[float], None], now: float) -> None:  # fmt: skip
+                    deliver: Callable[[float], None], now: float) -> None:
         self.forward(node, raw, to_server, now, deliver)
 
     # -- a TCP transfer ----------------------------------------------------------------
     def transfer(self, xfer: TcpTransfer, c2s: str = "A", s2c: str = "B",
                  rate_pps: float = 10000.0, max_time: float = 30.0,
-                 route: Callable[[float], tuple[str, str]] | None = None) -> dict[str, Any]:  # fmt: skip
+                 route: Callable[[float], tuple[str, str]] | None = None) -> dict[str, Any]:
         """Run `xfer` with client->server via node `c2s` and server->client via `s2c`.
 
         `route(now)` may override both per packet (for failover runs).

@@ -49,7 +49,7 @@ class TcpTransfer:
                  sport: int = 40000, dport: int = 5201, total_bytes: int = 1448 * 5000,
                  mss: int = 1448, wscale: int = 7, window: int = 512 * 1024,
                  rto: float = 0.2, client_isn: int = 0x10000000, server_isn: int = 0x70000000,
-                 ack_every: int = 2, server_closes_first: bool = False) -> None:  # fmt: skip
+                 ack_every: int = 2, server_closes_first: bool = False) -> None:
         self.c = socket.inet_aton(client)
         self.s = socket.inet_aton(server)
         self.sport = sport
@@ -90,7 +90,7 @@ class TcpTransfer:
     def syn(self, now: float) -> Segment:
         self.last_progress = now
         return Segment(tcp_packet(self.c, self.s, self.sport, self.dport, self.c_isn, 0, TH_SYN,
-                                  65535, 0, syn_options(self.mss, self.wscale)), True)  # fmt: skip
+                                  65535, 0, syn_options(self.mss, self.wscale)), True)
 
     def client_window_open(self) -> bool:
         inflight = (self.snd_nxt - self.snd_una) & M32
@@ -120,7 +120,7 @@ class TcpTransfer:
                 return None
             n = min(self.mss, self.total - sent_total)
             seg = tcp_packet(self.c, self.s, self.sport, self.dport, self.snd_nxt, self.s_seq,
-                             TH_ACK | TH_PUSH, 1024, n)  # fmt: skip
+                             TH_ACK | TH_PUSH, 1024, n)
             self.snd_nxt = (self.snd_nxt + n) & M32
             if (self.snd_nxt - self.snd_max) & 0x80000000 == 0:
                 self.snd_max = self.snd_nxt
@@ -130,7 +130,7 @@ class TcpTransfer:
                 (not self.server_closes_first or self.peer_fin):
             self.fin_sent = True
             seg = tcp_packet(self.c, self.s, self.sport, self.dport, self.snd_nxt, self.s_seq,
-                             TH_ACK | TH_FIN, 1024)  # fmt: skip
+                             TH_ACK | TH_FIN, 1024)
             self.snd_nxt = (self.snd_nxt + 1) & M32
             self.snd_max = self.snd_nxt
             return Segment(seg, True)
@@ -147,7 +147,7 @@ class TcpTransfer:
             self.peer_wnd = win << self.wscale
             self.last_progress = now
             out.append(Segment(tcp_packet(self.c, self.s, self.sport, self.dport, self.snd_nxt,
-                                          self.s_seq, TH_ACK, 1024), True))  # fmt: skip
+                                          self.s_seq, TH_ACK, 1024), True))
             return out
         if flags & TH_ACK and (ack - self.snd_una) & M32 and not (ack - self.snd_una) & 0x80000000:
             self.snd_una = ack
@@ -161,13 +161,13 @@ class TcpTransfer:
                 self.fin_sent = True
                 out.append(Segment(tcp_packet(self.c, self.s, self.sport, self.dport,
                                               self.snd_nxt, self.s_seq, TH_ACK | TH_FIN,
-                                              1024), True))  # fmt: skip
+                                              1024), True))
                 self.snd_nxt = (self.snd_nxt + 1) & M32
                 self.snd_max = self.snd_nxt
                 return out
             self.done = True
             out.append(Segment(tcp_packet(self.c, self.s, self.sport, self.dport, self.snd_nxt,
-                                          self.s_seq, TH_ACK, 1024), True))  # fmt: skip
+                                          self.s_seq, TH_ACK, 1024), True))
         elif self.server_closes_first and self.fin_sent and self.snd_una == self.snd_nxt:
             self.done = True
         return out
@@ -184,7 +184,7 @@ class TcpTransfer:
             self.rcv_nxt = (seq + 1) & M32
             return [Segment(tcp_packet(s, c, self.dport, self.sport, self.s_isn, self.rcv_nxt,
                                        TH_SYN | TH_ACK, 65535, 0,
-                                       syn_options(self.mss, self.wscale)), False)]  # fmt: skip
+                                       syn_options(self.mss, self.wscale)), False)]
         out: list[Segment] = []
         if plen and seq == self.rcv_nxt:
             self.rcv_nxt = (self.rcv_nxt + plen) & M32
@@ -193,27 +193,27 @@ class TcpTransfer:
             if self.unacked_segments >= self.ack_every:
                 self.unacked_segments = 0
                 out.append(Segment(tcp_packet(s, c, self.dport, self.sport, self.s_seq,
-                                              self.rcv_nxt, TH_ACK, rwin), False))  # fmt: skip
+                                              self.rcv_nxt, TH_ACK, rwin), False))
         elif plen:
             # Out of order or duplicate: acknowledge what we have.
             out.append(Segment(tcp_packet(s, c, self.dport, self.sport, self.s_seq, self.rcv_nxt,
-                                          TH_ACK, rwin), False))  # fmt: skip
+                                          TH_ACK, rwin), False))
         if self.server_closes_first:
             if not self.server_fin_sent and self.bytes_delivered >= self.total:
                 self.unacked_segments = 0
                 out.append(Segment(tcp_packet(s, c, self.dport, self.sport, self.s_seq,
-                                              self.rcv_nxt, TH_ACK | TH_FIN, rwin), False))  # fmt: skip
+                                              self.rcv_nxt, TH_ACK | TH_FIN, rwin), False))
                 self.s_seq = (self.s_seq + 1) & M32
                 self.server_fin_sent = True
             elif flags & TH_FIN and seq == self.rcv_nxt:
                 self.rcv_nxt = (self.rcv_nxt + 1) & M32
                 out.append(Segment(tcp_packet(s, c, self.dport, self.sport, self.s_seq,
-                                              self.rcv_nxt, TH_ACK, rwin), False))  # fmt: skip
+                                              self.rcv_nxt, TH_ACK, rwin), False))
             return out
         if flags & TH_FIN and seq == self.rcv_nxt:
             self.rcv_nxt = (self.rcv_nxt + 1) & M32
             out.append(Segment(tcp_packet(s, c, self.dport, self.sport, self.s_seq, self.rcv_nxt,
-                                          TH_ACK | TH_FIN, rwin), False))  # fmt: skip
+                                          TH_ACK | TH_FIN, rwin), False))
             self.s_seq = (self.s_seq + 1) & M32
             self.server_fin_sent = True
         return out
@@ -223,5 +223,5 @@ class TcpTransfer:
         if self.unacked_segments:
             self.unacked_segments = 0
             return Segment(tcp_packet(self.s, self.c, self.dport, self.sport, self.s_seq,
-                                      self.rcv_nxt, TH_ACK, self.window >> self.wscale), False)  # fmt: skip
+                                      self.rcv_nxt, TH_ACK, self.window >> self.wscale), False)
         return None
