@@ -75,6 +75,26 @@ def _interrupted() -> None:
     sys.exit(130)
 
 
+def _run_single(cmd: str, label: str, work: Callable[[Callable[[str, float], None]], Any],
+                json_path: str | None) -> Any:
+    """One lab experiment under a progress bar: a lab error is one red line and exit 1,
+    Ctrl-C removes the lab; the JSON is written when asked for."""
+    from pfcluster.lab.netns import LabError
+    from pfcluster.lab.report import write_json
+
+    try:
+        with progress_display(1) as update:
+            doc = work(lambda what, frac: update(0, 1, label, what, frac))
+    except KeyboardInterrupt:
+        _interrupted()
+    except LabError as exc:
+        console.print(f"[red]pfcluster lab {cmd}: {exc}[/]")
+        sys.exit(1)
+    if json_path:
+        write_json(json_path, doc)
+    return doc
+
+
 _OWNER = os.getpid()
 
 
@@ -121,24 +141,14 @@ def run_cmd(json_path: str | None, integrity_mb: int, **opts: Any) -> None:
         load_rules_file(opts["rules"])
     _need_root()
     from pfcluster.lab.experiment import RunConfig, run_one
-    from pfcluster.lab.netns import LabError
-    from pfcluster.lab.report import run_table, write_json
+    from pfcluster.lab.report import run_table
 
     cfg = RunConfig(integrity_bytes=integrity_mb << 20, **opts)
     try:
         cfg.check()
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
-    try:
-        with progress_display(1) as update:
-            doc = run_one(cfg, lambda what, frac: update(0, 1, cfg.label(), what, frac))
-    except KeyboardInterrupt:
-        _interrupted()
-    except LabError as exc:
-        console.print(f"[red]pfcluster lab run: {exc}[/]")
-        sys.exit(1)
-    if json_path:
-        write_json(json_path, doc)
+    doc = _run_single("run", cfg.label(), lambda progress: run_one(cfg, progress), json_path)
     stdout_console().print(run_table(doc))
     for err in doc["errors"]:
         console.print(f"[yellow]{err}[/]")
@@ -300,8 +310,6 @@ def connrate_cmd(conns: int, parallel: int, paths_text: str, reuse_port: int, ti
 
     from pfcluster.lab.connrate import TABLE_HEAD, ConnRateConfig, run_connrate, table_rows
     from pfcluster.lab.experiment import daemon_available
-    from pfcluster.lab.netns import LabError
-    from pfcluster.lab.report import write_json
 
     cfg = ConnRateConfig(conns=conns, parallel=parallel, paths=_paths_list(paths_text),
                          reuse_port=reuse_port, timeout=timeout, max_seconds=max_seconds,
@@ -313,16 +321,8 @@ def connrate_cmd(conns: int, parallel: int, paths_text: str, reuse_port: int, ti
         raise click.UsageError(str(exc)) from exc
     if any(p != "kernel" for p in cfg.paths) and not daemon_available():
         raise click.UsageError("the daemon cannot be imported: only --paths kernel works")
-    try:
-        with progress_display(1) as update:
-            doc = run_connrate(cfg, lambda what, frac: update(0, 1, "connrate", what, frac))
-    except KeyboardInterrupt:
-        _interrupted()
-    except LabError as exc:
-        console.print(f"[red]pfcluster lab connrate: {exc}[/]")
-        sys.exit(1)
-    if json_path:
-        write_json(json_path, doc)
+    doc = _run_single("connrate", "connrate", lambda progress: run_connrate(cfg, progress),
+                      json_path)
     table = Table(title=f"pfcluster lab connrate — {conns} connections, {parallel} in flight, "
                         f"server closes first, timeout {timeout:g} s")
     for head in TABLE_HEAD:
