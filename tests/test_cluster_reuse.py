@@ -433,3 +433,25 @@ def test_syn_on_both_fins_reuses_only_a_state_a_peer_shares(shared: bool) -> Non
         assert rv.action == ROUTE_BLOCK and rv.v_in is not None
         assert rv.v_in.reason == "challenge-ack" and rv.v_in.reply
         assert a.filter.extra["state-reuse-closing"] == 0
+
+
+def test_clr_after_inserts_is_applied_in_frame_order() -> None:
+    """4.5 and FreeBSD send CLR after the queues: states of that frame are flushed too."""
+    a, b = node(HOST_A), node(HOST_B)
+    forward(a, syn(40000, 1), 0.0)
+    a.flush(0.0)
+    (frame,) = a.take_output()
+    ins = split_frame(frame)["INS"]
+    acts = wire.ACTIONS["openbsd45"]
+    clr = wire.Section("CLR", acts["CLR"], messages=[wire.Clr("", HOST_A)])
+    b.receive(wire.encode(wire.Frame(5, sections=[
+        wire.Section("INS", acts["INS"], messages=list(ins.messages)), clr])), 0.001)
+    assert len(b.filter.states) == 0
+
+
+def test_fin_acked_ignores_an_ack_recorded_long_before() -> None:
+    st = State((2, 6, CLIENT, SERVER, 1, 2), PF_IN, 1, 1, 0.0)
+    st.acks = [1000, 0]
+    st.dst.state = CLOSING
+    st.dst.seqlo = (1000 + 3 * 2**30) & 0xFFFFFFFF  # gigabytes later: sdiff wraps positive
+    assert fin_acked(st) == 0 and st.dst.state == CLOSING

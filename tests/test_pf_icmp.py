@@ -146,10 +146,18 @@ def test_reply_with_other_id_meets_the_rules() -> None:
     assert not v_in.passed and v_in.reason == "match" and v_in.rule.nr == 0 and v_out is None
 
 
+TYPED_RULES = """
+block all
+pass in on em0 proto icmp icmp-type echoreq
+pass out proto icmp icmp-type echoreq
+"""
+
+
 def test_query_in_wrong_direction_dropped_with_state() -> None:
     # with id 8 the echo request's key is symmetric: the server's own request of id 8
-    # finds the client's state, flowing against it (pf_icmp_state_lookup's check)
-    f = make_filter(RULES)
+    # finds the client's state, flowing against it (pf_icmp_state_lookup's check, made
+    # for states whose rule names an icmp-type)
+    f = make_filter(TYPED_RULES)
     _, v_out = route(f, echo(CLIENT, SERVER, 8, ident=8))
     assert v_out is not None
     v_in, _ = route(f, echo(SERVER, CLIENT, 8, ident=8), 1)
@@ -339,3 +347,13 @@ def test_replay_json_on_scapy_pcap(tmp_path: Path) -> None:
     assert summary["summary"]["counters"]["state-mismatch"] == 1
     icmp_states = [s for s in summary["states"] if s["proto"] in (1, "icmp")]
     assert len(icmp_states) == 2
+
+
+def test_wrong_direction_check_needs_a_rule_naming_an_icmp_type() -> None:
+    """pf_icmp_state_lookup checks the direction only when the state's rule named an
+    icmp-type (`rule.ptr->type`): with a typeless rule the same message passes."""
+    f = make_filter(RULES)
+    _, v_out = route(f, echo(CLIENT, SERVER, 8, ident=8))
+    assert v_out is not None and v_out.state is not None
+    v_in, _ = route(f, echo(SERVER, CLIENT, 8, ident=8), 1)
+    assert v_in.passed and v_in.state is v_out.state and v_in.reason == "state"

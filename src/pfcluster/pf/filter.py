@@ -442,8 +442,8 @@ class Filter:
 
         None sends the packet to the ruleset (pf_test_rule): no state was found. A state
         found with the message flowing the wrong way for its type (a query against the
-        state's direction, or a reply along it) drops the packet with that state; a
-        sloppy state skips that check. A match passes and sets the icmp.error timeout.
+        state's direction, or a reply along it) drops the packet with that state, when
+        the state's rule named an icmp-type; a sloppy state skips that check. A match passes and sets the icmp.error timeout.
         """
         icmp_dir, vid, vtype, stateless = icmp_mapping(pkt)
         if stateless:
@@ -487,7 +487,10 @@ class Filter:
         st = self._lookup(key, now)
         if st is None:
             return None, True
-        if st.state_flags & PFSTATE_SLOPPY:
+        rule = st.rule
+        if st.state_flags & PFSTATE_SLOPPY or rule is None or rule.icmp_type is None:
+            # pf checks the direction only for states whose rule named an icmp-type
+            # (`rule.ptr->type`); an unbound import has pf's default rule, which names none
             return st, True
         along = st.direction == direction
         return st, (PF_IN if along != quoted else PF_OUT) == icmp_dir

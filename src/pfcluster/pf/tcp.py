@@ -83,7 +83,9 @@ def fin_acked(st: State) -> int:
         return 0
     moved = 0
     for peer, ack in ((st.dst, acks[0]), (st.src, acks[1])):
-        if peer.state == CLOSING and ack and sdiff(ack, peer.seqlo) >= 0:
+        # The ack that covers a FIN equals the seqlo that includes it; a window's slack
+        # allows for our view of seqlo, and rules out an ack recorded gigabytes ago.
+        if peer.state == CLOSING and ack and 0 <= sdiff(ack, peer.seqlo) <= MAXACKWINDOW:
             peer.state = FIN_WAIT_2
             moved += 1
     return moved

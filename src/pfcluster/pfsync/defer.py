@@ -33,6 +33,8 @@ class Deferrals:
         return st in self._held
 
     def hold(self, st: State, handle: object, now: float) -> None:
+        if st in self._held:  # never lose a held packet's verdict
+            self.release(st, accept=True)
         if len(self._held) >= self.limit:
             self.counters["defer_overlimit"] += 1
             self.release(next(iter(self._held)), accept=True)

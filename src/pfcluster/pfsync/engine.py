@@ -346,8 +346,8 @@ class Engine:
 
     # ------------------------------------------------------------------ events
     def take_events(self) -> list[Event]:
-        """Everything that happened since the last call, in order: released packets
-        (give their verdicts before any later packet's), sync_ok changes, log lines."""
+        """What happened since the last call: released packets (give their verdicts
+        before any later packet's) and sync_ok changes in order, then pf's log lines."""
         lines = self.filter.take_log()
         if lines:
             self._events.extend(LogLine(line) for line in lines)

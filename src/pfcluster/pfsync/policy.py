@@ -17,7 +17,9 @@ from pfcluster.pfsync.merge import MERGE_RULES, MergeRule
 IP_HEADER = 20
 PFSYNC_HEADER = 20
 SUBHEADER = 4
-DELETIONS = frozenset(("CLR", "DEL", "DEL_C"))
+# Moved ahead of a frame's inserts on receipt. Not CLR: 4.5 and FreeBSD send it after
+# the queues, which may still hold the updates of states the CLR is about to flush.
+DELETIONS = frozenset(("DEL", "DEL_C"))
 # Bytes the EOF section adds to every frame, by dialect (4.5: subheader + hmac[20]).
 EOF_BYTES = {"openbsd45": SUBHEADER + 20, "openbsd6": 0}
 ENGINE_ACTIONS = ("INS", "INS_ACK", "UPD", "UPD_C", "DEL_C", "UPD_REQ", "CLR", "BUS")
@@ -165,7 +167,7 @@ class V5Policy:
 
 
 def deletions_first(sections: list[Any]) -> list[tuple[int, Any]]:
-    """The frame's sections with its deletions (CLR, DEL, DEL_C) moved to the front.
+    """The frame's sections with its deletions (DEL, DEL_C) moved to the front.
 
     A state sits in one queue at a time, so no frame both inserts and deletes the same
     state, and applying its deletions first changes nothing for any single state. It
