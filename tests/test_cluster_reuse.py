@@ -455,3 +455,31 @@ def test_fin_acked_ignores_an_ack_recorded_long_before() -> None:
     st.dst.state = CLOSING
     st.dst.seqlo = (1000 + 3 * 2**30) & 0xFFFFFFFF  # gigabytes later: sdiff wraps positive
     assert fin_acked(st) == 0 and st.dst.state == CLOSING
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["one-box", "shared-with-peer"])
+def test_data_just_past_the_known_window_edge(shared: bool) -> None:
+    """On a split path the receiver's ACKs reach us through pfsync a flush late: a state
+    a peer shares lets data through up to one receiver window beyond the edge it knows
+    (counted); a one-box state keeps pf's check; further than that fails on both."""
+    from pfcluster.pf.tcp import TRACK_SLACK, track_full
+
+    f = Filter(parse_rules(RULES, "slack.conf"), hostid=1)
+    c, s = CLIENT, SERVER
+    for to_server, raw in (
+        (True, tcp_packet(c, s, 40000, 5201, 100, 0, TH_SYN, 65535)),
+        (False, tcp_packet(s, c, 5201, 40000, 900, 101, TH_SYN | TH_ACK, 1000)),
+        (True, tcp_packet(c, s, 40000, 5201, 101, 901, TH_ACK, 65535)),
+    ):
+        in_if, out_if = ("em0", "em1") if to_server else ("em1", "em0")
+        assert route(f, in_if, out_if, parse(raw), 1.0).action == ROUTE_PASS
+    st = f.states.peek((2, 6, CLIENT, SERVER, 40000, 5201))
+    assert st is not None
+    if shared:
+        st.pfsync_time = 0.5
+    edge = st.src.seqhi
+    just_past = tcp_packet(c, s, 40000, 5201, edge, 901, TH_ACK, 65535, 500)
+    res = track_full(st, parse(just_past), True, 1.1)
+    assert (res == TRACK_SLACK) if shared else not isinstance(res, int)
+    far = tcp_packet(c, s, 40000, 5201, (edge + 5 * 65536) & 0xFFFFFFFF, 901, TH_ACK, 65535, 500)
+    assert not isinstance(track_full(st, parse(far), True, 1.2), int)

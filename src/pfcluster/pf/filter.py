@@ -256,6 +256,7 @@ class Filter:
             "challenge-ack": 0,
             "state-reuse": 0,
             "state-reuse-closing": 0,
+            "split-window-slack": 0,
             "key-attach-reuse": 0,
             "key-attach-failed": 0,
             "loose-match": 0,
@@ -407,8 +408,8 @@ class Filter:
         else:
             res = tcpmod.track_full(st, pkt, fwd, now)
         if res.__class__ is int:
-            if res == tcpmod.TRACK_LOOSE:
-                self.extra["loose-match"] += 1
+            if res:
+                self.extra["loose-match" if res == tcpmod.TRACK_LOOSE else "split-window-slack"] += 1
             self._count_pass(st, direction, pkt, now)
             return Verdict(PASS, "state", st.rule, st)
         assert isinstance(res, tcpmod.TrackFailure)

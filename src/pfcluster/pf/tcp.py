@@ -47,6 +47,8 @@ TM_CLOSED = int(PFTM.TCP_CLOSED)
 # Results of tracking.
 TRACK_PASS = 0
 TRACK_LOOSE = 1
+TRACK_SLACK = 2  # passed only thanks to the split-path window slack (see track_full)
+NEVER = float("-inf")  # State.pfsync_time of a state no pfsync peer ever told us about
 
 
 def sdiff(a: int, b: int) -> int:
@@ -226,6 +228,13 @@ def track_full(st: State, pkt: Packet, fwd: bool, now: float) -> int | TrackFail
     ackskew = sdiff(dst.seqlo, ack)
     back_win = dst.max_win << dws
     c1 = sdiff(src.seqhi, data_end) >= 0
+    slack = False
+    if not c1 and st.pfsync_time > NEVER and sdiff(src.seqhi + back_win, data_end) >= 0:
+        # A state shared with a pfsync peer: on a split path the receiver's ACKs, which
+        # move this edge, cross the other firewall and reach us a flush later. Data up
+        # to one receiver window beyond the edge we know is let through (a departure
+        # from pf, counted); anything further still fails.
+        c1 = slack = True
     c2 = sdiff(seq, src.seqlo - back_win) >= 0
     c3 = ackskew >= -MAXACKWINDOW
     c4 = ackskew <= (MAXACKWINDOW << sws)
@@ -269,7 +278,7 @@ def track_full(st: State, pkt: Packet, fwd: bool, now: float) -> int | TrackFail
                 src.state = dst.state = TIME_WAIT
             st.expire = now
             set_timeout_ladder(st, src, dst)
-            return TRACK_PASS
+            return TRACK_SLACK if slack else TRACK_PASS
 
     c5 = sdiff(src.seqhi + MAXACKWINDOW, data_end) >= 0
     c6 = sdiff(seq, src.seqlo - MAXACKWINDOW) >= 0
@@ -342,6 +351,7 @@ def track_sloppy(st: State, pkt: Packet, fwd: bool, now: float) -> int:
 __all__ = [
     "TRACK_LOOSE",
     "TRACK_PASS",
+    "TRACK_SLACK",
     "TrackFailure",
     "fin_acked",
     "flags_str",
