@@ -306,3 +306,43 @@ def assert_closed_then_uninstall(lab: Netlab, ns: str) -> None:
     for queue in queues:
         lab.exec(ns, pfcluster_argv("daemon", "--uninstall", "--queue", queue), timeout=30)
     assert list_rules(prefix) == []
+
+
+def start_daemon(lab: Netlab, ns: str, rules: Path, sock: str, *extra: str,
+                 log: str = "daemon.log", up_timeout: float = 20.0) -> subprocess.Popen[bytes]:
+    """`pfcluster daemon` in `ns` with the sync0 link; fails the test (with its log) if the
+    control socket does not answer within `up_timeout` seconds."""
+    from pfcluster.io.control import request
+
+    proc = lab.spawn(ns, pfcluster_argv("daemon", "--rules", str(rules), "--syncdev", "sync0",
+                                        "--control", sock, *extra), log=log)
+
+    def up() -> bool:
+        return bool(request(sock, "info", timeout=2)["ok"])
+
+    if not wait_for(up, up_timeout):
+        lab.stop(proc)
+        pytest.fail(f"daemon in {ns} did not come up:\n" + (lab.tmp / log).read_text())
+    return proc
+
+
+def popen_pipe(lab: Netlab, ns: str, code: str, *args: str,
+               stdin: int = subprocess.PIPE) -> subprocess.Popen[str]:
+    """A Python snippet in `ns` whose stdout the test reads line by line."""
+    proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", code, *args],
+                            stdin=stdin, stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    lab.procs.append(proc)  # type: ignore[arg-type]
+    return proc
+
+
+def readline(proc: subprocess.Popen[str], timeout: float = 10.0) -> str:
+    """The next line of `proc`'s output, or an AssertionError after `timeout` seconds."""
+    import selectors
+
+    assert proc.stdout is not None
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout):
+            raise AssertionError(f"no output within {timeout}s")
+    return proc.stdout.readline().strip()

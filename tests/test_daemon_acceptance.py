@@ -24,6 +24,9 @@ from nsfixtures import (
     client_fw_server,
     netlab,
     pfcluster_argv,
+    popen_pipe,
+    readline,
+    start_daemon,
     wait_for,
 )
 from pfcluster.io.control import request
@@ -159,37 +162,10 @@ def ctl(lab: Netlab, ns: str, sock: str, *args: str) -> subprocess.CompletedProc
                     timeout=20)
 
 
-def start_daemon(lab: Netlab, ns: str, rules: Path, sock: str, *extra: str,
-                 log: str = "daemon.log") -> subprocess.Popen[bytes]:
-    proc = lab.spawn(ns, pfcluster_argv("daemon", "--rules", str(rules), "--syncdev", "sync0",
-                                        "--control", sock, *extra), log=log)
-
-    def up() -> bool:
-        return bool(request(sock, "info", timeout=2)["ok"])
-
-    if not wait_for(up, 15):
-        lab.stop(proc)
-        pytest.fail(f"daemon in {ns} did not come up:\n" + (lab.tmp / log).read_text())
-    return proc
 
 
-def popen_pipe(lab: Netlab, ns: str, code: str, *args: str) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", code, *args],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    lab.procs.append(proc)  # type: ignore[arg-type]
-    return proc
 
 
-def readline(proc: subprocess.Popen[str], timeout: float = 10.0) -> str:
-    import selectors
-
-    assert proc.stdout is not None
-    with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        if not sel.select(timeout):
-            raise AssertionError(f"no output within {timeout}s")
-    return proc.stdout.readline().strip()
 
 
 def echo_server(lab: Netlab, t: Firewalled, life: float = 60.0) -> subprocess.Popen[str]:

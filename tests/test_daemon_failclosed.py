@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -27,6 +26,9 @@ from nsfixtures import (
     client_fw_server,
     netlab,
     pfcluster_argv,
+    popen_pipe,
+    readline,
+    start_daemon,
     wait_for,
 )
 from pfcluster.io.control import request
@@ -142,37 +144,10 @@ print(json.dumps({"received": got, "sha256": h.hexdigest(), "seconds": round(las
 # --- helpers ----------------------------------------------------------------------
 
 
-def start_daemon(lab: Netlab, ns: str, rules: Path, sock: str, *extra: str,
-                 log: str) -> subprocess.Popen[bytes]:
-    proc = lab.spawn(ns, pfcluster_argv("daemon", "--rules", str(rules), "--syncdev", "sync0",
-                                        "--control", sock, *extra), log=log)
-
-    def up() -> bool:
-        return bool(request(sock, "info", timeout=2)["ok"])
-
-    if not wait_for(up, 20):
-        lab.stop(proc)
-        pytest.fail(f"daemon in {ns} did not come up:\n" + (lab.tmp / log).read_text())
-    return proc
 
 
-def popen_pipe(lab: Netlab, ns: str, code: str, *args: str) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", code, *args],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    lab.procs.append(proc)  # type: ignore[arg-type]
-    return proc
 
 
-def readline(proc: subprocess.Popen[str], timeout: float = 10.0) -> str:
-    import selectors
-
-    assert proc.stdout is not None
-    with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        if not sel.select(timeout):
-            raise AssertionError(f"no output within {timeout}s")
-    return proc.stdout.readline().strip()
 
 
 def listen(lab: Netlab, t: Firewalled, *ports: int, life: float = 120.0) -> None:
