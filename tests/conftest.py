@@ -25,6 +25,11 @@ def fuzz_settings(examples: int = FUZZ_EXAMPLES) -> settings:
     return settings(max_examples=examples, deadline=None, database=None, derandomize=True)
 
 
+def batched_fuzz_settings(inputs_per_example: int) -> settings:
+    """For fuzzers that check several inputs per example: FUZZ_EXAMPLES inputs in all."""
+    return fuzz_settings(max(1, -(-FUZZ_EXAMPLES // inputs_per_example)))
+
+
 def root_unavailable_reason() -> str | None:
     """Why namespace/iptables tests cannot run here, or None if they can."""
     if os.geteuid() != 0:

@@ -346,3 +346,16 @@ def readline(proc: subprocess.Popen[str], timeout: float = 10.0) -> str:
         if not sel.select(timeout):
             raise AssertionError(f"no output within {timeout}s")
     return proc.stdout.readline().strip()
+
+
+# A client connect from inside a namespace: prints connected, refused or failed <error>.
+CONNECT = r"""
+import socket, sys
+try:
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3])).close()
+    print("connected")
+except ConnectionRefusedError:
+    print("refused")
+except OSError as e:
+    print("failed", type(e).__name__)
+"""

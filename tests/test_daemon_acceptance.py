@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from nsfixtures import (
+    CONNECT,
     Firewalled,
     Netlab,
     assert_closed_then_uninstall,
@@ -85,17 +86,6 @@ for line in sys.stdin:
         print("ok" if r == b"p" else "closed", flush=True)
     except OSError as e:
         print("blocked", type(e).__name__, flush=True)
-"""
-
-CONNECT = r"""
-import socket, sys
-try:
-    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3])).close()
-    print("connected")
-except ConnectionRefusedError:
-    print("refused")
-except OSError as e:
-    print("failed", type(e).__name__)
 """
 
 FUZZ = r"""

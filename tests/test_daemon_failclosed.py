@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from nsfixtures import (
+    CONNECT,
     Firewalled,
     Netlab,
     client_fw_server,
@@ -65,17 +66,6 @@ while time.monotonic() < deadline:
     for key, _ in sel.select(0.2):
         c, _ = key.fileobj.accept()
         c.close()
-"""
-
-CONNECT = r"""
-import socket, sys
-try:
-    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3])).close()
-    print("connected")
-except ConnectionRefusedError:
-    print("refused")
-except OSError as e:
-    print("failed", type(e).__name__)
 """
 
 # Server side of the transfer: paced (so a restart lands in the middle), deterministic

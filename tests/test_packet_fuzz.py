@@ -11,10 +11,9 @@ example (~0.4 ms here) would otherwise dominate (parse + checks take ~15 us) and
 
 from __future__ import annotations
 
-import os
 import socket
 
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_NOP, fragment
 from scapy.layers.inet6 import (
@@ -29,6 +28,7 @@ from scapy.layers.inet6 import (
 )
 from scapy.packet import Raw
 
+from conftest import batched_fuzz_settings
 from pfcluster.packet import (
     MalformedPacket,
     Packet,
@@ -39,15 +39,8 @@ from pfcluster.packet import (
     parse_into,
 )
 
-# Same knob as tests/conftest.py (copied: conftest is not importable as a module here).
-FUZZ_EXAMPLES = int(os.environ.get("PFCLUSTER_FUZZ_EXAMPLES", "100000"))
 INPUTS_PER_EXAMPLE = 4
-FUZZ = settings(
-    max_examples=max(1, -(-FUZZ_EXAMPLES // INPUTS_PER_EXAMPLE)),
-    deadline=None,
-    database=None,
-    derandomize=True,
-)
+FUZZ = batched_fuzz_settings(INPUTS_PER_EXAMPLE)
 
 A4, B4 = "198.51.100.10", "203.0.113.20"
 A6, B6 = "2001:db8:1::10", "2001:db8:2::20"

@@ -27,20 +27,15 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import FUZZ_EXAMPLES
+from conftest import batched_fuzz_settings
 from pfcluster.pf.constants import PFTM_MAX
 from pfcluster.pfsync import legacy, wire
 
 INPUTS_PER_EXAMPLE = 4
-FUZZ = settings(
-    max_examples=max(1, -(-FUZZ_EXAMPLES // INPUTS_PER_EXAMPLE)),
-    deadline=None,
-    database=None,
-    derandomize=True,
-)
+FUZZ = batched_fuzz_settings(INPUTS_PER_EXAMPLE)
 
 WALK_REASONS = {"hdrops", "badver", "badlen", "badact"}
 IP_REASONS = WALK_REASONS | {"badproto"}
