@@ -228,7 +228,8 @@ class StubEngine:
     def start(self, now: float) -> None:
         self.output.append(b"stub-bulk-request")
 
-    def receive(self, payload: bytes, now: float, *, src: str, ttl: int) -> None:
+    def receive(self, payload: bytes, now: float, *, src: str, ttl: int,
+                sibling: bool = False) -> None:
         self.counters["ipackets"] += 1
         self.received.append((payload, src, ttl))
 

@@ -10,6 +10,7 @@
     protocol = "v5"            # "v4": the pre-2009 pfsync behaviour, for comparison
     merge = "edges"            # "thesis": OpenBSD 4.5's all-or-nothing TCP merge
     queue = 0
+    workers = 1                # N: N processes on queues queue..queue+N-1 (--queue-balance)
     control = "/run/pfcluster.sock"
     fail_open = false          # true: --queue-bypass, rules removed on exit
     hostid = 0x1234            # pfsync creatorid; random when absent
@@ -19,7 +20,7 @@
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from pfcluster.io.control import DEFAULT_CONTROL
 DIALECTS = ("openbsd45", "freebsd1301", "freebsd1400", "openbsd6")
 PROTOCOLS = ("v5", "v4")
 MERGES = ("edges", "thesis")
+MAX_WORKERS = 64
 NO_SYNC = "none"  # --syncdev none: a filtering node without pfsync transport
 
 
@@ -47,15 +49,23 @@ class DaemonConfig:
     protocol: str = "v5"
     merge: str = "edges"
     queue: int = 0
+    workers: int = 1
     control: str = DEFAULT_CONTROL
     fail_open: bool = False
     hostid: int | None = None
     syslog: bool = False
     verbose: bool = False
+    # set only in the processes a `--workers N` supervisor starts (never from a file)
+    worker: int | None = None
 
     @property
     def sync_enabled(self) -> bool:
         return self.syncdev != NO_SYNC
+
+    @property
+    def base_queue(self) -> int:
+        """The first queue of the firewall (a worker's own queue is base + index)."""
+        return self.queue - (self.worker or 0)
 
     def validate(self) -> DaemonConfig:
         if not self.rules:
@@ -70,6 +80,13 @@ class DaemonConfig:
             raise ConfigError(f"merge: {self.merge!r} is not one of {', '.join(MERGES)}")
         if not 0 <= self.queue <= 65535:
             raise ConfigError(f"queue: {self.queue} is not 0..65535")
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise ConfigError(f"workers: {self.workers} is not 1..{MAX_WORKERS}")
+        if self.worker is None and self.queue + self.workers - 1 > 65535:
+            raise ConfigError(f"workers: queues {self.queue}..{self.queue + self.workers - 1} "
+                              "go past 65535")
+        if self.worker is not None and not 0 <= self.worker < self.workers:
+            raise ConfigError(f"worker: {self.worker} is not 0..{self.workers - 1}")
         if not 1 <= self.maxupd <= 255:
             raise ConfigError(f"maxupd: {self.maxupd} is not 1..255")
         if self.hostid is not None and not 0 < self.hostid <= 0xFFFFFFFF:
@@ -80,7 +97,7 @@ class DaemonConfig:
 _TYPES: dict[str, tuple[type, ...]] = {
     "rules": (str,), "syncdev": (str,), "syncpeer": (str,), "syncgroup6": (str,),
     "maxupd": (int,), "defer": (bool,), "dialect": (str,), "protocol": (str,), "merge": (str,),
-    "queue": (int,),
+    "queue": (int,), "workers": (int,),
     "control": (str,), "fail_open": (bool,), "hostid": (int,), "syslog": (bool,),
     "verbose": (bool,),
 }
@@ -98,7 +115,7 @@ def load_config(path: str | None, overrides: dict[str, Any], *,
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"{path}: {exc}") from exc
         data = {k.replace("-", "_"): v for k, v in data.items()}
-        known = {f.name for f in fields(DaemonConfig)}
+        known = set(_TYPES)
         for key, value in data.items():
             if key not in known:
                 raise ConfigError(f"{path}: unknown key {key!r}")
@@ -115,3 +132,12 @@ def load_config(path: str | None, overrides: dict[str, Any], *,
             values[key] = value
     cfg = DaemonConfig(**values)
     return cfg.validate() if validate else cfg
+
+
+def worker_config(cfg: DaemonConfig, index: int, hostid: int) -> DaemonConfig:
+    """What worker `index` of a `--workers N` firewall runs: its own queue of the balanced
+    range, its own control socket beside the firewall's, and its own pfsync creator id
+    (each worker is a pfsync node; see io/siblings.py)."""
+    return replace(cfg, worker=index, queue=cfg.queue + index,
+                   control=f"{cfg.control}.w{index}",
+                   hostid=(hostid + index - 1) % 0xFFFFFFFF + 1).validate()

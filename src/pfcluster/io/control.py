@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import selectors
 import socket
 import stat
 from collections.abc import Callable
@@ -171,6 +172,34 @@ class ControlServer:
     def drop(self, client: ControlClientConn) -> None:
         self.clients.pop(client.fileno(), None)
         client.sock.close()
+
+    # --- in a selectors loop (the daemon's and the --workers supervisor's) ---------
+
+    def accept_into(self, sel: selectors.BaseSelector, kind: Any) -> None:
+        """Accept what is waiting (bounded per wakeup); each client is registered with
+        `(kind, client)` as its key data."""
+        for _ in range(16):
+            client = self.accept()
+            if client is None:
+                break
+            sel.register(client, selectors.EVENT_READ, (kind, client))
+
+    def service(self, sel: selectors.BaseSelector, client: ControlClientConn, mask: int,
+                kind: Any) -> None:
+        """Read, answer, write; close when done; watch for writability only while an
+        answer is pending."""
+        if mask & selectors.EVENT_READ:
+            self.readable(client)
+        if client.outbuf:
+            self.writable(client)
+        if self.done(client):
+            sel.unregister(client)
+            self.drop(client)
+            return
+        want = selectors.EVENT_READ | (selectors.EVENT_WRITE if client.outbuf else 0)
+        if client.closing:
+            want = selectors.EVENT_WRITE
+        sel.modify(client, want, (kind, client))
 
     def close(self) -> None:
         for client in list(self.clients.values()):

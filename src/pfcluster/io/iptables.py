@@ -8,6 +8,7 @@ Layout (identical in iptables-legacy and ip6tables-legacy, table `filter`):
                           -i/-o <skip iface> -j RETURN  (the sync interface, `set skip on`)
                           -p 240 -j RETURN              (pfsync is never queued)
                           -j NFQUEUE --queue-num N [--queue-bypass]
+                          (--workers W: --queue-balance N:N+W-1 instead of --queue-num)
 
 One chain per queue number, so several daemons (one per namespace or per queue) never
 touch each other's rules, and a stopped run's rules are found by name.
@@ -65,6 +66,9 @@ class IptablesRules:
     skip_ifaces: Sequence[str] = ()
     fail_open: bool = False
     prefix: Sequence[str] = ()
+    # --workers N: the kernel spreads flows over queues queue..queue+N-1 by a hash of the
+    # address pair that is the same in both directions, so each worker owns whole flows
+    balance: int = 1
     mark: int = GENERATED_MARK
     families: Sequence[str] = TOOLS
     installed: bool = field(default=False, init=False)
@@ -95,7 +99,11 @@ class IptablesRules:
             lines.append(f"-A {c} -i {ifname} -j RETURN")
             lines.append(f"-A {c} -o {ifname} -j RETURN")
         lines.append(f"-A {c} -p 240 -j RETURN")
-        queue = f"-A {c} -j NFQUEUE --queue-num {self.queue}"
+        if self.balance > 1:
+            queue = (f"-A {c} -j NFQUEUE --queue-balance "
+                     f"{self.queue}:{self.queue + self.balance - 1}")
+        else:
+            queue = f"-A {c} -j NFQUEUE --queue-num {self.queue}"
         if self.fail_open:
             queue += " --queue-bypass"
         lines.append(queue)

@@ -35,8 +35,10 @@ from collections.abc import Callable
 from typing import Any
 
 from pfcluster.io.config import DaemonConfig
-from pfcluster.io.control import ControlClientConn, ControlError, ControlServer
+from pfcluster.io.control import ControlError, ControlServer
 from pfcluster.io.iptables import IptablesError, IptablesRules, queue_owner
+from pfcluster.io.siblings import SiblingBus
+from pfcluster.io.signals import SignalWakeup
 from pfcluster.io.syncsock import SyncSet, SyncSocket
 from pfcluster.pf import pfctl
 from pfcluster.pfsync.api import SyncEngine
@@ -46,10 +48,9 @@ from pfcluster.tuning import tune_gc
 log = logging.getLogger("pfcluster.daemon")
 
 MAX_TIMEOUT = 1.0
-HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 # selector keys' data: what kind of fd it is
-K_QUEUE, K_SYNC, K_LISTEN, K_CLIENT, K_SIGNAL = range(5)
+K_QUEUE, K_SYNC, K_LISTEN, K_CLIENT, K_SIGNAL, K_BUS = range(6)
 
 
 class SetupError(RuntimeError):
@@ -71,8 +72,29 @@ def make_core(cfg: DaemonConfig, ruleset: Any, now: float) -> tuple[Any, SyncEng
     # pf seeds its state ids with the boot time; the core reads no clock, so we do
     filt = Filter(ruleset, hostid=cfg.hostid, now=now, id_seed=int(time.time()))
     engine = attach(filt, dialect=cfg.dialect, protocol=cfg.protocol, maxupd=cfg.maxupd,
-                    defer=cfg.defer and cfg.sync_enabled, merge=cfg.merge, now=now)
+                    defer=cfg.defer and cfg.sync_enabled, merge=cfg.merge, now=now,
+                    answers_bulk=not cfg.worker)  # one worker answers for the firewall
     return filt, engine
+
+
+def skip_ifaces(cfg: DaemonConfig, ruleset: Any) -> list[str]:
+    """Interfaces whose packets are never queued: the sync link and pf.conf's `set skip`."""
+    sync = [cfg.syncdev] if cfg.sync_enabled else []
+    return [*sync, *sorted(getattr(ruleset, "skip_ifaces", ()))]
+
+
+def open_control(path: str, handler: Callable[[dict[str, Any]], dict[str, Any]]
+                 ) -> ControlServer:
+    """The control socket, or a SetupError naming what is wrong with `path`."""
+    try:
+        return ControlServer(path, handler)
+    except ControlError as exc:
+        raise SetupError(f"control socket {exc}") from exc
+    except FileNotFoundError as exc:
+        raise SetupError(f"control socket {path}: directory "
+                         f"{os.path.dirname(path) or '.'} does not exist") from exc
+    except OSError as exc:
+        raise SetupError(f"control socket {path}: {exc.strerror or exc}") from exc
 
 
 class Daemon:
@@ -98,34 +120,37 @@ class Daemon:
         self.engine: SyncEngine = engine
         self.sel = selectors.DefaultSelector()
         self.stop_signal: int | None = None
-        self._signals: list[int] = []
+        self.signals = SignalWakeup()
         self.sync = SyncSet()
+        self.bus: SiblingBus | None = None  # --workers: frames to and from the siblings
         self.dataplane: Any = None
         self.control: ControlServer | None = None
         self.iptables: IptablesRules | None = None
         self.replies: Any = None
-        self._old_handlers: dict[int, Any] = {}
-        self._sigr: socket.socket | None = None
-        self._sigw: socket.socket | None = None
-        self._old_wakeup = -1
         self.engine_errors = 0
 
     # --- setup / teardown -----------------------------------------------------
 
     def skip_ifaces(self) -> list[str]:
-        sync = [self.cfg.syncdev] if self.cfg.sync_enabled else []
-        return [*sync, *sorted(getattr(self.ruleset, "skip_ifaces", ()))]
+        return skip_ifaces(self.cfg, self.ruleset)
 
     def setup(self) -> None:
         from pfcluster.io.dataplane import Dataplane, ReplySender
 
         cfg = self.cfg
-        self._install_signals()
+        self.signals.install(self.sel, (K_SIGNAL, None))
         if cfg.sync_enabled:
             self._open_sync()
         for s in self.sync.sockets:
             self.sel.register(s, selectors.EVENT_READ, (K_SYNC, s))
-        self.control = self._open_control()
+        if cfg.worker is not None:
+            try:
+                self.bus = SiblingBus(cfg.base_queue, cfg.worker, cfg.workers)
+            except OSError as exc:
+                raise SetupError(f"worker {cfg.worker}: sibling bus {exc.strerror or exc} "
+                                 "(another firewall with the same --queue here?)") from exc
+            self.sel.register(self.bus, selectors.EVENT_READ, (K_BUS, self.bus))
+        self.control = open_control(cfg.control, self.handle_request)
         self.sel.register(self.control, selectors.EVENT_READ, (K_LISTEN, None))
         try:
             self.replies = ReplySender()
@@ -143,7 +168,7 @@ class Daemon:
                                  f"(netlink port {owner}); pick another --queue") from exc
             raise SetupError(f"cannot bind NFQUEUE {cfg.queue}: {exc}") from exc
         self.sel.register(self.dataplane.fileno(), selectors.EVENT_READ, (K_QUEUE, None))
-        if self.install_iptables:
+        if self.install_iptables and cfg.worker is None:  # a supervisor owns a worker's
             rules = IptablesRules(cfg.queue, self.skip_ifaces(), cfg.fail_open)
             try:
                 rules.install()  # one atomic commit over a previous run's chain
@@ -160,9 +185,10 @@ class Daemon:
             self.engine.start(now)  # bulk update request; sync_ok once answered
         self._flush()
         log.info("pfcluster daemon up: syncdev %s, %s, dialect %s, protocol %s, queue %d, "
-                 "control %s", cfg.syncdev,
+                 "control %s%s", cfg.syncdev,
                  f"peer {cfg.syncpeer}" if cfg.syncpeer else "multicast", cfg.dialect,
-                 cfg.protocol, cfg.queue, cfg.control)
+                 cfg.protocol, cfg.queue, cfg.control,
+                 "" if cfg.worker is None else f", worker {cfg.worker} of {cfg.workers}")
 
     def _open_sync(self) -> None:
         cfg = self.cfg
@@ -176,18 +202,6 @@ class Daemon:
                 self.sync.sockets.append(SyncSocket(cfg.syncdev, group=cfg.syncgroup6))
         except OSError as exc:
             raise SetupError(f"syncdev {cfg.syncdev}: {exc.strerror or exc}") from exc
-
-    def _open_control(self) -> ControlServer:
-        path = self.cfg.control
-        try:
-            return ControlServer(path, self.handle_request)
-        except ControlError as exc:
-            raise SetupError(f"control socket {exc}") from exc
-        except FileNotFoundError as exc:
-            raise SetupError(f"control socket {path}: directory "
-                             f"{os.path.dirname(path) or '.'} does not exist") from exc
-        except OSError as exc:
-            raise SetupError(f"control socket {path}: {exc.strerror or exc}") from exc
 
     def teardown(self) -> None:
         """Each step guarded. Fail closed: the iptables rules stay (the kernel drops what
@@ -218,8 +232,7 @@ class Daemon:
                 # our last updates leave now, so a peer's copy (which a restarted daemon
                 # gets back by bulk update) is as fresh as ours
                 self.engine.flush(self.clock())
-                for frame in self.engine.take_output():
-                    self.sync.send(frame)
+                self._send(self.engine.take_output())
             except Exception as exc:
                 log.error("final pfsync flush failed: %s", exc)
         if self.dataplane is not None:
@@ -229,33 +242,12 @@ class Daemon:
             with contextlib.suppress(Exception):
                 self.control.close()
         self.sync.close()
+        if self.bus is not None:
+            self.bus.close()
         if self.replies is not None:
             self.replies.close()
-        self._restore_signals()
+        self.signals.restore()
         self.sel.close()
-
-    def _install_signals(self) -> None:
-        self._sigr, self._sigw = socket.socketpair()
-        self._sigr.setblocking(False)
-        self._sigw.setblocking(False)
-        self._old_wakeup = signal.set_wakeup_fd(self._sigw.fileno(), warn_on_full_buffer=False)
-        for sig in HANDLED_SIGNALS:
-            self._old_handlers[sig] = signal.signal(sig, self._on_signal)
-        self.sel.register(self._sigr, selectors.EVENT_READ, (K_SIGNAL, None))
-
-    def _restore_signals(self) -> None:
-        for sig, handler in self._old_handlers.items():
-            signal.signal(sig, handler)
-        self._old_handlers.clear()
-        if self._sigw is not None:
-            signal.set_wakeup_fd(self._old_wakeup)
-            self._sigw.close()
-        if self._sigr is not None:
-            self._sigr.close()
-        self._sigr = self._sigw = None
-
-    def _on_signal(self, signum: int, _frame: Any) -> None:
-        self._signals.append(signum)
 
     def _dispatch(self, events: list[Event]) -> None:
         """The engine's events, in order: held packets' verdicts, sync_ok, log lines."""
@@ -304,11 +296,15 @@ class Daemon:
                 elif kind == K_SYNC:
                     self._sync_readable(obj)
                 elif kind == K_LISTEN:
-                    self._accept()
+                    assert self.control is not None
+                    self.control.accept_into(sel, K_CLIENT)
                 elif kind == K_CLIENT:
-                    self._client_event(obj, mask)
+                    assert self.control is not None
+                    self.control.service(sel, obj, mask, K_CLIENT)
+                elif kind == K_BUS:
+                    self._bus_readable()
                 elif kind == K_SIGNAL:
-                    self._drain_signal_fd()
+                    self.signals.drain()
             now = self.clock()
             d = self.engine.next_deadline()
             if d is not None and d <= now:
@@ -321,45 +317,61 @@ class Daemon:
 
     def _flush(self) -> None:
         """Send what the engine queued, and act on what it reported."""
-        frames = self.engine.take_output()
-        for frame in frames:
-            self.sync.send(frame)
+        self._send(self.engine.take_output())
         events = self.engine.take_events()
         if events:
             self._dispatch(events)
+
+    def _send(self, frames: list[bytes]) -> None:
+        bus = self.bus
+        for frame in frames:
+            self.sync.send(frame)
+            if bus is not None:
+                bus.send(frame)
 
     def _between_batches(self) -> None:
         """Between two mini-batches of packets: our frames out, the peers' frames in."""
         self._flush()
         for sock in self.sync.sockets:
             self._sync_readable(sock)
+        if self.bus is not None:
+            self._bus_readable()
         self._flush()
+
+    def _bus_readable(self) -> None:
+        """Frames from the other workers of this firewall (see io/siblings.py)."""
+        assert self.bus is not None
+        frames = self.bus.receive()
+        if not frames:
+            return
+        now = self.clock()
+        for payload in frames:
+            self._receive(payload, now, "sibling", sibling=True)
+        self.engine.end_of_batch(now)
 
     def _sync_readable(self, sock: SyncSocket) -> None:
         now = self.clock()
         frames = sock.receive()
         for frame in frames:
-            try:
-                self.engine.receive(frame.payload, now, src=frame.src, ttl=frame.ttl)
-            except Exception:  # the engine promises counters, not exceptions; be sure
-                self.engine_errors += 1
-                if self.engine_errors <= 10:
-                    log.exception("pfsync frame from %s dropped after an internal error",
-                                  frame.src)
+            self._receive(frame.payload, now, frame.src, ttl=frame.ttl)
         if frames:
             # like pfsync's softnet run after input: immediate work (INS_ACK for a peer's
             # deferred packet, update requests) leaves now, not at the 1 s pace
             self.engine.end_of_batch(now)
 
-    def _drain_signal_fd(self) -> None:
-        assert self._sigr is not None
-        with contextlib.suppress(BlockingIOError, InterruptedError):
-            while self._sigr.recv(4096):
-                pass
+    def _receive(self, payload: bytes, now: float, src: str, *, ttl: int = 255,
+                 sibling: bool = False) -> None:
+        try:
+            self.engine.receive(payload, now, src=src, ttl=ttl, sibling=sibling)
+        except Exception:  # the engine promises counters, not exceptions; be sure
+            self.engine_errors += 1
+            if self.engine_errors <= 10:
+                log.exception("pfsync frame from %s dropped after an internal error", src)
 
     def _handle_signals(self) -> None:
-        while self._signals:
-            sig = self._signals.pop(0)
+        pending = self.signals.pending
+        while pending:
+            sig = pending.pop(0)
             if sig == signal.SIGHUP:
                 res = self.reload()
                 if not res["ok"]:
@@ -369,30 +381,6 @@ class Daemon:
                 self.stop_signal = sig
 
     # --- control -------------------------------------------------------------------
-
-    def _accept(self) -> None:
-        assert self.control is not None
-        for _ in range(16):
-            client = self.control.accept()
-            if client is None:
-                break
-            self.sel.register(client, selectors.EVENT_READ, (K_CLIENT, client))
-
-    def _client_event(self, client: ControlClientConn, mask: int) -> None:
-        ctl = self.control
-        assert ctl is not None
-        if mask & selectors.EVENT_READ:
-            ctl.readable(client)
-        if client.outbuf:
-            ctl.writable(client)
-        if ctl.done(client):
-            self.sel.unregister(client)
-            ctl.drop(client)
-            return
-        want = selectors.EVENT_READ | (selectors.EVENT_WRITE if client.outbuf else 0)
-        if client.closing:
-            want = selectors.EVENT_WRITE
-        self.sel.modify(client, want, (K_CLIENT, client))
 
     def reload(self) -> dict[str, Any]:
         """Parse the file again; swap atomically only if it is valid."""
@@ -421,6 +409,8 @@ class Daemon:
             else:
                 pfsync[f"sock_{key}"] = value
         pfsync["engine_errors"] = self.engine_errors
+        if self.bus is not None:
+            pfsync.update(self.bus.counters.as_dict())
         return {
             "pf": pfctl.counters_dict(self.filter, now),
             "pfsync": pfsync,

@@ -74,7 +74,8 @@ def _attach_drop_all(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, prog)
 
 
-def _set_rcvbuf(sock: socket.socket, size: int) -> None:
+def set_rcvbuf(sock: socket.socket, size: int) -> None:
+    """As large as asked (SO_RCVBUFFORCE passes rmem_max as root), else what the cap allows."""
     try:
         sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
     except OSError:
@@ -112,7 +113,7 @@ class SyncSocket:
         rx, tx = self.rx, self.tx
         rx.setblocking(False)
         tx.setblocking(False)
-        _set_rcvbuf(rx, RCVBUF)
+        set_rcvbuf(rx, RCVBUF)
         _attach_drop_all(tx)
         for s in (rx, tx):
             try:

@@ -262,6 +262,8 @@ def counters_dict(filt: Filter, now: float) -> dict[str, Any]:
     t = filt.states
     return {
         "hostid": f"{filt.creatorid:08x}",
+        "checksum": filt.ruleset.checksum.hex(),
+        "debug": getattr(filt.ruleset, "debug", "err") or "err",
         "running_seconds": round(now - filt.started, 3),
         "states": {
             "current": len(t),
@@ -277,36 +279,47 @@ def counters_dict(filt: Filter, now: float) -> dict[str, Any]:
 
 def format_info(filt: Filter, now: float) -> list[str]:
     """pfctl -si, printf for printf (pfctl's print_status)."""
-    up = max(0, int(now - filt.started))
+    return format_info_data(counters_dict(filt, now))
+
+
+def format_info_data(data: dict[str, Any]) -> list[str]:
+    """pfctl -si from `counters_dict`'s figures (a --workers firewall sums its workers')."""
+    up = max(0, int(data["running_seconds"]))
     d, rem = divmod(up, 86400)
     h, rem = divmod(rem, 3600)
     m, s = divmod(rem, 60)
-    secs = max(now - filt.started, 1e-9)
+    secs = max(data["running_seconds"], 1e-9)
     status = f"Status: Enabled for {d} days {h:02d}:{m:02d}:{s:02d}"
-    debug = f"Debug: {getattr(filt.ruleset, 'debug', 'err') or 'err'}"
+    debug = f"Debug: {data['debug']}"
     lines = [
         f"{status:<44}{debug:>15}",
         "",
-        f"Hostid:   0x{filt.creatorid:08x}",
-        f"Checksum: 0x{filt.ruleset.checksum.hex()}",
+        f"Hostid:   0x{data['hostid']}",
+        f"Checksum: 0x{data['checksum']}",
         "",
         f"{'State Table':<27} {'Total':>14} {'Rate':>16}",
     ]
-    t = filt.states
-    lines.append(f"  {'current entries':<25} {len(t):>14} {'':>14}")
-    for name, total in (("searches", t.searches), ("inserts", t.inserts),
-                        ("removals", t.removals)):
+    t = data["states"]
+    lines.append(f"  {'current entries':<25} {t['current']:>14} {'':>14}")
+    for name in ("searches", "inserts", "removals"):
+        total = t[name]
         lines.append(f"  {name:<25} {total:>14} {total / secs:>14.1f}/s")
     lines.append("Counters")
-    for i, name in enumerate(PFRES_NAMES):
-        lines.append(f"  {name:<25} {filt.counters[i]:>14} {filt.counters[i] / secs:>14.1f}/s")
+    for name in PFRES_NAMES:
+        total = data["counters"][name]
+        lines.append(f"  {name:<25} {total:>14} {total / secs:>14.1f}/s")
     return lines
 
 
 def format_daemon_info(filt: Filter, now: float, pfsync: dict[str, Any], sync_ok: bool,
                        dataplane: dict[str, Any]) -> list[str]:
     """`ctl info`: pfctl -si, then the pfsync counters and sync_ok, then the data plane's."""
-    text = format_info(filt, now)
+    return format_daemon_info_data(counters_dict(filt, now), pfsync, sync_ok, dataplane)
+
+
+def format_daemon_info_data(pf: dict[str, Any], pfsync: dict[str, Any], sync_ok: bool,
+                            dataplane: dict[str, Any]) -> list[str]:
+    text = format_info_data(pf)
     text.append("pfsync")
     text.extend(f"  {k:<25}{v:>14}" for k, v in sorted(pfsync.items()))
     text.append(f"  {'sync_ok':<25}{str(sync_ok).lower():>14}")
@@ -327,7 +340,9 @@ __all__ = [
     "StateView",
     "counters_dict",
     "format_daemon_info",
+    "format_daemon_info_data",
     "format_info",
+    "format_info_data",
     "format_rules",
     "format_state_line",
     "format_states",

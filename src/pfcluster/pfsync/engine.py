@@ -84,6 +84,7 @@ class EngineConfig:
     """Knobs of one pfsync instance (the ifconfig pfsync0 options and a few of ours)."""
 
     __slots__ = (
+        "answers_bulk",
         "bulk_frames_per_tick",
         "bulk_max_tries",
         "bulk_retry",
@@ -118,6 +119,7 @@ class EngineConfig:
         bulk_frames_per_tick: int = 4,
         echo_holdoff: float = 0.1,
         merge: str = "edges",
+        answers_bulk: bool = True,
     ) -> None:
         if protocol not in ("v5", "v4"):
             raise ValueError(f"protocol must be v5 or v4, not {protocol!r}")
@@ -144,6 +146,8 @@ class EngineConfig:
         self.bulk_frames_per_tick = bulk_frames_per_tick
         self.echo_holdoff = echo_holdoff
         self.merge = merge
+        # the workers of one firewall each hold the whole table: one answer is enough
+        self.answers_bulk = answers_bulk
 
 
 class Engine:
@@ -178,6 +182,7 @@ class Engine:
         self.bulk_request = BulkRequest(cfg.bulk_retry, cfg.bulk_max_tries)
         self.sync_ok = True
         self._bind_rules = False
+        self._acks_inserts = True
         sd = policy.state_dialect
         self._fields = STATE_FIELDS[sd]
         self._importer = state_importer(sd)
@@ -538,8 +543,11 @@ class Engine:
 
     # ------------------------------------------------------------------ input
     def receive(self, payload: bytes | bytearray | memoryview, now: float, *, src: str = "",
-                ttl: int = DEFAULT_TTL) -> None:
-        """One pfsync frame from a peer (starting at the pfsync header)."""
+                ttl: int = DEFAULT_TTL, sibling: bool = False) -> None:
+        """One pfsync frame from a peer (starting at the pfsync header). `sibling`: from
+        another worker of this firewall, which must not INS_ACK a deferred state — only
+        a peer that holds the state may release the packet (see io/siblings.py)."""
+        self._acks_inserts = not sibling
         c = self.counters
         c["ipackets"] += 1
         c["ibytes"] += len(payload)
@@ -582,7 +590,7 @@ class Engine:
         if not filt.import_state(st, rule_nr, now, bind_rule=self._bind_rules):
             self.counters["import_failed"] += 1
             return None
-        if wants_ack and self.policy.defers:
+        if wants_ack and self.policy.defers and self._acks_inserts:
             self._q_ins(st, Q_IACK, now)
             self._immediate = True
         return st
@@ -664,7 +672,8 @@ class Engine:
         for m in msgs:
             self.counters["ureq_received"] += 1
             if m.id == 0 and m.creatorid == 0:
-                self._bulk_start(now)
+                if self.config.answers_bulk:
+                    self._bulk_start(now)
                 continue
             st = by_id(m.creatorid, m.id)
             if st is None or st.state_flags & PFSTATE_NOSYNC:
