@@ -9,7 +9,15 @@ from typing import NoReturn
 
 import click
 
-from pfcluster.io.config import DIALECTS, MERGES, PROTOCOLS, ConfigError, load_config
+from pfcluster.io.config import (
+    DIALECTS,
+    MAX_WORKERS,
+    MERGES,
+    PROTOCOLS,
+    ConfigError,
+    load_config,
+    worker_config,
+)
 
 
 def setup_logging(use_syslog: bool, verbose: bool) -> None:
@@ -39,16 +47,17 @@ def describe(exc: BaseException) -> str:
     return str(exc)
 
 
-def uninstall_rules(queue: int) -> None:
+def uninstall_rules(queue: int, workers: int = 1) -> None:
     """`--uninstall`: remove chain PFCLUSTER-<queue> and its jumps (both families) for
     good, print what was removed. Refused while a process has the queue bound: removing
     a running daemon's rules would open the host under it."""
     from pfcluster.io.iptables import IptablesError, IptablesRules, queue_owner
 
-    owner = queue_owner(queue)
-    if owner is not None:
-        fail(f"NFQUEUE {queue} is bound by a running process (netlink port {owner}); "
-             "stop that daemon first")
+    for q in range(queue, queue + max(1, workers)):  # --workers: every balanced queue
+        owner = queue_owner(q)
+        if owner is not None:
+            fail(f"NFQUEUE {q} is bound by a running process (netlink port {owner}); "
+                 "stop that daemon first")
     rules = IptablesRules(queue)
     try:
         removed = rules.remove()
@@ -85,6 +94,10 @@ def uninstall_rules(queue: int) -> None:
               "(OpenBSD 4.5: whole update or none)")
 @click.option("--queue", type=click.IntRange(0, 65535), default=None,
               help="NFQUEUE number (default 0); the iptables chain is PFCLUSTER-<queue>")
+@click.option("--workers", type=click.IntRange(1, MAX_WORKERS), default=None,
+              help="processes (default 1): N workers on queues QUEUE..QUEUE+N-1, flows "
+              "spread by the kernel's --queue-balance; one firewall to ctl and to peers")
+@click.option("--worker-index", type=int, default=None, hidden=True)
 @click.option("--control", help="control socket path (default /run/pfcluster.sock)")
 @click.option("--fail-open/--fail-closed", "fail_open", default=None,
               help="fail-closed (default): the rules stay when the daemon stops, so the "
@@ -98,7 +111,7 @@ def uninstall_rules(queue: int) -> None:
 @click.option("--syslog/--stderr", "syslog", default=None, help="where log lines go")
 @click.option("-v", "--verbose", is_flag=True, default=None)
 def daemon(config_path: str | None, hostid: str | None, uninstall: bool,
-           **flags: object) -> None:
+           worker_index: int | None, **flags: object) -> None:
     """Run a pf firewall node: iptables -> NFQUEUE -> pf, states shared by pfsync.
 
     \b
@@ -119,18 +132,24 @@ def daemon(config_path: str | None, hostid: str | None, uninstall: bool,
                 from exc
     try:
         cfg = load_config(config_path, overrides, validate=not uninstall)
+        if worker_index is not None and not uninstall:  # started by a --workers supervisor
+            if cfg.hostid is None:
+                raise ConfigError("worker: --hostid is required")
+            cfg = worker_config(cfg, worker_index, cfg.hostid)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
     if uninstall:
         if not 0 <= cfg.queue <= 65535:
             raise click.UsageError(f"queue: {cfg.queue} is not 0..65535")
-        uninstall_rules(cfg.queue)
+        uninstall_rules(cfg.queue, cfg.workers)
         return
     setup_logging(cfg.syslog, cfg.verbose)
     from pfcluster.io.loop import Daemon, SetupError
+    from pfcluster.io.workers import Supervisor
 
     try:
-        d = Daemon(cfg)
+        d: Daemon | Supervisor = Supervisor(cfg) if cfg.workers > 1 and cfg.worker is None \
+            else Daemon(cfg)
     except Exception as exc:  # RuleSyntaxError (file:line:col: message), OSError
         fail(describe(exc))
     try:

@@ -69,8 +69,10 @@ def make_core(cfg: DaemonConfig, ruleset: Any, now: float) -> tuple[Any, SyncEng
     from pfcluster.pf.filter import Filter
     from pfcluster.pfsync.engine import attach
 
-    # pf seeds its state ids with the boot time; the core reads no clock, so we do
-    filt = Filter(ruleset, hostid=cfg.hostid, now=now, id_seed=int(time.time()))
+    # pf seeds its state ids with the boot time; the core reads no clock, so we do (a
+    # --workers firewall's workers add their index: each has its own id space)
+    filt = Filter(ruleset, hostid=cfg.hostid, now=now,
+                  id_seed=int(time.time()) + (cfg.worker or 0))
     engine = attach(filt, dialect=cfg.dialect, protocol=cfg.protocol, maxupd=cfg.maxupd,
                     defer=cfg.defer and cfg.sync_enabled, merge=cfg.merge, now=now,
                     answers_bulk=not cfg.worker)  # one worker answers for the firewall
