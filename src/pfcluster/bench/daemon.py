@@ -7,13 +7,19 @@ namespace (192.0.2.0/24). GRO/GSO/TSO are off on every veth and the MTU is 1500,
 wire-sized packet is one queued packet. Packet rates are read from the firewall's own
 interface counters (packets it transmitted on both data interfaces = packets forwarded,
 both directions), throughput from iperf3's receiver side.
+
+Workers: the same daemon with `--workers 1` and `--workers 2` forwards FLOWS TCP flows at
+once, each from its own client address (the kernel's --queue-balance hash is per address
+pair, so one flow can use only one worker). `workers_scaling` is 2 workers' pps over 1
+worker's; each worker's CPU seconds are reported beside it, since on a 2-core machine the
+traffic generators and the kernel's forwarding share the same cores.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -21,15 +27,18 @@ from pathlib import Path
 from typing import Any
 
 from pfcluster.io.iptables import IptablesRules
-from pfcluster.lab.netns import Lab, offloads_off, sysctl
+from pfcluster.io.workers import cpu_seconds
+from pfcluster.lab.netns import Lab, ns_argv, offloads_off, sysctl
 from pfcluster.lab.netns import run as ns_run
 
 QUEUE = 0
-RULES = """\
+FLOWS = 4
+PORTS = f"5201:{5200 + FLOWS}"
+RULES = f"""\
 set skip on lo
 block all
-pass in proto tcp to port 5201
-pass out proto tcp to port 5201
+pass in proto tcp to port {PORTS}
+pass out proto tcp to port {PORTS}
 pass in proto udp to port 5201
 pass out proto udp to port 5201
 """
@@ -48,6 +57,7 @@ finally:
 """
 
 CLIENT, FW, SERVER = "198.51.100.2", "198.51.100.1", "203.0.113.2"
+FLOW_CLIENTS = [f"198.51.100.{10 + i}" for i in range(FLOWS)]
 
 
 def _veth(a: str, a_if: str, b: str, b_if: str, a_cidr: str, b_cidr: str) -> None:
@@ -112,16 +122,103 @@ def _measure(lab: Lab, c: str, s: str, fw: str, seconds: float) -> dict[str, Any
             "udp64": _iperf(lab, c, s, fw, seconds, udp=True)}
 
 
-def _cpu_seconds(pid: int) -> float | None:
+def _iperf_flows(lab: Lab, c: str, s: str, fw: str, seconds: float) -> dict[str, Any]:
+    """FLOWS TCP iperf3 runs at once, one per client address and server port; pps from
+    the firewall's transmit counters, Mbit/s summed from the receivers."""
+    servers = [lab.spawn(f"iperf3-s{i}", s, ["iperf3", "-s", "-1", "-B", SERVER,
+                                              "-p", str(5201 + i)]) for i in range(FLOWS)]
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        time.sleep(0.3)
+        before = _fw_tx_packets(lab, fw)
+        t0 = time.monotonic()
+        clients = [subprocess.Popen(
+            ns_argv(c, ["iperf3", "-c", SERVER, "-p", str(5201 + i), "-B", addr,
+                        "-t", str(int(seconds)), "-J", "--connect-timeout", "3000"]),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for i, addr in enumerate(FLOW_CLIENTS)]
+        outs = []
+        for proc in clients:
+            try:
+                outs.append(proc.communicate(timeout=seconds + 20)[0])
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                outs.append(proc.communicate()[0])
+        elapsed = time.monotonic() - t0
+        forwarded = _fw_tx_packets(lab, fw) - before
+    finally:
+        for srv in servers:
+            lab.stop(srv, grace=2.0)
+    mbit = 0.0
+    errors = []
+    for out in outs:
+        try:
+            mbit += json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e6
+        except (ValueError, KeyError, TypeError):
+            errors.append(out[-200:])
+    res: dict[str, Any] = {"flows": FLOWS, "forwarded_packets": forwarded,
+                           "seconds": round(elapsed, 3),
+                           "pps": round(forwarded / max(elapsed, 1e-9)), "mbit_s": round(mbit, 2)}
+    if errors:
+        res["errors"] = errors
+    return res
+
+
+def _start_daemon(lab: Lab, fw: str, argv: Sequence[str], name: str) -> tuple[Any, str]:
+    conf = lab.path("pf.conf")
+    conf.write_text(RULES)
+    ctl = str(lab.path(f"{name}.sock"))
+    daemon = lab.spawn(name, fw, [*argv, "--rules", str(conf), "--syncdev", "sync0",
+                                  "--control", ctl, "--queue", str(QUEUE)])
+    from pfcluster.io.control import ControlError, request
+
+    deadline = time.monotonic() + 40
+    while time.monotonic() < deadline:  # it answers once every queue is bound, rules in
+        with contextlib.suppress(ControlError):
+            if request(ctl, "info", timeout=2)["ok"]:
+                return daemon, ctl
+        if daemon.popen.poll() is not None:
+            break
+        time.sleep(0.1)
+    lab.stop(daemon, grace=10.0)
+    raise RuntimeError(f"{name} did not start: " + lab.log_tail(daemon))
+
+
+def _worker_cpu(ctl: str, fallback_pid: int) -> list[float]:
+    """CPU seconds so far of each worker (a single daemon is its own worker)."""
+    from pfcluster.io.control import request
+
+    with contextlib.suppress(Exception):
+        data = request(ctl, "info", timeout=10)["data"]
+        if "workers" in data:
+            return [float(w["cpu_seconds"]) for w in data["workers"]]
+    return [cpu_seconds(fallback_pid)]
+
+
+def _workers_run(lab: Lab, c: str, s: str, fw: str, seconds: float, argv: Sequence[str],
+                 workers: int) -> dict[str, Any]:
+    daemon, ctl = _start_daemon(lab, fw, [*argv, "--workers", str(workers)],
+                                f"daemon-w{workers}")
+    try:
+        cpu0 = _worker_cpu(ctl, daemon.popen.pid)
+        res = _iperf_flows(lab, c, s, fw, seconds)
+        cpu1 = _worker_cpu(ctl, daemon.popen.pid)
+        res["worker_cpu_seconds"] = [round(b - a, 2) for a, b in zip(cpu0, cpu1)]
+        res["worker_cpu_share"] = [round((b - a) / max(res["seconds"], 1e-9), 2)
+                                   for a, b in zip(cpu0, cpu1)]
+        from pfcluster.io.control import request
+
+        with contextlib.suppress(Exception):
+            info = request(ctl, "info", timeout=10)["data"]
+            res["state_mismatch"] = info["pf"]["counters"].get("state-mismatch")
+            res["worker_packets"] = [w["packets"] for w in info.get("workers", [])]
+    finally:
+        res_exit = lab.stop(daemon, grace=20.0)
+    res["exit"] = res_exit
+    return res
 
 
 def run_bench(seconds: float = 3.0, daemon_argv: Sequence[str] | None = None,
-              kernel_baseline: bool = True) -> dict[str, Any]:
+              kernel_baseline: bool = True, workers: bool = True) -> dict[str, Any]:
     """The three measurements in one lab; raises if the lab cannot be built."""
     if daemon_argv is None:
         daemon_argv = [sys.executable, "-m", "pfcluster.cli.main", "daemon"]
@@ -134,6 +231,8 @@ def run_bench(seconds: float = 3.0, daemon_argv: Sequence[str] | None = None,
         _veth(fw, "eth1", s, "eth0", "203.0.113.1/24", f"{SERVER}/24")
         _veth(fw, "sync0", p, "sync0", "192.0.2.1/24", "192.0.2.2/24")
         ns_run(c, ["ip", "route", "replace", "default", "via", FW])
+        for addr in FLOW_CLIENTS:
+            ns_run(c, ["ip", "addr", "add", f"{addr}/24", "dev", "eth0"])
         ns_run(s, ["ip", "route", "replace", "default", "via", "203.0.113.1"])
 
         if kernel_baseline:
@@ -153,27 +252,25 @@ def run_bench(seconds: float = 3.0, daemon_argv: Sequence[str] | None = None,
             lab.stop(consumer)
 
         # (a) through the daemon
-        conf = lab.path("pf.conf")
-        conf.write_text(RULES)
-        ctl = lab.path("ctl.sock")
-        daemon = lab.spawn("daemon", fw, [*daemon_argv, "--rules", str(conf), "--syncdev",
-                                          "sync0", "--control", str(ctl), "--queue", str(QUEUE)])
+        daemon, ctl = _start_daemon(lab, fw, daemon_argv, "daemon")
         try:
-            assert daemon.log is not None
-            if not _wait_ready(daemon.log, "daemon up", 15):
-                raise RuntimeError("daemon did not start: " + lab.log_tail(daemon))
-            cpu0 = _cpu_seconds(daemon.popen.pid)
+            cpu0 = cpu_seconds(daemon.popen.pid)
             figures["daemon"] = _measure(lab, c, s, fw, seconds)
-            cpu1 = _cpu_seconds(daemon.popen.pid)
-            if cpu0 is not None and cpu1 is not None:
-                figures["daemon"]["cpu_seconds"] = round(cpu1 - cpu0, 2)
+            figures["daemon"]["cpu_seconds"] = round(cpu_seconds(daemon.popen.pid) - cpu0, 2)
             from pfcluster.io.control import request
 
             with contextlib.suppress(Exception):
-                info = request(str(ctl), "info")["data"]
+                info = request(ctl, "info")["data"]
                 figures["daemon"]["dataplane"] = info.get("dataplane")
         finally:
             figures["daemon_exit"] = lab.stop(daemon, grace=10.0)
+
+        # (c) FLOWS flows through 1 worker, then through 2
+        if workers:
+            one = figures["workers_1"] = _workers_run(lab, c, s, fw, seconds, daemon_argv, 1)
+            two = figures["workers_2"] = _workers_run(lab, c, s, fw, seconds, daemon_argv, 2)
+            if one.get("pps") and two.get("pps"):
+                figures["workers_scaling"] = round(two["pps"] / one["pps"], 3)
     for proto in ("tcp", "udp64"):
         a = figures.get("daemon", {}).get(proto, {}).get("pps")
         b = figures.get("accept_all", {}).get(proto, {}).get("pps")

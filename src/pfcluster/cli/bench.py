@@ -51,9 +51,11 @@ _in_process("parse", "Packet parser: parses per second of typical packets (parse
 @bench.command("daemon")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write figures here")
 @click.option("--seconds", type=float, default=3.0, show_default=True, help="iperf3 run length")
-def bench_daemon(json_path: str | None, seconds: float) -> None:
+@click.option("--workers/--no-workers", default=True, show_default=True,
+              help="also 4 flows through --workers 1 and --workers 2 (workers_scaling)")
+def bench_daemon(json_path: str | None, seconds: float, workers: bool) -> None:
     """One daemon in namespaces: pps through it vs. a queue that accepts everything (root)."""
     check_output_file(json_path)
     from pfcluster.bench.daemon import run
 
-    write_json(json_path, run(seconds))
+    write_json(json_path, run(seconds, workers=workers))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import logging.handlers
 import sys
@@ -45,6 +46,20 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
     return str(exc)
+
+
+def die_with_parent() -> None:
+    """A worker stops (closed: its queue drops) when its supervisor dies, so a restarted
+    supervisor can bind the queues again instead of meeting orphans holding them."""
+    import ctypes
+    import os
+    import signal
+
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() == 1:  # the supervisor was already gone before prctl took effect
+        fail("worker: the supervisor is gone")
 
 
 def uninstall_rules(queue: int, workers: int = 1) -> None:
@@ -136,6 +151,7 @@ def daemon(config_path: str | None, hostid: str | None, uninstall: bool,
             if cfg.hostid is None:
                 raise ConfigError("worker: --hostid is required")
             cfg = worker_config(cfg, worker_index, cfg.hostid)
+            die_with_parent()
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
     if uninstall:
