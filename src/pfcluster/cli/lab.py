@@ -44,6 +44,9 @@ firewall_option = click.option(
 )
 seconds_option = click.option("--seconds", type=click.IntRange(1, 600), default=10,
                               show_default=True, help="iperf3 duration per run")
+workers_option = click.option(
+    "--workers", type=click.IntRange(1, 64), default=1, show_default=True,
+    help="daemon --workers N (the kernel spreads flows by address pair)")
 streams_option = click.option("--streams", type=click.IntRange(1, 64), default=4,
                               show_default=True, help="parallel TCP streams (iperf3 -P)")
 
@@ -134,6 +137,7 @@ def lab() -> None:
 @click.option("--dialect", type=click.Choice(DIALECTS), default=None, help="daemon --dialect")
 @click.option("--syncpeer", is_flag=True, help="unicast to the peer instead of multicast")
 @click.option("--keep-logs", is_flag=True, help="keep daemon and iperf3 logs (prints the dir)")
+@workers_option
 def run_cmd(json_path: str | None, integrity_mb: int, **opts: Any) -> None:
     """One configuration: build, start firewalls, iperf3, counters, tear down."""
     check_output_file(json_path, make_parents=True)
@@ -172,9 +176,10 @@ def run_cmd(json_path: str | None, integrity_mb: int, **opts: Any) -> None:
                    "without it)")
 @click.option("--only", "only", default=None, metavar="NAME[,NAME...]",
               help="run only these rows (e.g. split-v5,split-v5-thesis-merge)")
+@workers_option
 def compare_cmd(seconds: int, streams: int, firewall: str, out_dir: str,
                 json_path: str | None, rules: str | None, defer: bool,
-                only: str | None = None) -> None:
+                only: str | None = None, workers: int = 1) -> None:
     """The main job: single firewall, symmetric pair, split v5 (and with the thesis' TCP
     merge), split v4, ECMP v5."""
     check_output_dir(out_dir)
@@ -186,7 +191,7 @@ def compare_cmd(seconds: int, streams: int, firewall: str, out_dir: str,
     from pfcluster.lab.report import compare_chart, compare_markdown, print_compare, write_json
 
     base = RunConfig(seconds=seconds, streams=streams, firewall=firewall, rules=rules,
-                     defer=defer)
+                     defer=defer, workers=workers)
     kind = resolve_mode(firewall)
     base = replace(base, firewall=kind)
     if kind == "plain":
@@ -238,8 +243,9 @@ def _rates(text: str) -> tuple[int, ...]:
 @firewall_option
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="out/sweep",
               show_default=True, help="writes sweep.json and sweep.png here")
+@workers_option
 def sweep_cmd(rates: str, mss: int, sync: str, defer: bool, seconds: int, streams: int,
-              firewall: str, out_dir: str) -> None:
+              firewall: str, out_dir: str, workers: int = 1) -> None:
     """Split paths at rising packet rates: goodput ratio and state-mismatch vs pps."""
     check_output_dir(out_dir)
     _need_root()
@@ -248,7 +254,7 @@ def sweep_cmd(rates: str, mss: int, sync: str, defer: bool, seconds: int, stream
 
     kind = resolve_mode(firewall)
     base = RunConfig(seconds=seconds, streams=streams, firewall=kind, mss=mss, sync=sync,
-                     defer=defer)
+                     defer=defer, workers=workers)
     parsed = _rates(rates)
     try:
         with progress_display(len(parsed)) as update:
@@ -300,9 +306,10 @@ def _port_range(text: str) -> tuple[int, int]:
               help="the client's ephemeral port range (fewer ports than --conns forces "
                    "port reuse); default: Linux's")
 @click.option("--keep-logs", is_flag=True, help="keep daemon logs (prints the dir)")
+@workers_option
 def connrate_cmd(conns: int, parallel: int, paths_text: str, reuse_port: int, timeout: float,
                  max_seconds: float, merge: str | None, defer: bool, json_path: str | None,
-                 keep_logs: bool, port_range: str | None) -> None:
+                 keep_logs: bool, port_range: str | None, workers: int = 1) -> None:
     """New connections per second: kernel, symmetric and split paths in one run."""
     check_output_file(json_path, make_parents=True)
     _need_root()
@@ -313,7 +320,7 @@ def connrate_cmd(conns: int, parallel: int, paths_text: str, reuse_port: int, ti
 
     cfg = ConnRateConfig(conns=conns, parallel=parallel, paths=_paths_list(paths_text),
                          reuse_port=reuse_port, timeout=timeout, max_seconds=max_seconds,
-                         merge=merge, defer=defer, keep_logs=keep_logs,
+                         merge=merge, defer=defer, keep_logs=keep_logs, workers=workers,
                          port_range=_port_range(port_range) if port_range else None)
     try:
         cfg.check()

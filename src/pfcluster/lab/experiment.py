@@ -128,6 +128,7 @@ class RunConfig:
     integrity_bytes: int = 0  # also move this many checked bytes after iperf3
     keep_logs: bool = False
     merge: str | None = None  # daemon --merge edges|thesis (None: the daemon's default)
+    workers: int = 1  # daemon --workers N (flows spread by client/server address pair)
 
     def label(self) -> str:
         if self.name:
@@ -232,6 +233,8 @@ class DaemonRunner:
             argv += ["--dialect", cfg.dialect]
         if cfg.merge and cfg.sync != "off":
             argv += ["--merge", cfg.merge]
+        if cfg.workers > 1:
+            argv += ["--workers", str(cfg.workers)]
         return argv
 
     def start(self, lab: Lab, topo: Topology, cfg: RunConfig) -> None:
