@@ -45,6 +45,20 @@ def test_split_v5_transfer_intact_no_mismatch(daemon_lab: None) -> None:
     assert doc["stalled_streams"] == 0
 
 
+@pytest.mark.parametrize("paths", ["split", "ecmp"])
+def test_two_workers_split_and_ecmp_intact(daemon_lab: None, paths: str) -> None:
+    """--workers 2 on every firewall: the integrity transfer's 8 connections come from 8
+    client addresses, so both workers of each firewall carry some; data intact, 0
+    state-mismatch."""
+    doc = run_one(RunConfig(paths=paths, sync="v5", firewall="daemon", seconds=3,
+                            defer=True, integrity_bytes=8 * MB, workers=2))
+    assert doc["integrity"]["intact"], doc["integrity"]
+    assert doc["integrity"]["conns"] == 8
+    assert doc["state_mismatch"] == 0, doc["firewalls"]
+    assert doc["ok"], doc["errors"]
+    assert doc["stalled_streams"] == 0
+
+
 def test_split_v5_near_symmetric_and_v4_stalls(daemon_lab: None) -> None:
     runs = {
         name: run_one(RunConfig(name=name, paths=paths, sync=sync, firewall="daemon",

@@ -369,12 +369,16 @@ def _rst_count(ns: str) -> int:
 
 
 def integrity_transfer(
-    lab: Lab, topo: Topology, nbytes: int, conns: int = 4, timeout: float = 15.0, seed: int = 7
+    lab: Lab, topo: Topology, nbytes: int, conns: int = 4, timeout: float = 15.0, seed: int = 7,
+    sources: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Move `nbytes` of a known stream client->server and compare SHA-256 digests."""
+    """Move `nbytes` of a known stream client->server and compare SHA-256 digests
+    (connection i from sources[i % len], when given)."""
     from pfcluster.lab.transfer import expected_digest, split_bytes
 
     c, s = topo.client_hosts[0], topo.server_hosts[0]
+    if sources:
+        conns = max(conns, len(sources))
     port = 5301
     recv = lab.spawn("xfer-recv", s.ns, [
         sys.executable, "-m", "pfcluster.lab.transfer", "recv", "--bind", s.ip4,
@@ -386,6 +390,7 @@ def integrity_transfer(
         sys.executable, "-m", "pfcluster.lab.transfer", "send", "--to", s.ip4,
         "--port", str(port), "--conns", str(conns), "--bytes", str(nbytes),
         "--seed", str(seed), "--timeout", f"{timeout:g}",
+        *(["--sources", ",".join(sources)] if sources else []),
     ], timeout=timeout + 5, check=False)
     elapsed = time.monotonic() - start
     try:
@@ -419,6 +424,23 @@ def integrity_transfer(
         "sender_errors": [r.get("error") for r in _json_conns(sent.stdout) if r.get("error")],
         "receiver_errors": [r["error"] for r in received.values() if r.get("error")],
     }
+
+
+# --workers: the integrity transfer's connections come from this many client addresses,
+# so the kernel's per-address-pair hash spreads them over the workers
+SOURCES_PER_WORKER = 4
+
+
+def _extra_sources(lab: Lab, topo: Topology, workers: int) -> list[str] | None:
+    """With --workers N, give the client N*4 more addresses (198.51.100.200...) and
+    return them; None with one worker (one address is the plain lab)."""
+    if workers <= 1:
+        return None
+    c = topo.client_hosts[0]
+    addrs = [f"{CLIENT_NET4}.{200 + i}" for i in range(min(workers * SOURCES_PER_WORKER, 50))]
+    for a in addrs:
+        lab.add_addr(c.ns, HOST_IF, f"{a}/24")
+    return addrs
 
 
 def _json_conns(text: str) -> list[dict[str, Any]]:
@@ -541,7 +563,8 @@ def run_one(cfg: RunConfig, progress: ProgressFn | None = None) -> dict[str, Any
         integrity = None
         if cfg.integrity_bytes:
             note("integrity transfer", 0.95)
-            integrity = integrity_transfer(lab, topo, cfg.integrity_bytes)
+            integrity = integrity_transfer(lab, topo, cfg.integrity_bytes,
+                                           sources=_extra_sources(lab, topo, cfg.workers))
         if kind == "daemon":
             for idx, proc in runner.procs.items():  # type: ignore[attr-defined]
                 if proc.popen.poll() is not None and not (cfg.failover and idx == 1):

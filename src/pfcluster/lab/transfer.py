@@ -110,7 +110,10 @@ def receive(bind: str, port: int, conns: int, timeout: float) -> dict[str, objec
     }
 
 
-def send(to: str, port: int, conns: int, nbytes: int, seed: int, timeout: float) -> dict[str, object]:
+def send(to: str, port: int, conns: int, nbytes: int, seed: int, timeout: float,
+         sources: list[str] | None = None) -> dict[str, object]:
+    """`sources`: connection i binds sources[i % len] (several address pairs, so that a
+    `--workers` firewall spreads them over its workers)."""
     deadline = time.monotonic() + timeout
     family = socket.AF_INET6 if ":" in to else socket.AF_INET
     results: list[dict[str, object]] = []
@@ -126,6 +129,8 @@ def send(to: str, port: int, conns: int, nbytes: int, seed: int, timeout: float)
                 sock = socket.socket(family, socket.SOCK_STREAM)
                 sock.settimeout(max(0.1, min(2.0, deadline - time.monotonic())))
                 try:
+                    if sources:
+                        sock.bind((sources[index % len(sources)], 0))
                     sock.connect((to, port))
                     break
                 except OSError:
@@ -181,11 +186,13 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--bytes", type=int, default=1 << 20)
     s.add_argument("--seed", type=int, default=1)
     s.add_argument("--timeout", type=float, default=10.0)
+    s.add_argument("--sources", default="", help="comma-separated source addresses")
     a = ap.parse_args(argv)
     if a.cmd == "recv":
         out = receive(a.bind, a.port, a.conns, a.timeout)
     else:
-        out = send(a.to, a.port, a.conns, a.bytes, a.seed, a.timeout)
+        sources = [x for x in a.sources.split(",") if x]
+        out = send(a.to, a.port, a.conns, a.bytes, a.seed, a.timeout, sources or None)
     print(json.dumps(out), flush=True)
     return 0 if all(c["error"] is None for c in out["conns"]) else 1  # type: ignore[attr-defined]
 
