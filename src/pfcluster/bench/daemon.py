@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from pfcluster.io.iptables import IptablesRules
-from pfcluster.io.workers import cpu_seconds
 from pfcluster.lab.netns import Lab, ns_argv, offloads_off, sysctl
 from pfcluster.lab.netns import run as ns_run
+from pfcluster.procfs import cpu_seconds
 
 QUEUE = 0
 FLOWS = 4

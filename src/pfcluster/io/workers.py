@@ -39,6 +39,7 @@ from pfcluster.io.loop import SetupError, load_ruleset, open_control, skip_iface
 from pfcluster.io.signals import SignalWakeup
 from pfcluster.pf import pfctl
 from pfcluster.pf.state import new_creatorid
+from pfcluster.procfs import cpu_seconds
 
 log = logging.getLogger("pfcluster.workers")
 
@@ -351,15 +352,3 @@ class Supervisor:
         if cmd == "reload":
             return self.reload()
         return {"ok": False, "error": f"unknown command {cmd!r}"}
-
-
-def cpu_seconds(pid: int | None) -> float:
-    """User + system CPU of a process so far (0 when it is gone)."""
-    if pid is None:
-        return 0.0
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -40,6 +40,7 @@ from pfcluster.lab.topology import (
     FirewallNode,
     Topology,
 )
+from pfcluster.procfs import busy_share, cpu_seconds, host_cpu_times
 
 # --- the daemon contract (issue 5) ------------------------------------------------------
 DAEMON_MODULE = "pfcluster.cli.daemon"
@@ -342,6 +343,24 @@ def pick_counters(info: dict[str, Any]) -> dict[str, int | None]:
     return out
 
 
+def fw_cpu(runner: Any, fw: FirewallNode, info: dict[str, Any] | None = None) -> list[float]:
+    """CPU seconds so far of each daemon process of `fw` (its workers with --workers);
+    empty for plain routers or a firewall that is gone."""
+    if runner.kind != "daemon":
+        return []
+    try:
+        info = info or runner.info(fw)
+    except (LabError, ValueError):
+        return []
+    if info.get("dead"):
+        return []
+    workers = info.get("workers")
+    if isinstance(workers, list):
+        return [float(w.get("cpu_seconds", 0.0)) for w in workers]
+    pid = info.get("pid")
+    return [cpu_seconds(pid)] if isinstance(pid, int) else []
+
+
 def _delta(after: dict[str, int | None], before: dict[str, int | None]) -> dict[str, int | None]:
     return {
         k: (None if after.get(k) is None else after[k] - (before.get(k) or 0))  # type: ignore[operator]
@@ -477,6 +496,8 @@ def run_one(cfg: RunConfig, progress: ProgressFn | None = None) -> dict[str, Any
         srv = iperf.start_server(lab, s.ns, s.ip4)
 
         before_info = {fw.index: pick_counters(runner.info(fw)) for fw in topo.fws}
+        before_cpu = {fw.index: fw_cpu(runner, fw) for fw in topo.fws}
+        host_before = host_cpu_times()
         before_legs = {fw.index: _leg_stats(lab, fw) for fw in topo.fws}
         before_host = lab.link_stats(s.ns)[HOST_IF]
 
@@ -527,6 +548,7 @@ def run_one(cfg: RunConfig, progress: ProgressFn | None = None) -> dict[str, Any
             res = iperf.run_client(c.ns, argv, cfg.seconds, tick=tick)
         finally:
             snap_timer.cancel()
+        host_busy = busy_share(host_before, host_cpu_times())
         lab.stop(srv, grace=2.0)
         note("collecting counters", 0.92)
         after_host = lab.link_stats(s.ns)[HOST_IF]
@@ -543,10 +565,13 @@ def run_one(cfg: RunConfig, progress: ProgressFn | None = None) -> dict[str, Any
                 for ifn, v in legs_after.items()
             }
             counters = _delta(pick_counters(raw), before_info[fw.index]) if raw else {}
+            cpu = [round(max(0.0, b - a) / max(res.seconds or cfg.seconds, 1e-9), 3)
+                   for a, b in zip(before_cpu[fw.index], fw_cpu(runner, fw, raw))]
             # the sync link's kernel counters are the ground truth for sync volume
             counters.setdefault("sync-frames-out", None)
             fws_out.append({
                 "name": f"fw{fw.index}", "counters": counters, "links": legs,
+                "cpu_share": cpu,
                 "sync_link": {
                     "frames_out": legs[FW_SYNC_IF]["tx_packets"],
                     "frames_in": legs[FW_SYNC_IF]["rx_packets"],
@@ -587,6 +612,9 @@ def run_one(cfg: RunConfig, progress: ProgressFn | None = None) -> dict[str, Any
         data_bytes=res.bytes_received,
         server_rx_pps=round(data_packets / max(res.seconds or cfg.seconds, 1e-9), 1),
         state_mismatch=sum(known) if known else None,
+        # the busiest daemon process (a worker, with --workers): ~1.0 means CPU-bound
+        max_cpu_share=max((x for f in fws_out for x in f["cpu_share"]), default=None),
+        host_cpu_busy=host_busy,  # the whole machine (every core), generators included
         sync_bytes=sync_bytes,
         sync_bytes_per_data_byte=(sync_bytes / res.bytes_received) if res.bytes_received else None,
         firewalls=fws_out,
@@ -731,6 +759,9 @@ def run_sweep(
             "state_mismatch": r.get("state_mismatch"),
             "retransmits": r.get("retransmits"),
             "stalled_streams": r.get("stalled_streams"),
+            "max_cpu_share": r.get("max_cpu_share"),
+            "host_cpu_busy": r.get("host_cpu_busy"),
+            "sync_bytes_per_data_byte": r.get("sync_bytes_per_data_byte"),
         })
     result.update(kind="sweep", mss=mss, points=points)
     result.pop("acceptance", None)
