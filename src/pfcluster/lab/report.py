@@ -115,13 +115,16 @@ def run_table(doc: dict[str, Any]) -> Table:
 def sweep_table(doc: dict[str, Any]) -> Table:
     table = Table(title=f"pfcluster lab sweep — split, {doc['firewall']} firewalls, MSS {doc['mss']}")
     for head in ("offered pps", "measured pps", "goodput Mbit/s", "goodput/offered",
-                 "state-mismatch", "retransmits", "stalled"):
+                 "state-mismatch", "retransmits", "stalled", "busiest daemon CPU",
+                 "host CPU", "sync B/data B"):
         table.add_column(head, justify="right")
     for p in doc["points"]:
         table.add_row(
             str(p["pps"]), _fmt(p["measured_pps"]), f"{p['goodput_bps'] / 1e6:.1f}",
             _fmt(p["goodput_ratio"], ".3f"), _fmt(p["state_mismatch"]),
             _fmt(p["retransmits"]), _fmt(p["stalled_streams"]),
+            _fmt(p.get("max_cpu_share"), ".2f"), _fmt(p.get("host_cpu_busy"), ".2f"),
+            _fmt(p.get("sync_bytes_per_data_byte"), ".3f"),
         )
     return table
 
