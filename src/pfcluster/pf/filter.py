@@ -62,7 +62,15 @@ from pfcluster.pf.constants import (
 )
 from pfcluster.pf.log import bad_state_lines, print_flags, print_state, rule_log_line
 from pfcluster.pf.ruleset import Rule, Ruleset
-from pfcluster.pf.state import State, StateTable, new_creatorid, state_expires
+from pfcluster.pf.state import (
+    DIRECTION,
+    DST_STATE,
+    SRC_STATE,
+    State,
+    StateTable,
+    new_creatorid,
+    state_expires,
+)
 
 PASS = "pass"
 BLOCK = "block"
@@ -337,17 +345,21 @@ class Filter:
         return self._test_rules(direction, ifname, pkt, now)
 
     def _lookup(self, key: tuple, now: float) -> State | None:
-        st = self.states.get(key)
+        table = self.states
+        table.searches += 1
+        by_key = table.by_key
+        st = by_key.get(key)
         if st is None:
             return None
-        if (now - st.expire >= self._expiry_floor or len(self.states) > self._adaptive_start) \
-                and state_expires(st, self.timeouts, len(self.states)) <= now:
+        if (now - st.expire >= self._expiry_floor or len(by_key) > self._adaptive_start) \
+                and state_expires(st, self.timeouts, len(by_key)) <= now:
             self.remove_state(st, now)
             return None
         return st
 
-    def _count_pass(self, st: State, direction: int, pkt: Packet, now: float) -> None:
-        if direction == st.direction:
+    def _count_pass(self, st: State, direction: int, fwd: bool, pkt: Packet, now: float) -> None:
+        """Count a passed packet: `fwd` when it flows along the state's direction."""
+        if fwd:
             st.packets0 += 1
             st.bytes0 += pkt.ip_len
         else:
@@ -397,12 +409,12 @@ class Filter:
                 return v
             if st.src.state >= ESTABLISHED and st.dst.state >= ESTABLISHED:
                 # A SYN on a live connection: answer with a challenge ACK, drop the SYN.
-                fwd = direction == st.direction
+                fwd = direction == st[DIRECTION]
                 src, dst = (st.src, st.dst) if fwd else (st.dst, st.src)
                 self.extra["challenge-ack"] += 1
                 reply = build_tcp_ack(pkt, dst.seqlo, src.seqlo)
                 return Verdict(BLOCK, "challenge-ack", st.rule, st, False, reply)
-        fwd = direction == st.direction
+        fwd = direction == st[DIRECTION]
         if st.state_flags & PFSTATE_SLOPPY:
             res: int | tcpmod.TrackFailure = tcpmod.track_sloppy(st, pkt, fwd, now)
         else:
@@ -410,7 +422,7 @@ class Filter:
         if res.__class__ is int:
             if res:
                 self.extra["loose-match" if res == tcpmod.TRACK_LOOSE else "split-window-slack"] += 1
-            self._count_pass(st, direction, pkt, now)
+            self._count_pass(st, direction, fwd, pkt, now)
             return Verdict(PASS, "state", st.rule, st)
         assert isinstance(res, tcpmod.TrackFailure)
         if not res.checks:
@@ -425,17 +437,17 @@ class Filter:
 
     def _test_udp_state(self, st: State, direction: int, pkt: Packet, now: float,
                         tm_single: int, tm_multiple: int) -> Verdict:
-        if direction == st.direction:
-            src, dst = st.src, st.dst
-        else:
-            src, dst = st.dst, st.src
-        if src.state < PFUDPS_SINGLE:
-            src.state = PFUDPS_SINGLE
-        if dst.state == PFUDPS_SINGLE:
-            dst.state = PFUDPS_MULTIPLE
+        fwd = direction == st[DIRECTION]
+        s, d = (SRC_STATE, DST_STATE) if fwd else (DST_STATE, SRC_STATE)
+        src_state = st[s]
+        if src_state < PFUDPS_SINGLE:
+            st[s] = src_state = PFUDPS_SINGLE
+        dst_state = st[d]
+        if dst_state == PFUDPS_SINGLE:
+            st[d] = dst_state = PFUDPS_MULTIPLE
         st.expire = now
-        st.timeout = tm_multiple if (src.state == PFUDPS_MULTIPLE and dst.state == PFUDPS_MULTIPLE) else tm_single
-        self._count_pass(st, direction, pkt, now)
+        st.timeout = tm_multiple if (src_state == PFUDPS_MULTIPLE and dst_state == PFUDPS_MULTIPLE) else tm_single
+        self._count_pass(st, direction, fwd, pkt, now)
         return Verdict(PASS, "state", st.rule, st)
 
     def _test_icmp(self, direction: int, ifname: str, pkt: Packet, now: float) -> Verdict | None:
@@ -456,7 +468,7 @@ class Filter:
             return self._icmp_wrong_direction(direction, st, vtype, icmp_dir)
         st.expire = now
         st.timeout = TM_ICMP_ERROR
-        self._count_pass(st, direction, pkt, now)
+        self._count_pass(st, direction, direction == st[DIRECTION], pkt, now)
         return Verdict(PASS, "state", st.rule, st)
 
     def _icmp_state(self, direction: int, pkt: Packet, icmp_dir: int, vid: int, vtype: int,
@@ -493,7 +505,7 @@ class Filter:
             # pf checks the direction only for states whose rule named an icmp-type
             # (`rule.ptr->type`); an unbound import has pf's default rule, which names none
             return st, True
-        along = st.direction == direction
+        along = st[DIRECTION] == direction
         return st, (PF_IN if along != quoted else PF_OUT) == icmp_dir
 
     def _icmp_wrong_direction(self, direction: int, st: State, vtype: int, icmp_dir: int) -> Verdict:
@@ -548,7 +560,7 @@ class Filter:
             if st is None:
                 return None
             if iproto == IPPROTO_TCP and not (st.state_flags & PFSTATE_SLOPPY):
-                if direction == st.direction:
+                if direction == st[DIRECTION]:
                     src, dst = st.dst, st.src
                 else:
                     src, dst = st.src, st.dst
@@ -579,7 +591,7 @@ class Filter:
             st = self._lookup(key, now)
             if st is None:
                 return None
-        self._count_pass(st, direction, pkt, now)
+        self._count_pass(st, direction, direction == st[DIRECTION], pkt, now)
         return Verdict(PASS, "state", st.rule, st)
 
     def _test_rules(self, direction: int, ifname: str, pkt: Packet, now: float) -> Verdict:
@@ -662,7 +674,7 @@ class Filter:
         if proto == IPPROTO_TCP:
             tcpmod.init_src_peer(st, pkt)
         elif proto == IPPROTO_UDP:
-            st.src.state = PFUDPS_SINGLE
+            st[SRC_STATE] = PFUDPS_SINGLE
             st.timeout = TM_UDP_FIRST
         elif proto in (IPPROTO_ICMP, IPPROTO_ICMPV6):
             st.timeout = TM_ICMP_FIRST
@@ -671,7 +683,7 @@ class Filter:
                 st.key = key = (pkt.af, proto, s_, d_, sp, dp) if direction == PF_IN \
                     else (pkt.af, proto, d_, s_, dp, sp)
         else:
-            st.src.state = PFUDPS_SINGLE
+            st[SRC_STATE] = PFUDPS_SINGLE
             st.timeout = TM_OTHER_FIRST
         if rule.no_sync:
             st.state_flags |= PFSTATE_NOSYNC

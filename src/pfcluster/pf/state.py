@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import math
 import os
+from array import array
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from pfcluster.pf.constants import PFTM, PFTM_MAX
+
+TM_FIRST_PACKET = int(PFTM.TCP_FIRST_PACKET)
 
 if TYPE_CHECKING:
     from pfcluster.pf.ruleset import Rule
@@ -28,66 +31,146 @@ StateKey = tuple[int, int, bytes, bytes, int, int]
 # pfsync queue membership of a state (PFSYNC_S_*); NONE = not queued.
 SYNC_NONE = 0xFF
 
+# Never heard from / never sent to a pfsync peer. One shared float: a fresh -inf per
+# state would cost two boxed floats each.
+NEVER = -math.inf
+
+# A State's buffer: every field that is an unsigned 32-bit number and is not read by
+# the pfsync engine on each packet, unboxed. First pf's two struct pf_state_peer, `src`
+# at SRC and `dst` at DST, each field at that base plus its offset (SEQLO..WSCALE).
+SEQLO, SEQHI, SEQDIFF, MAX_WIN, MSS, PSTATE, WSCALE = range(7)
+PEER_FIELDS = ("seqlo", "seqhi", "seqdiff", "max_win", "mss", "state", "wscale")
+PEER_LEN = len(PEER_FIELDS)
+SRC = 0
+DST = PEER_LEN
+SRC_STATE = SRC + PSTATE
+DST_STATE = DST + PSTATE
+# The highest ack sent by src (ACK_SRC) and by dst (ACK_DST) beyond what we know the
+# other end sent; 0 = none. On a split path the FIN and its ACK cross different
+# firewalls, and pfsync must still be able to tell that a FIN was acknowledged.
+ACK_SRC = 2 * PEER_LEN
+ACK_DST = ACK_SRC + 1
+# Then the state's direction (PF_IN/PF_OUT), creator id, log flag and whether it is in
+# its table; State has a property of each name.
+DIRECTION = ACK_DST + 1
+CREATORID = DIRECTION + 1
+LOG = CREATORID + 1
+LINKED = LOG + 1
+_ITEMS = LINKED + 1  # a multiple of 4: the allocator rounds buffers to 16 bytes
+_ZERO = array("I", bytes(4 * _ITEMS))
+_new_array: Any = array.__new__
+
+if TYPE_CHECKING:
+    _Base = array[int]
+else:
+    _Base = array
+
+
+def _item(i: int, doc: str) -> Any:
+    """A property for item `i` of a State's buffer."""
+
+    def get(self: State) -> int:
+        return self[i]
+
+    def put(self: State, value: int) -> None:
+        self[i] = value
+
+    return property(get, put, doc=doc)
+
+
+def _peer_field(off: int) -> Any:
+    """A property for the field at `off` of the viewed peer."""
+
+    def get(self: Peer) -> int:
+        return self._st[self._base + off]
+
+    def put(self: Peer, value: int) -> None:
+        self._st[self._base + off] = value
+
+    return property(get, put, doc=f"pf_state_peer.{PEER_FIELDS[off]}")
+
 
 class Peer:
-    """One end of a connection as pf tracks it (struct pf_state_peer)."""
+    """One end of a connection as pf tracks it (struct pf_state_peer): a view of the
+    fields a State keeps in its buffer, for code off the packet path (which indexes
+    the State directly)."""
 
-    __slots__ = ("max_win", "mss", "seqdiff", "seqhi", "seqlo", "state", "wscale")
+    __slots__ = ("_base", "_st")
 
-    def __init__(self) -> None:
-        self.seqlo = 0
-        self.seqhi = 0
-        self.seqdiff = 0
-        self.max_win = 0
-        self.mss = 0
-        self.state = 0
-        self.wscale = 0
+    seqlo = _peer_field(SEQLO)
+    seqhi = _peer_field(SEQHI)
+    seqdiff = _peer_field(SEQDIFF)
+    max_win = _peer_field(MAX_WIN)
+    mss = _peer_field(MSS)
+    state = _peer_field(PSTATE)
+    wscale = _peer_field(WSCALE)
+
+    def __init__(self, st: State, base: int) -> None:
+        self._st = st
+        self._base = base
 
     def copy_from(self, other: Any) -> None:
         """Take every tracked field from a Peer or a pfsync_state_peer record."""
-        self.seqlo = other.seqlo
-        self.seqhi = other.seqhi
-        self.seqdiff = other.seqdiff
-        self.max_win = other.max_win
-        self.mss = other.mss
-        self.state = other.state
-        self.wscale = other.wscale
+        self._st.set_peer(self._base, other)
 
-    def as_tuple(self) -> tuple[int, int, int, int, int, int, int]:
-        return (self.seqlo, self.seqhi, self.seqdiff, self.max_win, self.mss, self.state, self.wscale)
+    def as_tuple(self) -> tuple[int, ...]:
+        b = self._base
+        return tuple(self._st[b : b + PEER_LEN])
+
+    def __repr__(self) -> str:
+        return "Peer(" + ", ".join(f"{f}={v}" for f, v in zip(PEER_FIELDS, self.as_tuple())) + ")"
 
 
-class State:
-    """A pf state. `expire` is the time of the last accepted packet, as in pf."""
+class State(_Base):
+    """A pf state. `expire` is the time of the last accepted packet, as in pf.
+
+    The state is an ``array("I")`` of its small unsigned fields (its two peers, indexed
+    by SRC/DST plus SEQLO..WSCALE, the split-path acks, DIRECTION, CREATORID, LOG,
+    LINKED), with objects, times, counters and what the pfsync engine reads on every
+    packet in slots: a million states then hold no Peer objects and no boxed sequence
+    numbers (docs/memory.md). The packet path indexes the buffer; everything else may
+    use the `src`/`dst` views and the named properties. Equality and hashing are by
+    identity, as for any object.
+    """
 
     __slots__ = (
-        "acks",
         "bytes0",
         "bytes1",
         "creation",
-        "creatorid",
-        "direction",
-        "dst",
         "expire",
         "id",
         "ifname",
         "key",
-        "linked",
-        "log",
         "packets0",
         "packets1",
         "pfsync_sent",
         "pfsync_time",
         "rule",
-        "src",
         "state_flags",
         "sync_state",
         "sync_updates",
         "timeout",
     )
 
-    def __init__(
-        self,
+    key: StateKey
+    id: int
+    ifname: str
+    rule: Rule | None
+    creation: float
+    expire: float
+    timeout: int
+    packets0: int
+    packets1: int
+    bytes0: int
+    bytes1: int
+    state_flags: int
+    sync_state: int
+    sync_updates: int
+    pfsync_time: float
+    pfsync_sent: float
+
+    def __new__(
+        cls,
         key: StateKey,
         direction: int,
         creatorid: int,
@@ -95,35 +178,66 @@ class State:
         now: float,
         rule: Rule | None = None,
         ifname: str = "all",
-    ) -> None:
+    ) -> State:
+        self: State = _new_array(cls, "I", _ZERO)
+        self[DIRECTION] = direction
+        self[CREATORID] = creatorid
         self.key = key
-        self.direction = direction
-        self.creatorid = creatorid
         self.id = state_id
         self.ifname = ifname
         self.rule = rule
-        self.src = Peer()
-        self.dst = Peer()
         self.creation = now
         self.expire = now
-        self.timeout = int(PFTM.TCP_FIRST_PACKET)
+        self.timeout = TM_FIRST_PACKET
         self.packets0 = 0
         self.packets1 = 0
         self.bytes0 = 0
         self.bytes1 = 0
         self.state_flags = 0
-        self.log = 0
         self.sync_state = SYNC_NONE
         self.sync_updates = 0
-        self.pfsync_time = -math.inf
-        self.pfsync_sent = -math.inf
-        self.linked = False
-        # [highest ack sent by src, by dst], kept only for acks beyond what we know the
-        # other end sent: on a split path the FIN and its ACK cross different firewalls,
-        # and pfsync must still be able to tell that a FIN was acknowledged.
-        self.acks: list[int] | None = None
+        self.pfsync_time = NEVER
+        self.pfsync_sent = NEVER
+        return self
+
+    direction = _item(DIRECTION, "PF_IN or PF_OUT: the direction of the packet that made it")
+    creatorid = _item(CREATORID, "the host id of the firewall that made it")
+    log = _item(LOG, "non-zero: log its packets")
+    linked = _item(LINKED, "non-zero while it is in a StateTable")
+
+    __hash__ = object.__hash__  # type: ignore[assignment]
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+    def __ne__(self, other: object) -> bool:
+        return self is not other
 
     # -- derived views -------------------------------------------------------------
+    @property
+    def src(self) -> Peer:
+        return Peer(self, SRC)
+
+    @property
+    def dst(self) -> Peer:
+        return Peer(self, DST)
+
+    def set_peer(self, base: int, p: Any) -> None:
+        """Peer `base` (SRC or DST) takes every tracked field of `p` (a Peer or a
+        pfsync_state_peer record)."""
+        self[base : base + PEER_LEN] = array(
+            "I", (p.seqlo, p.seqhi, p.seqdiff, p.max_win, p.mss, p.state, p.wscale))
+
+    @property
+    def acks(self) -> list[int] | None:
+        """[ACK_SRC, ACK_DST] as a list, None when neither was recorded."""
+        a, b = self[ACK_SRC], self[ACK_DST]
+        return [a, b] if a or b else None
+
+    @acks.setter
+    def acks(self, value: list[int] | None) -> None:
+        self[ACK_SRC], self[ACK_DST] = value if value is not None else (0, 0)
+
     @property
     def af(self) -> int:
         return self.key[0]
@@ -145,10 +259,12 @@ class State:
 class StateTable:
     """States by key and by (creator id, id); a sliced purge walk."""
 
-    __slots__ = ("_by_id", "_by_key", "_scan", "_scan_pos", "inserts", "removals", "searches")
+    __slots__ = ("_by_id", "_scan", "_scan_pos", "by_key", "inserts", "removals", "searches")
 
     def __init__(self) -> None:
-        self._by_key: dict[StateKey, State] = {}
+        # States by key. The packet path reads it directly (a method call and len()
+        # through __len__ cost as much as the lookup); only this class changes it.
+        self.by_key: dict[StateKey, State] = {}
         self._by_id: dict[int, dict[int, State]] = {}
         self._scan: list[State] = []
         self._scan_pos = 0
@@ -157,18 +273,18 @@ class StateTable:
         self.removals = 0
 
     def __len__(self) -> int:
-        return len(self._by_key)
+        return len(self.by_key)
 
     def __iter__(self) -> Iterator[State]:
-        return iter(list(self._by_key.values()))
+        return iter(list(self.by_key.values()))
 
     def get(self, key: StateKey) -> State | None:
         self.searches += 1
-        return self._by_key.get(key)
+        return self.by_key.get(key)
 
     def peek(self, key: StateKey) -> State | None:
         """The state holding `key`, without counting a search (inserts use it)."""
-        return self._by_key.get(key)
+        return self.by_key.get(key)
 
     def by_id(self, creatorid: int, state_id: int) -> State | None:
         ids = self._by_id.get(creatorid)
@@ -176,30 +292,32 @@ class StateTable:
 
     def insert(self, st: State) -> bool:
         """Add a state; False if its key or its (creatorid, id) is already taken."""
-        if st.key in self._by_key:
+        if st.key in self.by_key:
             return False
-        ids = self._by_id.get(st.creatorid)
+        creatorid = st[CREATORID]
+        ids = self._by_id.get(creatorid)
         if ids is None:
-            ids = self._by_id[st.creatorid] = {}
+            ids = self._by_id[creatorid] = {}
         elif st.id in ids:
             return False
-        self._by_key[st.key] = st
+        self.by_key[st.key] = st
         ids[st.id] = st
-        st.linked = True
+        st[LINKED] = 1
         self.inserts += 1
         return True
 
     def remove(self, st: State) -> bool:
-        if not st.linked:
+        if not st[LINKED]:
             return False
-        st.linked = False
-        if self._by_key.get(st.key) is st:
-            del self._by_key[st.key]
-        ids = self._by_id.get(st.creatorid)
+        st[LINKED] = 0
+        if self.by_key.get(st.key) is st:
+            del self.by_key[st.key]
+        creatorid = st[CREATORID]
+        ids = self._by_id.get(creatorid)
         if ids is not None and ids.get(st.id) is st:
             del ids[st.id]
             if not ids:
-                del self._by_id[st.creatorid]
+                del self._by_id[creatorid]
         self.removals += 1
         return True
 
@@ -209,7 +327,7 @@ class StateTable:
     def next_purge_slice(self, count: int) -> list[State]:
         """The next `count` states of the purge walk; a new snapshot starts each lap."""
         if self._scan_pos >= len(self._scan):
-            self._scan = list(self._by_key.values())
+            self._scan = list(self.by_key.values())
             self._scan_pos = 0
         start = self._scan_pos
         self._scan_pos = min(len(self._scan), start + count)

@@ -14,6 +14,7 @@ ran and the generated line.
 
 from __future__ import annotations
 
+from array import array
 from typing import Any
 
 from pfcluster.pf.constants import (
@@ -24,7 +25,18 @@ from pfcluster.pf.constants import (
     PFSTATE_ACK,
     PFTM_MAX,
 )
-from pfcluster.pf.state import Peer, State, state_expires
+from pfcluster.pf.state import (
+    CREATORID,
+    DIRECTION,
+    DST,
+    LOG,
+    PEER_FIELDS,
+    PEER_LEN,
+    SRC,
+    Peer,
+    State,
+    state_expires,
+)
 from pfcluster.pfsync import wire
 from pfcluster.pfsync.layout import (
     AF_INET_WIRE,
@@ -43,6 +55,7 @@ from pfcluster.pfsync.layout import (
 )
 
 U32 = 0xFFFFFFFF
+assert PEER_TCP_FIELDS == PEER_FIELDS  # a State holds its peers' fields in wire order
 _ZERO12 = bytes(12)
 
 
@@ -51,7 +64,7 @@ def pad_addr(raw: bytes) -> bytes:
 
 
 def peer_to_wire(p: Peer) -> wire.StatePeer:
-    return wire.StatePeer(0, 0, 0, 0, p.seqlo, p.seqhi, p.seqdiff, p.max_win, p.mss, p.state, p.wscale)
+    return wire.StatePeer(0, 0, 0, 0, *p.as_tuple())
 
 
 def seconds_left(st: State, now: float, timeouts: list[int], nstates: int) -> int:
@@ -145,10 +158,8 @@ def _gen_importer(dialect: str) -> Any:
         f" t[{k + KEY_PORT0}], t[{k + KEY_PORT1}])",
         f"    st = State(key, direction, t[{ix['creatorid']}], t[{ix['id']}], now, None,"
         f" cstr(t[{ix['ifname']}]) or 'all')",
-        "    s = st.src",
-        *(f"    s.{field} = t[{src + j}]" for j, field in enumerate(PEER_TCP_FIELDS)),
-        "    d = st.dst",
-        *(f"    d.{field} = t[{dst + j}]" for j, field in enumerate(PEER_TCP_FIELDS)),
+        "    st[:PEERS] = array('I', (" + "".join(
+            f"t[{base + j}], " for base in (src, dst) for j in range(len(PEER_TCP_FIELDS))) + "))",
         f"    st.creation = now - t[{ix['creation']}]",
         "    st.timeout = tm",
         # rebuild the last-activity time from the seconds the sender had left; an
@@ -159,7 +170,7 @@ def _gen_importer(dialect: str) -> Any:
         f"    st.packets1 = t[{ix['packets'] + 1}]",
         f"    st.bytes0 = t[{ix['bytes']}]",
         f"    st.bytes1 = t[{ix['bytes'] + 1}]",
-        f"    st.log = t[{ix['log']}]",
+        f"    st[{LOG}] = t[{ix['log']}]",
         f"    fl = t[{ix['state_flags']}]",
         "    st.state_flags = fl & ~ACK",
         "    st.pfsync_time = now",
@@ -170,7 +181,7 @@ def _gen_importer(dialect: str) -> Any:
     env: dict[str, Any] = {
         "AFMAP": {AF_INET_WIRE: AF_INET, inet6: AF_INET6}, "Err": ImportError_,
         "PFTM_MAX": PFTM_MAX, "PEER_MAX": PF_TCPS_PROXY_DST, "AF_INET": AF_INET, "State": State,
-        "cstr": wire.cstr, "ACK": PFSTATE_ACK,
+        "cstr": wire.cstr, "ACK": PFSTATE_ACK, "array": array, "PEERS": 2 * PEER_LEN,
     }
     src_text = "\n".join(lines) + "\n"
     return compile_generated(src_text, f"<pfsync-generated importer {dialect}>", env, name)
@@ -193,13 +204,13 @@ _FIELD_EXPR: dict[str, str] = {
     "id": "st.id", "ifname": "st.ifname.encode('latin-1')",
     "rt_addr": "ZERO16", "rule": "rule", "anchor": "U32", "nat_rule": "U32",
     "creation": "cre", "expire": "exp", "packets": "st.packets0, st.packets1",
-    "bytes": "st.bytes0, st.bytes1", "creatorid": "st.creatorid", "af": "waf",
-    "proto": "k[1]", "direction": "st.direction", "log": "st.log",
+    "bytes": "st.bytes0, st.bytes1", "creatorid": f"st[{CREATORID}]", "af": "waf",
+    "proto": "k[1]", "direction": f"st[{DIRECTION}]", "log": f"st[{LOG}]",
     "state_flags": "flags", "timeout": "st.timeout", "rtableid": "0", "set_prio": "0, 0",
     "rt_ifname": "b''",
 }
 # A peer: the scrub values are zero (we do not scrub), then pf's Peer fields.
-_PEER_EXPR = ", ".join(["0"] * PEER_SCRUB_VALUES + [f"{{p}}.{f}" for f in PEER_TCP_FIELDS])
+_PEER_EXPR = ", ".join(["0"] * PEER_SCRUB_VALUES + [f"st[{{p}} + {j}]" for j in range(PEER_LEN)])
 
 
 def _gen_packer(dialect: str) -> Any:
@@ -215,7 +226,7 @@ def _gen_packer(dialect: str) -> Any:
             one = "a0, a1, k[4], k[5]" + (", 0, waf" if kind == "keys6" else "")
             items.append(f"{one}, {one}")
         elif kind == "peer":
-            items.append(_PEER_EXPR.format(p="st.src" if attr == "src" else "st.dst"))
+            items.append(_PEER_EXPR.format(p=SRC if attr == "src" else DST))
         elif kind == "i32pair":
             items.append("0, 0")
         else:

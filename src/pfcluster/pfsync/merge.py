@@ -19,7 +19,20 @@ from collections.abc import Callable
 from typing import Any
 
 from pfcluster.pf.constants import IPPROTO_TCP, PF_TCPS_PROXY_SRC, PFTM_MAX, TCPS
-from pfcluster.pf.state import Peer, State
+from pfcluster.pf.state import (
+    DST,
+    DST_STATE,
+    MAX_WIN,
+    MSS,
+    PSTATE,
+    SEQDIFF,
+    SEQHI,
+    SEQLO,
+    SRC,
+    SRC_STATE,
+    WSCALE,
+    State,
+)
 from pfcluster.pf.tcp import TM_FIRST, fin_acked, sdiff, set_timeout_ladder
 
 # OpenBSD 4.5's sfail codes (pfsync_upd_tcp and its non-TCP twin); 0 = applied.
@@ -36,71 +49,73 @@ SYN_SENT = int(TCPS.SYN_SENT)
 MergeRule = Callable[[State, Any, Any, int, float], tuple[int, int]]
 
 
-def merge_peer_edges(local: Peer, remote: Any) -> int:
-    """Merge one TCP peer edge by edge; 1 if ours was fresher anywhere.
+def merge_peer_edges(st: State, p: int, remote: Any) -> int:
+    """Merge one TCP peer (`p` = SRC or DST) edge by edge; 1 if ours was fresher anywhere.
 
     State, seqlo (what this end sent) and seqhi (what the other end allows) only grow.
     On a split path one firewall sees the sender's data (seqlo) and the other the
     receiver's ACKs (seqhi) for the same peer, so taking or refusing a peer whole, as
     OpenBSD 4.5 did, loses half of it.
     """
-    ls = local.state
+    ls = st[p + PSTATE]
     rs = remote.state
     if ls >= PF_TCPS_PROXY_SRC or rs >= PF_TCPS_PROXY_SRC:
         # synproxy states: trust the later phase only.
         if ls > rs:
             return 1
-        local.copy_from(remote)
+        st.set_peer(p, remote)
         return 0
-    if local.seqlo == 0 and ls <= rs:
-        local.copy_from(remote)
+    seqlo = st[p + SEQLO]
+    if seqlo == 0 and ls <= rs:
+        st.set_peer(p, remote)
         return 0
     if remote.seqlo == 0 and rs <= ls:
-        return 1 if (ls > rs or local.seqlo) else 0
+        return 1 if (ls > rs or seqlo) else 0
     stale = 0
     if ls > rs:
         stale = 1
     elif rs > ls:
-        local.state = rs
-    d = sdiff(local.seqlo, remote.seqlo)
+        st[p + PSTATE] = rs
+    d = sdiff(seqlo, remote.seqlo)
     if d > 0:
         stale = 1
     elif d < 0:
-        local.seqlo = remote.seqlo
-    d = sdiff(local.seqhi, remote.seqhi)
+        st[p + SEQLO] = remote.seqlo
+    d = sdiff(st[p + SEQHI], remote.seqhi)
     if d > 0:
         stale = 1
     elif d < 0:
-        local.seqhi = remote.seqhi
-    if local.max_win > remote.max_win:
+        st[p + SEQHI] = remote.seqhi
+    max_win = st[p + MAX_WIN]
+    if max_win > remote.max_win:
         stale = 1
-    elif remote.max_win > local.max_win:
-        local.max_win = remote.max_win
-    if remote.wscale and not local.wscale:
-        local.wscale = remote.wscale
-    if remote.seqdiff and not local.seqdiff:
-        local.seqdiff = remote.seqdiff
-    if remote.mss and not local.mss:
-        local.mss = remote.mss
+    elif remote.max_win > max_win:
+        st[p + MAX_WIN] = remote.max_win
+    if remote.wscale and not st[p + WSCALE]:
+        st[p + WSCALE] = remote.wscale
+    if remote.seqdiff and not st[p + SEQDIFF]:
+        st[p + SEQDIFF] = remote.seqdiff
+    if remote.mss and not st[p + MSS]:
+        st[p + MSS] = remote.mss
     return stale
 
 
 def merge_edges(st: State, src: Any, dst: Any, timeout: int, now: float) -> tuple[int, int]:
     """pfcluster's rule: per edge for TCP, per peer state for the rest."""
     if st.key[1] == IPPROTO_TCP:
-        stale = merge_peer_edges(st.src, src) + merge_peer_edges(st.dst, dst)
+        stale = merge_peer_edges(st, SRC, src) + merge_peer_edges(st, DST, dst)
         derived = fin_acked(st)
         st.expire = now
         # tcp.first lasts until some node sees a second packet; then the ladder.
         if st.timeout != TM_FIRST or timeout != TM_FIRST:
-            set_timeout_ladder(st, st.src, st.dst)
+            set_timeout_ladder(st)
         return stale + derived, derived
     stale = 0
-    for local, remote in ((st.src, src), (st.dst, dst)):
-        if local.state > remote.state:
+    for local, remote in ((SRC_STATE, src), (DST_STATE, dst)):
+        if st[local] > remote.state:
             stale += 1
         else:
-            local.state = remote.state
+            st[local] = remote.state
     if stale < 2:
         st.expire = now
         if timeout < PFTM_MAX:
@@ -116,24 +131,24 @@ def merge_thesis(st: State, src: Any, dst: Any, timeout: int, now: float) -> tup
 def sfail(st: State, src: Any, dst: Any, timeout: int, now: float) -> int:
     """The sfail code of an update, applying it when the code is SFAIL_OK (and the src
     half only for SFAIL_PARTIAL), as pfsync_upd_tcp and pfsync_in_upd did."""
-    ls, ld = st.src, st.dst
+    ls, ld = st[SRC_STATE], st[DST_STATE]
     if st.key[1] == IPPROTO_TCP:
-        if ls.state > src.state and (ls.state < PF_TCPS_PROXY_SRC or src.state >= PF_TCPS_PROXY_SRC):
+        if ls > src.state and (ls < PF_TCPS_PROXY_SRC or src.state >= PF_TCPS_PROXY_SRC):
             return SFAIL_SRC_STATE
-        if sdiff(ls.seqlo, src.seqlo) > 0:
+        if sdiff(st[SRC + SEQLO], src.seqlo) > 0:
             return SFAIL_SRC_SEQ
-        if ld.state > dst.state:
-            ls.copy_from(src)
+        if ld > dst.state:
+            st.set_peer(SRC, src)
             return SFAIL_PARTIAL
-        if ld.state >= SYN_SENT and sdiff(ld.seqlo, dst.seqlo) > 0:
+        if ld >= SYN_SENT and sdiff(st[DST + SEQLO], dst.seqlo) > 0:
             return SFAIL_DST_SEQ
     else:
-        if ls.state > src.state:
+        if ls > src.state:
             return SFAIL_OTHER_SRC
-        if ld.state > dst.state:
+        if ld > dst.state:
             return SFAIL_OTHER_DST
-    ls.copy_from(src)
-    ld.copy_from(dst)
+    st.set_peer(SRC, src)
+    st.set_peer(DST, dst)
     st.expire = now
     if timeout < PFTM_MAX:
         st.timeout = timeout
