@@ -11,7 +11,9 @@
     merge = "edges"            # "thesis": OpenBSD 4.5's all-or-nothing TCP merge
     queue = 0
     control = "/run/pfcluster.sock"
-    fail_open = false          # true: --queue-bypass, rules removed on exit
+    fail_open = false          # true: --queue-bypass, the queue's fail-open flag, rules
+                               # removed on exit
+    copy_range = 256           # bytes of each packet copied from the kernel (headers)
     hostid = 0x1234            # pfsync creatorid; random when absent
     syslog = false
 """
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pfcluster.io.control import DEFAULT_CONTROL
+from pfcluster.io.nfq import DEFAULT_COPY_RANGE, MAX_COPY_RANGE
 
 DIALECTS = ("openbsd45", "freebsd1301", "freebsd1400", "openbsd6")
 PROTOCOLS = ("v5", "v4")
@@ -49,6 +52,7 @@ class DaemonConfig:
     queue: int = 0
     control: str = DEFAULT_CONTROL
     fail_open: bool = False
+    copy_range: int = DEFAULT_COPY_RANGE
     hostid: int | None = None
     syslog: bool = False
     verbose: bool = False
@@ -70,6 +74,9 @@ class DaemonConfig:
             raise ConfigError(f"merge: {self.merge!r} is not one of {', '.join(MERGES)}")
         if not 0 <= self.queue <= 65535:
             raise ConfigError(f"queue: {self.queue} is not 0..65535")
+        if not DEFAULT_COPY_RANGE <= self.copy_range <= MAX_COPY_RANGE:
+            raise ConfigError(f"copy_range: {self.copy_range} is not "
+                              f"{DEFAULT_COPY_RANGE}..{MAX_COPY_RANGE}")
         if not 1 <= self.maxupd <= 255:
             raise ConfigError(f"maxupd: {self.maxupd} is not 1..255")
         if self.hostid is not None and not 0 < self.hostid <= 0xFFFFFFFF:
@@ -81,8 +88,8 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "rules": (str,), "syncdev": (str,), "syncpeer": (str,), "syncgroup6": (str,),
     "maxupd": (int,), "defer": (bool,), "dialect": (str,), "protocol": (str,), "merge": (str,),
     "queue": (int,),
-    "control": (str,), "fail_open": (bool,), "hostid": (int,), "syslog": (bool,),
-    "verbose": (bool,),
+    "control": (str,), "fail_open": (bool,), "copy_range": (int,), "hostid": (int,),
+    "syslog": (bool,), "verbose": (bool,),
 }
 
 
