@@ -426,7 +426,7 @@ class NfQueue:
 
     def _request(self, msg: bytes, timeout: float = 5.0) -> None:
         """Send a config message and wait for its acknowledgement (OSError on refusal:
-        EBUSY when another process has the queue). Packets that arrive meanwhile (a
+        EPERM when another process has the queue). Packets that arrive meanwhile (a
         restarted daemon's rules are already in place) are kept for drain()."""
         seq = _NLMSGHDR.unpack_from(msg, 0)[3]
         self.sock.send(msg)
