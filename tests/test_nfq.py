@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import FUZZ_EXAMPLES, fuzz_settings
-from pfcluster.io import nfq
+from pfcluster.io import mmsg, nfq
 from pfcluster.io.nfq import (
     MSG_PACKET,
     MSG_VERDICT,
@@ -291,3 +291,19 @@ def test_parse_into_takes_a_cut_capture_with_its_wire_length() -> None:
         parse_into(PfPacket(), whole[:256], 1400)
     full = parse_into(PfPacket(), whole, len(whole))
     assert full.truncated is False and full.p_len == 1460
+
+
+# --- recvmmsg ------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not mmsg.available(), reason="libc has no recvmmsg")
+def test_multi_receiver_takes_several_datagrams_and_flags_a_cut_one() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with a, b:
+        m = mmsg.MultiReceiver(a.fileno(), 4, 100)
+        assert m.receive() == 0  # nothing waiting: 0, not an exception
+        for data in (b"x" * 10, b"y" * 101, b"z" * 100):
+            b.send(data)
+        assert m.receive() == 3
+        assert m.lengths(3) == [10, -1, 100]
+        assert bytes(m.view[0:10]) == b"x" * 10 and bytes(m.view[200:300]) == b"z" * 100
