@@ -294,34 +294,51 @@ def test_later_packet_releases_the_held_one_first() -> None:
     assert a.counters["defer_update"] == 1 and a.deferred_count() == 0
 
 
-class _FakeNfqPacket:
-    def __init__(self, name: str, raw: bytes, order: list[tuple[str, str]]) -> None:
-        self.name, self.raw, self.order = name, raw, order
-        self.hook, self.indev, self.outdev = 2, 1, 2
+class _RecordingVerdicts:
+    """Stands in for io.nfq.Verdicts: records the order of the verdicts given."""
 
-    def accept(self) -> None:
-        self.order.append((self.name, "accept"))
+    def __init__(self, names: dict[int, str], order: list[tuple[str, str]]) -> None:
+        self.names, self.order = names, order
 
-    def drop(self) -> None:
-        self.order.append((self.name, "drop"))
+    def accept(self, packet_id: int) -> None:
+        self.order.append((self.names[packet_id], "accept"))
+
+    def drop(self, packet_id: int) -> None:
+        self.order.append((self.names[packet_id], "drop"))
+
+    def hold(self, packet_id: int) -> None:
+        self.order.append((self.names[packet_id], "hold"))
+
+    def release(self, packet_id: int, accept: bool) -> None:
+        self.order.append((self.names[packet_id], "accept" if accept else "drop"))
+
+
+def _queued(packet_id: int, raw: bytes) -> Any:
+    from pfcluster.io.nfq import QueuedPacket
+
+    qp = QueuedPacket()
+    qp.packet_id, qp.hook, qp.indev, qp.outdev = packet_id, 2, 1, 2
+    qp.payload, qp.wire_len = memoryview(raw), len(raw)
+    return qp
 
 
 def test_dataplane_gives_the_released_verdict_before_the_releasing_one() -> None:
     from pfcluster.io.dataplane import Dataplane, DataplaneCounters
+    from pfcluster.packet import Packet
 
     a = node(HOST_A, defer=True)
     dp = Dataplane.__new__(Dataplane)  # no NFQUEUE: only the decision path
-    dp.filt, dp.engine, dp.parse, dp.replies = a.filter, a, parse, None
+    dp.filt, dp.engine, dp.replies, dp._scratch = a.filter, a, None, Packet()
     dp.counters, dp.log_verdicts, dp.pending = DataplaneCounters(), False, 0
     dp._ifnames = {1: "em0", 2: "em1"}
     dp.dispatch = dp._apply_releases
+    dp.nfq, dp._deciding = None, True
     order: list[tuple[str, str]] = []
-    first = _FakeNfqPacket("first", udp(5000), order)
-    second = _FakeNfqPacket("second", udp(5000), order)
-    dp._decide(first, first.raw, 0.0)
-    assert order == [] and dp.pending == 1
-    dp._decide(second, second.raw, 0.001)
-    assert order == [("first", "accept"), ("second", "accept")]
+    dp.verdicts = _RecordingVerdicts({1: "first", 2: "second"}, order)
+    dp._decide(_queued(1, udp(5000)), 0.0)
+    assert order == [("first", "hold")] and dp.pending == 1
+    dp._decide(_queued(2, udp(5000)), 0.001)
+    assert order == [("first", "hold"), ("first", "accept"), ("second", "accept")]
     assert dp.pending == 0
 
 

@@ -75,7 +75,7 @@ def test_worker_command_line_gives_the_worker_config(tmp_path: object) -> None:
 
     cfg = DaemonConfig(rules="/x/pf.conf", syncdev="sync0", syncpeer="192.0.2.2", queue=7,
                        workers=3, control="/run/fw.sock", defer=True, hostid=0xFFFFFFFF,
-                       merge="thesis").validate()
+                       merge="thesis", copy_range=300).validate()
     seen: dict[str, object] = {}
 
     class Stop(Exception):
@@ -99,7 +99,7 @@ def test_worker_command_line_gives_the_worker_config(tmp_path: object) -> None:
     assert (w.worker, w.workers, w.queue, w.base_queue) == (2, 3, 9, 7)
     assert w.control == "/run/fw.sock.w2"
     assert w.hostid == 2  # hostid + index wraps past 0xffffffff and skips 0
-    assert (w.syncpeer, w.defer, w.merge) == ("192.0.2.2", True, "thesis")
+    assert (w.syncpeer, w.defer, w.merge, w.copy_range) == ("192.0.2.2", True, "thesis", 300)
     assert worker_config(cfg, 0, 0x100).hostid == 0x100
 
 

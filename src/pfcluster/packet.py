@@ -35,9 +35,12 @@ Additional fields (extensions to the contract)
                header). The fragment data / upper-layer header starts here, so it equals
                l4_off except when there is no upper-layer header (non-first fragments,
                IPv6 no-next-header), where l4_off == ip_len.
-  truncated    only for a quoted datagram (``inner``): True when fewer than ip_len bytes
+  truncated    for a quoted datagram (``inner``): True when fewer than ip_len bytes
                were quoted; raw then holds what was quoted and l4_len still counts from
-               the claimed ip_len. Always False for a packet given to parse().
+               the claimed ip_len. For a packet given to parse(): always False; given to
+               parse_into() with ``wire_len`` (a capture cut short, e.g. NFQUEUE's copy
+               range): True when raw holds fewer than ip_len bytes (every header must
+               still be there in full).
 
 Defaults when a field does not apply: ports, seq, ack, win, th_off, p_len, tcp_flags,
 icmp_type and icmp_code are 0; mss, wscale, ts_val, ts_ecr and icmp_id are -1; inner None.
@@ -244,12 +247,15 @@ def parse(data: bytes | bytearray | memoryview) -> Packet:
     return pkt
 
 
-def parse_into(pkt: Packet, data: bytes | bytearray | memoryview) -> Packet:
+def parse_into(pkt: Packet, data: bytes | bytearray | memoryview, wire_len: int = 0) -> Packet:
     """Refill ``pkt`` from ``data`` and return it; on MalformedPacket ``pkt`` is untouched.
 
     ``pkt.raw`` keeps a view of ``data``: a bytearray cannot be resized while it is held.
+    ``wire_len`` > len(data) says ``data`` is the start of a longer packet (a capture cut
+    short): the IP length may then exceed the bytes present, up to ``wire_len``; the
+    headers must still be present in full.
     """
-    _fill(pkt, _byte_view(data), False)
+    _fill(pkt, _byte_view(data), False, wire_len)
     return pkt
 
 
@@ -265,7 +271,7 @@ def _byte_view(data: bytes | bytearray | memoryview) -> memoryview:
     return mv
 
 
-def _fill(pkt: Packet, mv: memoryview, quoted: bool) -> None:
+def _fill(pkt: Packet, mv: memoryview, quoted: bool, wire_len: int = 0) -> None:
     """Parse ``mv`` and store every field of ``pkt`` at the end (all or nothing).
 
     ``quoted`` selects the tolerant rules for the datagram inside an ICMP error: ip_len may
@@ -284,10 +290,10 @@ def _fill(pkt: Packet, mv: memoryview, quoted: bool) -> None:
         if ip_len < hl:
             raise MalformedPacket(f"IPv4 total length {ip_len} < header length {hl}")
         if ip_len > n:
-            if not quoted:
+            if not quoted and ip_len > wire_len:
                 raise MalformedPacket(f"IPv4 total length {ip_len} > {n} bytes received")
             if hl > n:
-                raise MalformedPacket("quoted IPv4 header cut short")
+                raise MalformedPacket("IPv4 header cut short")
             truncated = True
             end = n
         else:
@@ -305,7 +311,7 @@ def _fill(pkt: Packet, mv: memoryview, quoted: bool) -> None:
         tos = (vtcfl >> 20) & 0xFF
         ip_len = 40 + plen
         if ip_len > n:
-            if not quoted:
+            if not quoted and ip_len > wire_len:
                 raise MalformedPacket(f"IPv6 length {ip_len} > {n} bytes received")
             truncated = True
             end = n
@@ -367,7 +373,7 @@ def _fill(pkt: Packet, mv: memoryview, quoted: bool) -> None:
             p_len = ulen - 8 if ulen >= 8 else 0
         else:
             # a first fragment carries only part of the datagram its length describes
-            if ulen < 8 or (ulen > avail and not more_frags):
+            if ulen < 8 or (ulen > ip_len - l4 and not more_frags):
                 raise MalformedPacket(f"UDP length {ulen} with {avail} bytes of IP payload")
             p_len = ulen - 8
     elif (proto == _ICMP and af == AF_INET) or (proto == _ICMP6 and af == AF_INET6):

@@ -19,6 +19,7 @@ from pfcluster.io.config import (
     load_config,
     worker_config,
 )
+from pfcluster.io.nfq import DEFAULT_COPY_RANGE, MAX_COPY_RANGE
 
 
 def setup_logging(use_syslog: bool, verbose: bool) -> None:
@@ -116,8 +117,13 @@ def uninstall_rules(queue: int, workers: int = 1) -> None:
 @click.option("--control", help="control socket path (default /run/pfcluster.sock)")
 @click.option("--fail-open/--fail-closed", "fail_open", default=None,
               help="fail-closed (default): the rules stay when the daemon stops, so the "
-              "host drops everything it would have queued; fail-open: --queue-bypass and the rules "
-              "removed on exit, so the host forwards everything while no daemon runs")
+              "host drops everything it would have queued, and a full queue drops; fail-open: "
+              "--queue-bypass, the queue's fail-open flag (a full queue accepts) and the rules "
+              "removed on exit, so the host forwards everything while no daemon keeps up")
+@click.option("--copy-range", "copy_range", type=click.IntRange(DEFAULT_COPY_RANGE, MAX_COPY_RANGE),
+              default=None, help="bytes of each packet the kernel copies to the daemon "
+              f"(default {DEFAULT_COPY_RANGE}: the headers pf reads; a packet whose headers "
+              "end past it is dropped as malformed)")
 @click.option("--uninstall", is_flag=True, default=False,
               help="remove the rules of --queue for good (chain PFCLUSTER-<queue> and its "
               "jumps, IPv4 and IPv6), print what was removed and exit; refused while a "

@@ -12,7 +12,9 @@
     queue = 0
     workers = 1                # N: N processes on queues queue..queue+N-1 (--queue-balance)
     control = "/run/pfcluster.sock"
-    fail_open = false          # true: --queue-bypass, rules removed on exit
+    fail_open = false          # true: --queue-bypass, the queue's fail-open flag, rules
+                               # removed on exit
+    copy_range = 256           # bytes of each packet copied from the kernel (headers)
     hostid = 0x1234            # pfsync creatorid; random when absent
     syslog = false
 """
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pfcluster.io.control import DEFAULT_CONTROL
+from pfcluster.io.nfq import DEFAULT_COPY_RANGE, MAX_COPY_RANGE
 
 DIALECTS = ("openbsd45", "freebsd1301", "freebsd1400", "openbsd6")
 PROTOCOLS = ("v5", "v4")
@@ -52,6 +55,7 @@ class DaemonConfig:
     workers: int = 1
     control: str = DEFAULT_CONTROL
     fail_open: bool = False
+    copy_range: int = DEFAULT_COPY_RANGE
     hostid: int | None = None
     syslog: bool = False
     verbose: bool = False
@@ -87,6 +91,9 @@ class DaemonConfig:
                               "go past 65535")
         if self.worker is not None and not 0 <= self.worker < self.workers:
             raise ConfigError(f"worker: {self.worker} is not 0..{self.workers - 1}")
+        if not DEFAULT_COPY_RANGE <= self.copy_range <= MAX_COPY_RANGE:
+            raise ConfigError(f"copy_range: {self.copy_range} is not "
+                              f"{DEFAULT_COPY_RANGE}..{MAX_COPY_RANGE}")
         if not 1 <= self.maxupd <= 255:
             raise ConfigError(f"maxupd: {self.maxupd} is not 1..255")
         if self.hostid is not None and not 0 < self.hostid <= 0xFFFFFFFF:
@@ -98,8 +105,8 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "rules": (str,), "syncdev": (str,), "syncpeer": (str,), "syncgroup6": (str,),
     "maxupd": (int,), "defer": (bool,), "dialect": (str,), "protocol": (str,), "merge": (str,),
     "queue": (int,), "workers": (int,),
-    "control": (str,), "fail_open": (bool,), "hostid": (int,), "syslog": (bool,),
-    "verbose": (bool,),
+    "control": (str,), "fail_open": (bool,), "copy_range": (int,), "hostid": (int,),
+    "syslog": (bool,), "verbose": (bool,),
 }
 
 

@@ -1,27 +1,28 @@
-"""The data plane: NFQUEUE packets through pf, in batches, with pfsync deferral.
+"""The data plane: NFQUEUE packets through pf, in mini-batches, with pfsync deferral.
 
-One queue serves the three iptables hooks; netfilterqueue reports which hook queued the
-packet (`Packet.hook`: NF_INET_LOCAL_IN 1, FORWARD 2, LOCAL_OUT 3), so no second queue
-is needed to tell a forwarded packet from a local one. A forwarded packet is tested `in`
-on its input interface and then `out` on its output interface by the router step shared
-with the simulation and replay (`pf.router.route`); a packet to the firewall gets only
-the `in` test, one from it only the `out` test.
+One queue serves the three iptables hooks; the queue reports which hook queued the packet
+(NF_INET_LOCAL_IN 1, FORWARD 2, LOCAL_OUT 3), so no second queue is needed to tell a
+forwarded packet from a local one. A forwarded packet is tested `in` on its input
+interface and then `out` on its output interface by the router step shared with the
+simulation and replay (`pf.router.route`); a packet to the firewall gets only the `in`
+test, one from it only the `out` test.
 
-Batching: the netfilterqueue callback only records (packet, payload) — the payload must be
-copied inside the callback because the library frees its buffer afterwards. When
-`run(block=False)` has drained the netlink socket, the batch is decided, verdicts are
-issued, then the pfsync engine's `end_of_batch` runs once (so one frame carries the
-updates of a whole batch, like pfsync's per-softnet flush).
+The queue is read through our own nfnetlink_queue binding (io/nfq.py): only the first
+`copy_range` bytes of a packet are copied to us (pf reads headers only; the kernel
+forwards its own skb on a plain verdict) and parsed into one reused descriptor. Each
+packet is decided as it is read; after a mini-batch (32 packets or 24 KiB of wire
+bytes) the verdicts leave in one sendmsg (a run of accepts as one batch verdict), then
+the pfsync engine's `end_of_batch` runs once (one frame carries the updates of a whole
+mini-batch, like pfsync's per-softnet flush) and the loop exchanges frames with the peers.
 
-Deferral: a verdict can be given after the callback returned (the Packet keeps the queue
-handle and packet id), so a deferred packet is simply kept in the engine as its opaque
-handle until a `Released` event says accept or drop. The kernel keeps the packet meanwhile
-(bounded by the queue length, which is why the engine's defer limit must stay below it).
+Deferral: the packet id is the handle the engine keeps until a `Released` event says
+accept or drop; the binding never lets a batch verdict cover a held id. The kernel keeps
+the packet meanwhile (bounded by the queue length, which is why the engine's defer limit
+must stay below it).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import socket
 import time
@@ -30,6 +31,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pfcluster.io.iptables import GENERATED_MARK
+from pfcluster.io.nfq import DEFAULT_COPY_RANGE, NfQueue, QueuedPacket
+from pfcluster.packet import Packet, parse_into
 from pfcluster.pf.router import ROUTE_BLOCK, ROUTE_DEFER, route
 from pfcluster.pfsync.events import Released
 
@@ -40,6 +43,8 @@ NF_INET_FORWARD = 2
 NF_INET_LOCAL_OUT = 3
 QUEUE_MAXLEN = 4096
 SO_MARK = getattr(socket, "SO_MARK", 36)
+# How often the kernel's own drop counters (queue full, socket full) are looked at.
+KERNEL_STATS_EVERY = 5.0
 
 
 @dataclass
@@ -56,9 +61,19 @@ class DataplaneCounters:
     batches: int = 0
     max_batch: int = 0
     errors: int = 0
+    # the binding's and the kernel's counters are read from here when asked for
+    queue: Any = field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict[str, int]:
-        return dict(self.__dict__)
+        d = {k: v for k, v in self.__dict__.items() if k != "queue"}
+        q = self.queue
+        if q is not None:
+            d.update(q.counters())
+            k = q.kernel_stats()
+            for key in ("queue_total", "queue_dropped", "user_dropped"):
+                if key in k:
+                    d[f"kernel_{key}"] = k[key]
+        return d
 
 
 class ReplySender:
@@ -107,13 +122,12 @@ class ReplySender:
 
 @dataclass
 class Dataplane:
-    """Binds the queue and runs batches through `filt` (a pf Filter) and `engine`."""
+    """Binds the queue and runs its packets through `filt` (a pf Filter) and `engine`."""
 
     queue_num: int
     filt: Any
     engine: Any | None = None
     replies: ReplySender | None = None
-    parse: Callable[[bytes], Any] | None = None
     max_len: int = QUEUE_MAXLEN
     clock: Callable[[], float] = time.monotonic
     counters: DataplaneCounters = field(default_factory=DataplaneCounters)
@@ -133,38 +147,33 @@ class Dataplane:
     # Where the engine's events go (the daemon's dispatcher); by default only the held
     # packets' verdicts are applied.
     dispatch: Callable[[list[Any]], None] | None = None
+    # Bytes of each packet copied from the kernel (headers; see io/nfq.py).
+    copy_range: int = DEFAULT_COPY_RANGE
+    # NFQA_CFG_F_FAIL_OPEN: the kernel accepts what it cannot queue (queue or socket full).
+    fail_open: bool = False
+    # Packets read per wakeup at most, so the control socket and timers get their turn.
+    budget: int = 4096
 
     def __post_init__(self) -> None:
         if self.dispatch is None:
             self.dispatch = self._apply_releases
-        from netfilterqueue import NetfilterQueue
-
-        if self.parse is None:
-            from pfcluster.packet import parse
-
-            self.parse = parse
-        self._batch: list[tuple[Any, bytes]] = []
         self._ifnames: dict[int, str] = {}
         self.pending = 0  # deferred packets whose verdict the engine still holds
-        self.nfq = NetfilterQueue()
-        batch = self._batch
-        append = batch.append
-        limit = self.mini_batch
-        byte_limit = self.mini_batch_bytes
-        self._held_bytes = 0
-
-        def on_packet(p: Any) -> None:
-            # The callback runs inside nfq_handle_packet; the payload buffer dies with it.
-            payload = p.get_payload()
-            append((p, payload))
-            self._held_bytes += len(payload)
-            if len(batch) >= limit or self._held_bytes >= byte_limit:
-                self._decide_batch()
-
-        self.nfq.bind(self.queue_num, on_packet, max_len=self.max_len)
+        self.nfq: NfQueue | None = NfQueue(self.queue_num, copy_range=self.copy_range,
+                                           max_len=self.max_len, fail_open=self.fail_open)
+        self.verdicts = self.nfq.verdicts
+        self.counters.queue = self.nfq
+        self._scratch = Packet()
+        self._in_batch = 0  # packets decided since the last mini-batch end
+        self._batch_bytes = 0
+        self._now = 0.0
+        self._deciding = False
+        self._kernel_seen: dict[str, int] = {}
+        self._kernel_next = 0.0
 
     def fileno(self) -> int:
-        return int(self.nfq.get_fd())
+        assert self.nfq is not None
+        return self.nfq.fileno()
 
     def ifname(self, index: int) -> str:
         """ifindex -> name, cached; interfaces renamed or created later are looked up
@@ -178,78 +187,101 @@ class Dataplane:
             self._ifnames[index] = name
         return name
 
-    # --- the batch ---------------------------------------------------------------
+    # --- the mini-batches ---------------------------------------------------------
 
     def on_readable(self) -> int:
-        """Drain the queue socket in mini-batches; returns the packets decided."""
+        """Read the queue (up to `budget` packets), deciding in mini-batches; returns
+        the packets decided."""
+        assert self.nfq is not None
         before = self.counters.packets
-        self.nfq.run(block=False)
-        self._decide_batch()
+        self._now = self.clock()
+        self.nfq.drain(self._on_packet, self.budget)
+        self._end_batch()
+        if self._now >= self._kernel_next:
+            self._check_kernel_drops()
         return self.counters.packets - before
 
-    def _decide_batch(self) -> None:
-        """Decide what the callback collected, then flush pfsync once for all of it."""
-        self._held_bytes = 0
-        batch = self._batch
-        n = len(batch)
+    def _on_packet(self, qp: QueuedPacket) -> None:
+        if not self._in_batch:
+            self._now = self.clock()
+        self._deciding = True
+        try:
+            self._decide(qp, self._now)
+        except Exception:
+            # a core bug on one packet must not take the firewall down (which would
+            # remove its rules): drop that packet, count and log it
+            self.counters.errors += 1
+            if self.counters.errors <= 10:
+                log.exception("packet dropped after an internal error")
+            self.verdicts.drop(qp.packet_id)
+        finally:
+            self._deciding = False
+        self._in_batch += 1
+        self._batch_bytes += qp.wire_len
+        if self._in_batch >= self.mini_batch or self._batch_bytes >= self.mini_batch_bytes:
+            self._end_batch()
+
+    def _end_batch(self) -> None:
+        """Verdicts out in one message, then pfsync's flush once for the mini-batch."""
+        n = self._in_batch
+        if self.nfq is not None:
+            self.nfq.flush()
         if not n:
             return
-        now = self.clock()
-        try:
-            for pkt, payload in batch:
-                try:
-                    self._decide(pkt, payload, now)
-                except Exception:
-                    # a core bug on one packet must not take the firewall down (which
-                    # would remove its rules): drop that packet, count and log it
-                    self.counters.errors += 1
-                    if self.counters.errors <= 10:
-                        log.exception("packet dropped after an internal error")
-                    with contextlib.suppress(RuntimeError):
-                        pkt.drop()
-        finally:
-            batch.clear()
+        self._in_batch = 0
+        self._batch_bytes = 0
         c = self.counters
         c.batches += 1
         if n > c.max_batch:
             c.max_batch = n
         if self.engine is not None:
-            self.engine.end_of_batch(now)
+            self.engine.end_of_batch(self._now)
         if self.between_batches is not None:
             self.between_batches()
 
-    def _decide(self, pkt: Any, payload: bytes, now: float) -> None:
+    def _decide(self, qp: QueuedPacket, now: float) -> None:
         c = self.counters
         c.packets += 1
+        verdicts = self.verdicts
+        packet_id = qp.packet_id
         try:
-            parsed = self.parse(payload)  # type: ignore[misc]
+            pkt = parse_into(self._scratch, qp.payload, qp.wire_len)
         except ValueError:  # MalformedPacket is a ValueError
             c.malformed += 1
             c.blocked += 1
-            pkt.drop()
+            verdicts.drop(packet_id)
             return
-        hook = pkt.hook
-        in_if = None if hook == NF_INET_LOCAL_OUT else self.ifname(pkt.indev)
-        out_if = None if hook == NF_INET_LOCAL_IN else self.ifname(pkt.outdev)
+        hook = qp.hook
+        names = self._ifnames
+        in_if = None if hook == NF_INET_LOCAL_OUT else \
+            names.get(qp.indev) or self.ifname(qp.indev)
+        out_if = None if hook == NF_INET_LOCAL_IN else \
+            names.get(qp.outdev) or self.ifname(qp.outdev)
         engine = self.engine
-        rv = route(self.filt, in_if, out_if, parsed, now, engine, pkt)
-        for v in rv.verdicts:
+        rv = route(self.filt, in_if, out_if, pkt, now, engine, packet_id)
+        v = rv.v_in
+        if v is not None and (v.log or v.reply):
             self._emit(v)
-        if rv.action == ROUTE_BLOCK:
+        v = rv.v_out
+        if v is not None and (v.log or v.reply):
+            self._emit(v)
+        action = rv.action
+        if action == ROUTE_BLOCK:
             c.blocked += 1
-            pkt.drop()
+            verdicts.drop(packet_id)
             return
         if engine is not None and engine.pending_releases():
             # this packet released a held one of its state: that one goes first
             dispatch = self.dispatch
             assert dispatch is not None
             dispatch(engine.take_events())
-        if rv.action == ROUTE_DEFER:
+        if action == ROUTE_DEFER:
             c.deferred += 1
             self.pending += 1
+            verdicts.hold(packet_id)
             return
         c.passed += 1
-        pkt.accept()
+        verdicts.accept(packet_id)
 
     def _emit(self, v: Any) -> None:
         """pf's log lines and its own reply packet (RST, unreachable, challenge ACK)."""
@@ -266,18 +298,18 @@ class Dataplane:
             self.counters.reply_errors += 1
 
     def apply_release(self, handle: Any, accept: bool) -> None:
-        """The verdict of a deferred packet the engine let go (ack, timeout, update)."""
+        """The verdict of a deferred packet the engine let go (ack, timeout, update);
+        `handle` is its packet id. Sent at once unless a mini-batch is being decided
+        (then with the mini-batch's verdicts, before the releasing packet's own)."""
         c = self.counters
         self.pending -= 1
-        try:
-            if accept:
-                handle.accept()
-                c.released_pass += 1
-            else:
-                handle.drop()
-                c.released_drop += 1
-        except RuntimeError as exc:  # verdict already given / queue gone
-            log.warning("deferred packet release failed: %s", exc)
+        self.verdicts.release(int(handle), accept)
+        if accept:
+            c.released_pass += 1
+        else:
+            c.released_drop += 1
+        if not self._deciding and self.nfq is not None:
+            self.nfq.flush()
 
     def _apply_releases(self, events: list[Any]) -> None:
         """Without a loop to dispatch to (tests, benchmarks): releases only."""
@@ -285,5 +317,20 @@ class Dataplane:
             if isinstance(ev, Released):
                 self.apply_release(ev.handle, ev.accept)
 
+    def _check_kernel_drops(self) -> None:
+        """The kernel counts what it could not queue (queue full: queue_dropped; our
+        socket full: user_dropped); log growth, at most every KERNEL_STATS_EVERY s."""
+        assert self.nfq is not None
+        self._kernel_next = self._now + KERNEL_STATS_EVERY
+        stats = self.nfq.kernel_stats()
+        for key, what in (("queue_dropped", "queue full"), ("user_dropped", "socket full")):
+            new = stats.get(key, 0) - self._kernel_seen.get(key, stats.get(key, 0))
+            if new > 0:
+                log.warning("NFQUEUE %d: %d packets %s by the kernel (%s)", self.queue_num,
+                            new, "accepted unfiltered" if self.fail_open else "dropped", what)
+        self._kernel_seen = stats
+
     def close(self) -> None:
-        self.nfq.unbind()
+        if self.nfq is not None:
+            self.nfq.close()
+            self.nfq = None

@@ -162,7 +162,8 @@ class Daemon:
         try:
             self.dataplane = Dataplane(cfg.queue, self.filter, self.engine, self.replies,
                                        clock=self.clock, between_batches=self._between_batches,
-                                       dispatch=self._dispatch)
+                                       dispatch=self._dispatch, copy_range=cfg.copy_range,
+                                       fail_open=cfg.fail_open)
         except OSError as exc:
             owner = queue_owner(cfg.queue)
             if owner is not None:

@@ -61,7 +61,8 @@ def worker_argv(cfg: DaemonConfig, index: int, hostid: int) -> list[str]:
             "--protocol", cfg.protocol, "--merge", cfg.merge, "--queue", str(cfg.queue),
             "--workers", str(cfg.workers), "--control", cfg.control,
             "--fail-open" if cfg.fail_open else "--fail-closed", "--hostid", hex(hostid),
-            "--syslog" if cfg.syslog else "--stderr", "--worker-index", str(index)]
+            "--syslog" if cfg.syslog else "--stderr", "--copy-range", str(cfg.copy_range),
+            "--worker-index", str(index)]
     if cfg.syncpeer:
         argv += ["--syncpeer", cfg.syncpeer]
     if cfg.syncgroup6:
