@@ -167,7 +167,7 @@ class Engine:
         self._order = queue_order(self.dialect)
         self._queues: list[dict[State, None]] = [{} for _ in QUEUES]
         self._ureq: dict[tuple[int, int], None] = {}
-        # idle split states resumed by a local update: split until this time (_split)
+        # idle split states resumed by a local update: split until this time
         self._resumed: dict[State, float] = {}
         self._plus: list[tuple[str, Any]] = []
         self._len = policy.min_frame
@@ -307,13 +307,17 @@ class Engine:
         if sync:
             self.counters["maxupd_sends"] += 1
             self._immediate = True
-        elif self.policy.split_detection and self._split(st, now):
-            self.counters["split_immediate"] += 1
-            self._immediate = True
+        elif self.policy.split_detection:
+            # split path (the thesis): a peer touched the state less than a window ago
+            touched = st.pfsync_time
+            if now - touched < self.config.split_window or (
+                    touched != NEVER and self._resumed_split(st, now)):
+                self.counters["split_immediate"] += 1
+                self._immediate = True
 
-    def _split(self, st: State, now: float) -> bool:
-        """Split-path detection. The thesis' rule: a peer touched the state less than
-        `split_window` ago. A departure for idle connections: when we have not sent the
+    def _resumed_split(self, st: State, now: float) -> bool:
+        """Split-path detection past the thesis' rule (no peer touched the state for a
+        window), a departure for idle connections: when we have not sent the
         state for a window either, and its last peer update came within a window of our
         last send, both halves went quiet together; the state was split then, so it is
         split again for one window when it resumes (until the peer's updates come back).
@@ -323,10 +327,6 @@ class Engine:
         (the pace is shorter)."""
         window = self.config.split_window
         touched = st.pfsync_time
-        if now - touched < window:
-            return True
-        if touched == NEVER:
-            return False
         resumed = self._resumed
         until = resumed.get(st)
         if until is not None:
