@@ -7,7 +7,8 @@ It follows the 2009 rewrite the thesis describes, composed from one module per c
   state reaches `maxupd` updates, or at `end_of_batch` when immediate work was queued
   during the batch (the softnet handler of the thesis);
 - split-path detection (here): a local update to a state a peer touched less than two
-  seconds ago is immediate;
+  seconds ago is immediate, and so is one to a state that was split when both sides
+  went quiet (`_resumed_split`);
 - `defer`: the first packet of a new `out` state held until a peer's INS_ACK;
 - `bulk`: the bulk update, both sides, as state machines;
 - `merge`: how a peer's update is merged (per edge, or the thesis' whole-or-nothing);
