@@ -141,8 +141,11 @@ class Dataplane:
     # we forwarded, within pf's 67035-byte fuzz, so our updates must trail our data by
     # well under that (16 full-size segments), while ACK-only batches may run longer.
     mini_batch_bytes: int = 24 * 1024
-    # Called after each mini-batch: the loop sends the engine's frames and reads what the
-    # peers sent meanwhile, so both firewalls' views stay within a mini-batch of each other.
+    # Called before and after each mini-batch: the loop sends the engine's frames and reads
+    # what the peers sent meanwhile, so both firewalls' views stay within a mini-batch of
+    # each other, and a peer's update that reached us before a packet of the batch (while
+    # the batch was being read) is applied before that packet is decided, as pf's softnet
+    # order does (docs/ecmp4.md).
     between_batches: Callable[[], None] | None = None
     # Where the engine's events go (the daemon's dispatcher); by default only the held
     # packets' verdicts are applied.
@@ -203,6 +206,10 @@ class Dataplane:
 
     def _on_packet(self, qp: QueuedPacket) -> None:
         if not self._in_batch:
+            # a new mini-batch: what the peers sent while its packets were queued is
+            # applied before they are decided, as pf's softnet order has it (ecmp4.md)
+            if self.between_batches is not None:
+                self.between_batches()
             self._now = self.clock()
         self._deciding = True
         try:

@@ -7,7 +7,8 @@ It follows the 2009 rewrite the thesis describes, composed from one module per c
   state reaches `maxupd` updates, or at `end_of_batch` when immediate work was queued
   during the batch (the softnet handler of the thesis);
 - split-path detection (here): a local update to a state a peer touched less than two
-  seconds ago is immediate;
+  seconds ago is immediate, and so is one to a state that was split when both sides
+  went quiet (`_resumed_split`);
 - `defer`: the first packet of a new `out` state held until a peer's INS_ACK;
 - `bulk`: the bulk update, both sides, as state machines;
 - `merge`: how a peer's update is merged (per edge, or the thesis' whole-or-nothing);
@@ -35,6 +36,7 @@ from pfcluster.pf.constants import (
 )
 from pfcluster.pf.filter import Filter
 from pfcluster.pf.state import SYNC_NONE, State
+from pfcluster.pf.tcp import NEVER
 from pfcluster.pfsync import legacy, wire
 from pfcluster.pfsync.bulk import BUS_END, BUS_START, BulkRequest, BulkSend
 from pfcluster.pfsync.convert import (
@@ -68,7 +70,7 @@ DEFAULT_TTL = 255
 STAT_NAMES = (
     "ipackets", "opackets", "obytes", "ibytes", "badif", "badttl", "hdrops", "badver",
     "badlen", "badact", "badval", "badauth", "badstate", "badproto", "stale", "stale_echo",
-    "updates_immediate", "split_immediate", "fin_acked", "maxupd_sends", "pace_sends", "full_sends",
+    "updates_immediate", "split_immediate", "split_resumed", "fin_acked", "maxupd_sends", "pace_sends", "full_sends",
     "batch_sends", "ins_received", "upd_received", "updc_received", "del_received",
     "clr_received", "iack_received", "iack_sent", "ureq_sent", "ureq_received",
     "bulk_requests_sent", "bulk_requests_received", "bulk_states_sent", "bulk_states_received",
@@ -170,6 +172,8 @@ class Engine:
         self._order = queue_order(self.dialect)
         self._queues: list[dict[State, None]] = [{} for _ in QUEUES]
         self._ureq: dict[tuple[int, int], None] = {}
+        # idle split states resumed by a local update: split until this time
+        self._resumed: dict[State, float] = {}
         self._plus: list[tuple[str, Any]] = []
         self._len = policy.min_frame
         self._deadline: float | None = None
@@ -309,11 +313,42 @@ class Engine:
         if sync:
             self.counters["maxupd_sends"] += 1
             self._immediate = True
-        elif self.policy.split_detection and now - st.pfsync_time < self.config.split_window:
-            self.counters["split_immediate"] += 1
-            self._immediate = True
+        elif self.policy.split_detection:
+            # split path (the thesis): a peer touched the state less than a window ago
+            touched = st.pfsync_time
+            if now - touched < self.config.split_window or (
+                    touched != NEVER and self._resumed_split(st, now)):
+                self.counters["split_immediate"] += 1
+                self._immediate = True
+
+    def _resumed_split(self, st: State, now: float) -> bool:
+        """Split-path detection past the thesis' rule (no peer touched the state for a
+        window), a departure for idle connections: when we have not sent the
+        state for a window either, and its last peer update came within a window of our
+        last send, both halves went quiet together; the state was split then, so it is
+        split again for one window when it resumes (until the peer's updates come back).
+        The thesis' rule alone paces the first burst's updates, and the peer drops the
+        ACKs for it (docs/ecmp4.md). A state only we kept forwarding while the peers were
+        silent is still unsplit after one window: its sends are never a window apart
+        (the pace is shorter)."""
+        window = self.config.split_window
+        touched = st.pfsync_time
+        resumed = self._resumed
+        until = resumed.get(st)
+        if until is not None:
+            if now < until:
+                return True
+            del resumed[st]
+            return False
+        sent = st.pfsync_sent
+        if sent != NEVER and now - sent >= window and sent - touched < window:
+            resumed[st] = now + window
+            self.counters["split_resumed"] += 1
+            return True
+        return False
 
     def state_removed(self, st: State, now: float) -> None:
+        self._resumed.pop(st, None)
         if st.state_flags & PFSTATE_ACK:
             self.deferrals.release(st, accept=False)
         if self._dequeue_nosync(st):
