@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pfcluster.io.config import DaemonConfig
+from pfcluster.io.config import MAX_WORKERS, DaemonConfig
 from pfcluster.io.control import ControlError, ControlServer
 from pfcluster.io.iptables import IptablesError, IptablesRules, queue_owner
 from pfcluster.io.siblings import SiblingBus
@@ -69,10 +69,13 @@ def make_core(cfg: DaemonConfig, ruleset: Any, now: float) -> tuple[Any, SyncEng
     from pfcluster.pf.filter import Filter
     from pfcluster.pfsync.engine import attach
 
-    # pf seeds its state ids with the boot time; the core reads no clock, so we do (a
-    # --workers firewall's workers add their index: each has its own id space)
-    filt = Filter(ruleset, hostid=cfg.hostid, now=now,
-                  id_seed=int(time.time()) + (cfg.worker or 0))
+    # pf seeds its state ids with the boot time; the core reads no clock, so we do. A
+    # --workers firewall's worker i takes seconds * MAX_WORKERS + i: id spaces apart even
+    # when its siblings read the clock in another second
+    seed = int(time.time())
+    if cfg.worker is not None:
+        seed = seed * MAX_WORKERS + cfg.worker
+    filt = Filter(ruleset, hostid=cfg.hostid, now=now, id_seed=seed)
     engine = attach(filt, dialect=cfg.dialect, protocol=cfg.protocol, maxupd=cfg.maxupd,
                     defer=cfg.defer and cfg.sync_enabled, merge=cfg.merge, now=now,
                     answers_bulk=not cfg.worker)  # one worker answers for the firewall
