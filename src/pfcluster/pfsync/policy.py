@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from pfcluster.pf.state import State
+from pfcluster.pf.state import DST, PEER_LEN, SRC, State
 from pfcluster.pfsync import wire
 from pfcluster.pfsync.merge import MERGE_RULES, MergeRule
 
@@ -63,6 +63,10 @@ class Policy(Protocol):
                counters: dict[str, int]) -> tuple[Sections, bytes] | None: ...
 
 
+SRC_END = SRC + PEER_LEN
+DST_END = DST + PEER_LEN
+
+
 class V5Policy:
     """pfsync v5 (and the openbsd6 layout): mixed frames, split detection, deferral."""
 
@@ -87,10 +91,11 @@ class V5Policy:
         return None  # v5 frames mix every message type; only the MTU bounds them
 
     def upd_c(self, st: State, expire: int, updates: int) -> Any:
-        from pfcluster.pfsync.convert import peer_to_wire
-
-        return wire.UpdC(st.id, peer_to_wire(st.src), peer_to_wire(st.dst), st.creatorid,
-                         expire, st.timeout, 0)
+        # straight from the state's buffer: this runs for every state in every frame
+        peer = wire.StatePeer
+        return wire.UpdC(st.id, peer(0, 0, 0, 0, *st[SRC:SRC_END]),
+                         peer(0, 0, 0, 0, *st[DST:DST_END]), st.creatorid, expire,
+                         st.timeout, 0)
 
     def del_c(self, st: State) -> Any:
         return wire.DelC(st.id, st.creatorid)
