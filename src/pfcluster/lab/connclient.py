@@ -239,9 +239,11 @@ def _fail(res: LoadResult, c: _Conn, why: str, now: float, keep: int = 50) -> No
 
 
 def load(to: str, port: int, conns: int, parallel: int, timeout: float,
-         max_seconds: float) -> dict[str, Any]:
+         max_seconds: float, sources: list[str] | None = None) -> dict[str, Any]:
     """`conns` short connections, at most `parallel` in flight, each bounded by `timeout`,
-    the whole run by `max_seconds` (connections not started by then count as failed)."""
+    the whole run by `max_seconds` (connections not started by then count as failed).
+    `sources`: connection i binds sources[i % len] (several address pairs, so that a
+    `--workers` firewall spreads them)."""
     fam = family_of(to)
     sel = selectors.DefaultSelector()
     res = LoadResult(conns, parallel)
@@ -271,6 +273,8 @@ def load(to: str, port: int, conns: int, parallel: int, timeout: float,
             s = socket.socket(fam, socket.SOCK_STREAM)
             s.setblocking(False)
             c = _Conn(res.started, s, time.monotonic())
+            if sources:
+                s.bind((sources[res.started % len(sources)], 0))
             res.started += 1
             err = s.connect_ex((to, port))
             if err not in (0, errno.EINPROGRESS):
@@ -438,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     lo.add_argument("--parallel", type=int, default=50)
     lo.add_argument("--timeout", type=float, default=15.0)
     lo.add_argument("--max-seconds", type=float, default=120.0)
+    lo.add_argument("--sources", default="", help="comma-separated source addresses")
     r = sub.add_parser("reuse")
     r.add_argument("--to", required=True)
     r.add_argument("--port", type=int, default=8080)
@@ -454,7 +459,8 @@ def main(argv: list[str] | None = None) -> int:
         if not (0 <= a.conns <= 1_000_000 and 1 <= a.parallel <= 10_000
                 and 0 < a.timeout <= 600 and 0 < a.max_seconds <= 3600):
             ap.error("conns 0..1e6, parallel 1..1e4, timeout (0, 600], max-seconds (0, 3600]")
-        out = load(a.to, a.port, a.conns, a.parallel, a.timeout, a.max_seconds)
+        sources = [x for x in a.sources.split(",") if x]
+        out = load(a.to, a.port, a.conns, a.parallel, a.timeout, a.max_seconds, sources or None)
     else:
         if not (0 <= a.count <= 10_000 and 0 < a.timeout <= 600 and 0 < a.src_port < 65536):
             ap.error("count 0..10000, timeout (0, 600], src-port 1..65535")

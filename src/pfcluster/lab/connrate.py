@@ -26,7 +26,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from pfcluster.lab.experiment import READY_TIMEOUT, DaemonRunner, RunConfig, _flatten, _norm
+from pfcluster.lab.experiment import (
+    READY_TIMEOUT,
+    DaemonRunner,
+    RunConfig,
+    _flatten,
+    _norm,
+    extra_sources,
+)
 from pfcluster.lab.iperf import wait_listening
 from pfcluster.lab.netns import Lab, LabError, Proc, run, sysctl
 from pfcluster.lab.topology import Host, Topology
@@ -139,8 +146,10 @@ def _client(lab: Lab, ns: str, args: list[str], timeout: float) -> dict[str, Any
 
 
 def measure_path(lab: Lab, cfg: ConnRateConfig, client: Host, server: Host,
-                 src_port: int, seen_ports: set[int]) -> dict[str, Any]:
-    """The reuse phase (if asked) and the load phase on whatever routing is set now."""
+                 src_port: int, seen_ports: set[int],
+                 sources: list[str] | None = None) -> dict[str, Any]:
+    """The reuse phase (if asked) and the load phase on whatever routing is set now
+    (the load from `sources` in turn when given: --workers)."""
     row: dict[str, Any] = {}
     if cfg.reuse_port:
         r = _client(lab, client.ns, [
@@ -177,6 +186,7 @@ def measure_path(lab: Lab, cfg: ConnRateConfig, client: Host, server: Host,
             "load", "--to", server.ip4, "--port", str(SERVER_PORT),
             "--conns", str(cfg.conns), "--parallel", str(cfg.parallel),
             "--timeout", f"{cfg.timeout:g}", "--max-seconds", f"{cfg.max_seconds:g}",
+            *(["--sources", ",".join(sources)] if sources else []),
         ], timeout=cfg.max_seconds + cfg.timeout + 15)
         ports = [int(p) for p in d.pop("ports", [])]
         row.update(
@@ -228,6 +238,9 @@ def run_connrate(cfg: ConnRateConfig, progress: ProgressFn | None = None) -> dic
             "--port", str(SERVER_PORT), "--seconds", f"{lifetime:g}",
         ])
         wait_listening(s.ns, SERVER_PORT, srv)
+        # --workers N: the load comes from N*4 client addresses on every path, the
+        # kernel's included, so the firewalls' workers share it
+        sources = extra_sources(lab, topo, cfg.workers)
         runner: DaemonRunner | None = None
         seen: set[int] = set()
         for i, path in enumerate(paths):
@@ -246,7 +259,7 @@ def run_connrate(cfg: ConnRateConfig, progress: ProgressFn | None = None) -> dic
                 before = {fw.index: fw_counters(runner.info(fw)) for fw in topo.fws}
             t0 = time.monotonic()
             try:
-                row = measure_path(lab, cfg, c, s, REUSE_PORT_BASE + i, seen)
+                row = measure_path(lab, cfg, c, s, REUSE_PORT_BASE + i, seen, sources)
             except LabError as exc:
                 doc["errors"].append(f"{path}: {exc}")
                 row = {"error": str(exc)}

@@ -450,7 +450,7 @@ def integrity_transfer(
 SOURCES_PER_WORKER = 4
 
 
-def _extra_sources(lab: Lab, topo: Topology, workers: int) -> list[str] | None:
+def extra_sources(lab: Lab, topo: Topology, workers: int) -> list[str] | None:
     """With --workers N, give the client N*4 more addresses (198.51.100.200...) and
     return them; None with one worker (one address is the plain lab)."""
     if workers <= 1:
@@ -589,7 +589,7 @@ def run_one(cfg: RunConfig, progress: ProgressFn | None = None) -> dict[str, Any
         if cfg.integrity_bytes:
             note("integrity transfer", 0.95)
             integrity = integrity_transfer(lab, topo, cfg.integrity_bytes,
-                                           sources=_extra_sources(lab, topo, cfg.workers))
+                                           sources=extra_sources(lab, topo, cfg.workers))
         if kind == "daemon":
             for idx, proc in runner.procs.items():  # type: ignore[attr-defined]
                 if proc.popen.poll() is not None and not (cfg.failover and idx == 1):
