@@ -52,7 +52,9 @@ def test_a_state_is_two_allocations_of_288_bytes_at_most() -> None:
     n = 2000
     used = _traced(lambda: keep.extend(_states(n)))
     per_state = (used - 8 * n) / n  # less the list holding them
-    assert per_state <= 288, per_state
+    # 208 + 80, and a little for whatever else runs (hypothesis, the list's growth);
+    # a State with two Peer objects took 392
+    assert per_state < 296, per_state
 
 
 def test_sequence_numbers_do_not_allocate() -> None:
