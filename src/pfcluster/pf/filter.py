@@ -730,7 +730,7 @@ class Filter:
         a DEL_C of ours when the news came from a peer, which already knows.
         """
         table = self.states
-        old = table.peek(st.key)
+        old = table.by_key.get(st.key)
         if old is not None:
             reuse = (old.key[1] == IPPROTO_TCP and old.src.state >= FIN_WAIT_2
                      and old.dst.state >= FIN_WAIT_2)
@@ -776,7 +776,7 @@ class Filter:
         A peer is held to `set limit states` like local traffic: without that, anyone on
         the sync link could grow the table without bound.
         """
-        if len(self.states) >= self.limit_states:
+        if len(self.states.by_key) >= self.limit_states:
             self.counters[PFRES_MEMORY] += 1
             return False
         st.rule = None

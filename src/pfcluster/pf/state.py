@@ -178,10 +178,15 @@ class State(_Base):
         now: float,
         rule: Rule | None = None,
         ifname: str = "all",
+        peers: tuple[int, ...] | None = None,
     ) -> State:
-        self: State = _new_array(cls, "I", _ZERO)
-        self[DIRECTION] = direction
-        self[CREATORID] = creatorid
+        """`peers`: both peers' fields in buffer order (an importer has them at hand)."""
+        if peers is None:
+            self: State = _new_array(cls, "I", _ZERO)
+            self[DIRECTION] = direction
+            self[CREATORID] = creatorid
+        else:
+            self = _new_array(cls, "I", (*peers, 0, 0, direction, creatorid, 0, 0))
         self.key = key
         self.id = state_id
         self.ifname = ifname

@@ -103,9 +103,11 @@ class BulkSend:
                 and st.pfsync_time <= self.requested_at
                 and not st.state_flags & PFSTATE_NOSYNC)
 
-    def step(self, now: float, queue: Callable[[State], bool]) -> bool:
-        """Queue the next states; `queue` returns True when it sent a full frame. Stops
-        after `frames_per_tick` frames. Returns True when the walk is complete."""
+    def step(self, now: float, per_frame: int, send: Callable[[list[State]], None],
+             queue: Callable[[State], None]) -> bool:
+        """Hand the next states to `send` a full frame's worth (`per_frame`) at a time,
+        up to `frames_per_tick` frames; the walk's last, partial batch goes to `queue`
+        one state at a time (it leaves with the BUS end). True when the walk is done."""
         states = self.states
         if states is None:
             return False
@@ -113,13 +115,20 @@ class BulkSend:
         i = self.pos
         n = len(states)
         wants = self.wants
+        batch: list[State] = []
         while i < n:
             st = states[i]
             i += 1
-            if wants(st) and queue(st):
-                frames += 1
-                if frames >= self.frames_per_tick:
-                    break
+            if wants(st):
+                batch.append(st)
+                if len(batch) >= per_frame:
+                    send(batch)
+                    batch = []
+                    frames += 1
+                    if frames >= self.frames_per_tick:
+                        break
+        for st in batch:
+            queue(st)
         self.pos = i
         if i >= n:
             self.states = None

@@ -14,7 +14,7 @@ ran and the generated line.
 
 from __future__ import annotations
 
-from array import array
+import struct
 from typing import Any
 
 from pfcluster.pf.constants import (
@@ -157,8 +157,7 @@ def _gen_importer(dialect: str) -> Any:
         f"    key = (af, t[{ix['proto']}], t[{k + KEY_ADDR0}][:alen], t[{k + KEY_ADDR1}][:alen],"
         f" t[{k + KEY_PORT0}], t[{k + KEY_PORT1}])",
         f"    st = State(key, direction, t[{ix['creatorid']}], t[{ix['id']}], now, None,"
-        f" cstr(t[{ix['ifname']}]) or 'all')",
-        "    st[:PEERS] = array('I', (" + "".join(
+        f" cstr(t[{ix['ifname']}]) or 'all', (" + "".join(
             f"t[{base + j}], " for base in (src, dst) for j in range(len(PEER_TCP_FIELDS))) + "))",
         f"    st.creation = now - t[{ix['creation']}]",
         "    st.timeout = tm",
@@ -181,7 +180,7 @@ def _gen_importer(dialect: str) -> Any:
     env: dict[str, Any] = {
         "AFMAP": {AF_INET_WIRE: AF_INET, inet6: AF_INET6}, "Err": ImportError_,
         "PFTM_MAX": PFTM_MAX, "PEER_MAX": PF_TCPS_PROXY_DST, "AF_INET": AF_INET, "State": State,
-        "cstr": wire.cstr, "ACK": PFSTATE_ACK, "array": array, "PEERS": 2 * PEER_LEN,
+        "cstr": wire.cstr, "ACK": PFSTATE_ACK,
     }
     src_text = "\n".join(lines) + "\n"
     return compile_generated(src_text, f"<pfsync-generated importer {dialect}>", env, name)
@@ -201,7 +200,7 @@ def state_importer(dialect: str) -> Any:
 # Per-field expressions over a pf State (`st`, its peers `s`/`d`) and the values the
 # caller works out once per state (`cre`, `exp`, `rule`, `waf`, `flags`, `a0`, `a1`).
 _FIELD_EXPR: dict[str, str] = {
-    "id": "st.id", "ifname": "st.ifname.encode('latin-1')",
+    "id": "st.id", "ifname": "IFN.get(st.ifname) or ifname_bytes(st.ifname)",
     "rt_addr": "ZERO16", "rule": "rule", "anchor": "U32", "nat_rule": "U32",
     "creation": "cre", "expire": "exp", "packets": "st.packets0, st.packets1",
     "bytes": "st.bytes0, st.bytes1", "creatorid": f"st[{CREATORID}]", "af": "waf",
@@ -210,7 +209,19 @@ _FIELD_EXPR: dict[str, str] = {
     "rt_ifname": "b''",
 }
 # A peer: the scrub values are zero (we do not scrub), then pf's Peer fields.
-_PEER_EXPR = ", ".join(["0"] * PEER_SCRUB_VALUES + [f"st[{{p}} + {j}]" for j in range(PEER_LEN)])
+_PEER_EXPR = ", ".join(["0"] * PEER_SCRUB_VALUES + [f"pv[{{p}} + {j}]" for j in range(PEER_LEN)])
+
+
+# Interface names as the packer writes them; bounded, since peers choose the names of
+# the states they send us.
+_IFNAME_BYTES: dict[str, bytes] = {}
+
+
+def _ifname_bytes(name: str) -> bytes:
+    b = name.encode("latin-1")
+    if len(_IFNAME_BYTES) < 256:
+        _IFNAME_BYTES[name] = b
+    return b
 
 
 def _gen_packer(dialect: str) -> Any:
@@ -237,6 +248,7 @@ def _gen_packer(dialect: str) -> Any:
     src = (
         f"def {name}(st, now, timeouts, nstates):\n"
         "    k = st.key\n"
+        "    pv = PEERS(st)\n"
         "    a0 = k[2] if len(k[2]) == 16 else k[2] + ZERO12\n"
         "    a1 = k[3] if len(k[3]) == 16 else k[3] + ZERO12\n"
         "    cre = int(now - st.creation)\n"
@@ -252,6 +264,8 @@ def _gen_packer(dialect: str) -> Any:
     env: dict[str, Any] = {"ZERO16": bytes(16), "ZERO12": _ZERO12, "U32": U32,
                            "PACK": codec.st.pack, "Packed": wire.PackedRecord,
                            "expires": state_expires, "AF_INET": AF_INET,
+                           "PEERS": struct.Struct(f"{2 * PEER_LEN}I").unpack_from,
+                           "IFN": _IFNAME_BYTES, "ifname_bytes": _ifname_bytes,
                            "AF6": wire.af_to_wire(dialect, AF_INET6)}
     return compile_generated(src, f"<pfsync-generated packer {dialect}>", env, name)
 

@@ -464,21 +464,56 @@ class Engine:
         log.info("pfsync: bulk update start, %d states", len(self.bulk_send.states or ()))
         self._send_plus("BUS", self.policy.bus(self.creatorid, 0, BUS_START), now)
 
+    def _bulk_per_frame(self) -> int:
+        """How many full state records make the queue send a frame (as queueing them
+        one by one would: the frame goes once another might not fit)."""
+        size = self._size[QUEUE_ACTION[Q_UPD]]
+        room = self.config.mtu - size - self.policy.subheader
+        length = self.policy.min_frame + self.policy.subheader
+        n = 0
+        while True:
+            length += size
+            n += 1
+            if length > room:
+                return n
+
     def _bulk_step(self, now: float) -> None:
         room = self.config.mtu - self._size["UPD"] - self.policy.subheader
 
-        def queue(st: State) -> bool:
+        def queue(st: State) -> None:
             self._update_state_req(st, now)
             self.counters["bulk_states_sent"] += 1
             if self._len > room:
                 self._sendout(now, "full_sends")
-                return True
-            return False
 
-        if self.bulk_send.step(now, queue):
+        def send(batch: list[State]) -> None:
+            if self._len == self.policy.min_frame and not self._plus and not self._ureq:
+                self._bulk_frame(batch, now)
+            else:  # something else is queued: the states join it, as one by one
+                for st in batch:
+                    queue(st)
+
+        if self.bulk_send.step(now, self._bulk_per_frame(), send, queue):
             endtime = max(0, int(now - self.bulk_send.requested_at))
             log.info("pfsync: bulk update complete")
             self._send_plus("BUS", self.policy.bus(self.creatorid, endtime, BUS_END), now)
+
+    def _bulk_frame(self, batch: list[State], now: float) -> None:
+        """One frame of full state records, built straight from the states: what
+        queueing them one by one and sending the full queue makes, without the queue."""
+        filt = self.filter
+        nstates = len(filt.states.by_key)
+        timeouts = filt.timeouts
+        build = self._builders[Q_UPD]
+        msgs = [build(st, now, timeouts, nstates) for st in batch]
+        if QUEUES[Q_UPD].tells_state:
+            for st in batch:
+                st.pfsync_sent = now
+        self.counters["bulk_states_sent"] += len(batch)
+        self.counters["full_sends"] += 1
+        sections = [(QUEUE_ACTION[Q_UPD], msgs)]
+        for data, counts in self.policy.frames(sections, filt.ruleset.checksum[:16]):
+            self._account(data, counts)
 
     # ------------------------------------------------------------------ timers
     def next_deadline(self) -> float | None:
