@@ -11,9 +11,10 @@ The queue is read through our own nfnetlink_queue binding (io/nfq.py): only the 
 `copy_range` bytes of a packet are copied to us (pf reads headers only; the kernel
 forwards its own skb on a plain verdict) and parsed into one reused descriptor. Each
 packet is decided as it is read; after a mini-batch (32 packets or 24 KiB of wire
-bytes) the verdicts leave in one sendmsg (a run of accepts as one batch verdict), then
-the pfsync engine's `end_of_batch` runs once (one frame carries the updates of a whole
-mini-batch, like pfsync's per-softnet flush) and the loop exchanges frames with the peers.
+bytes) the pfsync engine's `end_of_batch` runs once (one frame carries the updates of a
+whole mini-batch, like pfsync's per-softnet flush), the loop exchanges frames with the
+peers, and then the mini-batch's verdicts leave in one sendmsg (a run of accepts as one
+batch verdict): a peer on a split path learns of our data before the data leaves.
 
 Deferral: the packet id is the handle the engine keeps until a `Released` event says
 accept or drop; the binding never lets a batch verdict cover a held id. The kernel keeps
@@ -229,22 +230,27 @@ class Dataplane:
             self._end_batch()
 
     def _end_batch(self) -> None:
-        """Verdicts out in one message, then pfsync's flush once for the mini-batch."""
+        """pfsync's flush once for the mini-batch, then its verdicts in one message.
+
+        The updates leave before the packets they describe: on a split path the peer
+        forwards the receiver's ACKs for this data, and an ACK that reaches it before our
+        update is checked against an old edge (state-mismatch). With the verdicts first,
+        the kernel forwarded the whole mini-batch (and the receiver acknowledged it,
+        in the same softirq) before our frame was even built."""
         n = self._in_batch
+        if n:
+            self._in_batch = 0
+            self._batch_bytes = 0
+            c = self.counters
+            c.batches += 1
+            if n > c.max_batch:
+                c.max_batch = n
+            if self.engine is not None:
+                self.engine.end_of_batch(self._now)
+            if self.between_batches is not None:
+                self.between_batches()
         if self.nfq is not None:
             self.nfq.flush()
-        if not n:
-            return
-        self._in_batch = 0
-        self._batch_bytes = 0
-        c = self.counters
-        c.batches += 1
-        if n > c.max_batch:
-            c.max_batch = n
-        if self.engine is not None:
-            self.engine.end_of_batch(self._now)
-        if self.between_batches is not None:
-            self.between_batches()
 
     def _decide(self, qp: QueuedPacket, now: float) -> None:
         c = self.counters
