@@ -49,9 +49,10 @@ def test_split_v5_transfer_intact_no_mismatch(daemon_lab: None) -> None:
 def test_two_workers_split_and_ecmp_intact(daemon_lab: None, paths: str) -> None:
     """--workers 2 on every firewall: the integrity transfer's 8 connections come from 8
     client addresses, so both workers of each firewall carry some; data intact, 0
-    state-mismatch."""
+    state-mismatch. iperf3 is paced (10k pps): at full speed 2 firewalls of 2 workers and
+    the generators overrun 2 cores and the mismatch count measures the machine (README)."""
     doc = run_one(RunConfig(paths=paths, sync="v5", firewall="daemon", seconds=3,
-                            defer=True, integrity_bytes=8 * MB, workers=2))
+                            defer=True, integrity_bytes=8 * MB, workers=2, rate_pps=10000))
     assert doc["integrity"]["intact"], doc["integrity"]
     assert doc["integrity"]["conns"] == 8
     assert doc["state_mismatch"] == 0, doc["firewalls"]
