@@ -12,7 +12,7 @@ pytestmark = [pytest.mark.root]  # network namespaces, iptables, NFQUEUE
 
 def test_bench_daemon_short(need_root: None) -> None:
     figures = run_bench(1.0, kernel_baseline=False)
-    for setup in ("accept_all", "daemon"):
+    for setup in ("accept_all", "accept_all_nfq", "daemon"):
         for proto in ("tcp", "udp64"):
             row = figures[setup][proto]
             assert "error" not in row, row

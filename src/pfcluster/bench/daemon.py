@@ -1,6 +1,9 @@
 """Packets per second through one `pfcluster daemon`, against the same topology whose
 NFQUEUE is drained by a consumer that accepts everything untouched (same run, same
-namespaces, same iptables chain), and the plain kernel for scale.
+namespaces, same iptables chain), and the plain kernel for scale. Two accept-all
+consumers: the python netfilterqueue package (the issue's baseline, `accept_all`: whole
+packets copied, one verdict per packet) and our own binding (`accept_all_nfq`: the
+daemon's 256-byte copies and batched verdicts), so the ratio to each is reported.
 
 client (198.51.100.2) — fw — server (203.0.113.2); fw also has a sync link to a peer
 namespace (192.0.2.0/24). GRO/GSO/TSO are off on every veth and the MTU is 1500, so each
@@ -251,6 +254,20 @@ def run_bench(seconds: float = 3.0, daemon_argv: Sequence[str] | None = None,
             rules.remove()
             lab.stop(consumer)
 
+        # (b2) the same with our own binding (io/nfq.py: 256-byte copies, one verdict
+        # message per 32 packets): what the queue itself costs the daemon's binding
+        consumer = lab.spawn("accept-all-nfq", fw, [sys.executable, "-m", "pfcluster.io.nfq",
+                                                    "accept-all", "--queue", str(QUEUE)])
+        try:
+            assert consumer.log is not None
+            if not _wait_ready(consumer.log, "ready", 10):
+                raise RuntimeError("nfq accept-all did not start: " + lab.log_tail(consumer))
+            rules.install()
+            figures["accept_all_nfq"] = _measure(lab, c, s, fw, seconds)
+        finally:
+            rules.remove()
+            lab.stop(consumer)
+
         # (a) through the daemon
         daemon, ctl = _start_daemon(lab, fw, daemon_argv, "daemon")
         try:
@@ -276,6 +293,9 @@ def run_bench(seconds: float = 3.0, daemon_argv: Sequence[str] | None = None,
         b = figures.get("accept_all", {}).get(proto, {}).get("pps")
         if a and b:
             figures[f"{proto}_daemon_vs_accept_all"] = round(a / b, 3)
+        b2 = figures.get("accept_all_nfq", {}).get(proto, {}).get("pps")
+        if a and b2:
+            figures[f"{proto}_daemon_vs_accept_all_nfq"] = round(a / b2, 3)
     return figures
 
 
