@@ -91,6 +91,20 @@ def uninstall_rules(queue: int, workers: int = 1) -> None:
         click.echo(f"  {line}")
 
 
+def preload(d: object, n: int) -> None:
+    """--bench-preload N: the synthetic states go in before the loop starts."""
+    from pfcluster.bench.preload import PreloadError, preload_states
+    from pfcluster.io.loop import Daemon
+
+    if not isinstance(d, Daemon):
+        fail("--bench-preload needs a single process (no --workers)")
+    try:
+        preload_states(d.filter, n, d.started)
+    except PreloadError as exc:
+        fail(f"--bench-preload: {exc}")
+    logging.getLogger("pfcluster.daemon").info("bench preload: %d synthetic states", n)
+
+
 @click.command("daemon")
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
               help="TOML file with the same keys (flags override it)")
@@ -114,6 +128,11 @@ def uninstall_rules(queue: int, workers: int = 1) -> None:
               help="processes (default 1): N workers on queues QUEUE..QUEUE+N-1, flows "
               "spread by the kernel's --queue-balance; one firewall to ctl and to peers")
 @click.option("--worker-index", type=int, default=None, hidden=True)
+# A benchmark aid (`pfcluster lab bulk`), hidden: start with N synthetic established TCP
+# states in the table (pfcluster/bench/preload.py), so a joining peer has a large table
+# to bulk-update from. Needs `set limit states` >= N in the rules; single process only.
+@click.option("--bench-preload", "bench_preload", type=click.IntRange(0, None), default=0,
+              hidden=True)
 @click.option("--control", help="control socket path (default /run/pfcluster.sock)")
 @click.option("--fail-open/--fail-closed", "fail_open", default=None,
               help="fail-closed (default): the rules stay when the daemon stops, so the "
@@ -132,7 +151,7 @@ def uninstall_rules(queue: int, workers: int = 1) -> None:
 @click.option("--syslog/--stderr", "syslog", default=None, help="where log lines go")
 @click.option("-v", "--verbose", is_flag=True, default=None)
 def daemon(config_path: str | None, hostid: str | None, uninstall: bool,
-           worker_index: int | None, **flags: object) -> None:
+           worker_index: int | None, bench_preload: int = 0, **flags: object) -> None:
     """Run a pf firewall node: iptables -> NFQUEUE -> pf, states shared by pfsync.
 
     \b
@@ -174,6 +193,8 @@ def daemon(config_path: str | None, hostid: str | None, uninstall: bool,
             else Daemon(cfg)
     except Exception as exc:  # RuleSyntaxError (file:line:col: message), OSError
         fail(describe(exc))
+    if bench_preload:
+        preload(d, bench_preload)
     try:
         status = d.run()
     except SetupError as exc:  # queue busy, no such syncdev, control socket, iptables

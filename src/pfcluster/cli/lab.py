@@ -346,6 +346,35 @@ def connrate_cmd(conns: int, parallel: int, paths_text: str, reuse_port: int, ti
     sys.exit(1 if doc["errors"] else 0)
 
 
+@lab.command("bulk")
+@click.option("--states", type=click.IntRange(1, 5_000_000), default=100_000,
+              show_default=True, help="states fw1 holds before fw2 joins")
+@click.option("--timeout", type=click.FloatRange(1, 3600), default=300.0, show_default=True,
+              help="bound on the wait for fw2's sync_ok (seconds)")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write figures here")
+@click.option("--keep-logs", is_flag=True, help="keep daemon logs (prints the dir)")
+def bulk_cmd(states: int, timeout: float, json_path: str | None, keep_logs: bool) -> None:
+    """Bulk update: fw1 holds N states, a fresh fw2 joins; seconds to its sync_ok."""
+    check_output_file(json_path, make_parents=True)
+    _need_root()
+    import json
+
+    from pfcluster.lab.bulk import BulkConfig, run_bulk
+    from pfcluster.lab.experiment import daemon_available
+
+    if not daemon_available():
+        raise click.UsageError("the daemon cannot be imported")
+    cfg = BulkConfig(states=states, timeout=timeout, keep_logs=keep_logs)
+    doc = _run_single("bulk", "bulk", lambda progress: run_bulk(cfg, progress), json_path)
+    click.echo(json.dumps({k: v for k, v in doc.items() if k not in ("config", "errors")},
+                          indent=1))
+    if doc.get("logs"):
+        console.print(f"logs kept in {doc['logs']}")
+    for err in doc["errors"]:
+        console.print(f"[yellow]{err}[/]")
+    sys.exit(1 if doc["errors"] else 0)
+
+
 @lab.command("clean")
 @click.option("--dry-run", is_flag=True, help="only list what would be removed")
 def clean_cmd(dry_run: bool) -> None:

@@ -29,7 +29,7 @@ PFSYNC_GROUP4 = "224.0.0.240"
 PFSYNC_GROUP6 = "ff02::f0"
 PFSYNC_TTL = 255
 MAX_FRAMES_PER_WAKEUP = 256
-RCVBUF = 4 << 20
+RCVBUF = 16 << 20  # a 1M-state bulk update outruns a briefly stalled receiver (lab bulk)
 
 SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
 SO_MARK = getattr(socket, "SO_MARK", 36)

@@ -25,6 +25,7 @@ from pfcluster.pf.constants import (
     PFSTATE_ACK,
     PFTM_MAX,
 )
+from pfcluster.pf.filter import PORT_OBJECTS
 from pfcluster.pf.state import (
     CREATORID,
     DIRECTION,
@@ -154,10 +155,15 @@ def _gen_importer(dialect: str) -> Any:
         lines += [f"    if t[{kaf}] and t[{kaf}] not in AFMAP:", "        raise Err('key af')"]
     lines += [
         "    alen = 4 if af == AF_INET else 16",
-        f"    key = (af, t[{ix['proto']}], t[{k + KEY_ADDR0}][:alen], t[{k + KEY_ADDR1}][:alen],"
-        f" t[{k + KEY_PORT0}], t[{k + KEY_PORT1}])",
+        f"    a0 = t[{k + KEY_ADDR0}][:alen]",
+        "    a0 = ADDRS.get(a0) or intern_addr(a0)",
+        f"    a1 = t[{k + KEY_ADDR1}][:alen]",
+        "    a1 = ADDRS.get(a1) or intern_addr(a1)",
+        f"    key = (af, t[{ix['proto']}], a0, a1, PORTS[t[{k + KEY_PORT0}]],"
+        f" PORTS[t[{k + KEY_PORT1}]])",
+        f"    ifn = t[{ix['ifname']}]",
         f"    st = State(key, direction, t[{ix['creatorid']}], t[{ix['id']}], now, None,"
-        f" cstr(t[{ix['ifname']}]) or 'all', (" + "".join(
+        f" IFNAMES.get(ifn) or intern_ifname(ifn), (" + "".join(
             f"t[{base + j}], " for base in (src, dst) for j in range(len(PEER_TCP_FIELDS))) + "))",
         f"    st.creation = now - t[{ix['creation']}]",
         "    st.timeout = tm",
@@ -180,10 +186,34 @@ def _gen_importer(dialect: str) -> Any:
     env: dict[str, Any] = {
         "AFMAP": {AF_INET_WIRE: AF_INET, inet6: AF_INET6}, "Err": ImportError_,
         "PFTM_MAX": PFTM_MAX, "PEER_MAX": PF_TCPS_PROXY_DST, "AF_INET": AF_INET, "State": State,
-        "cstr": wire.cstr, "ACK": PFSTATE_ACK,
+        "ACK": PFSTATE_ACK, "ADDRS": _ADDRS, "intern_addr": _intern_addr,
+        "PORTS": PORT_OBJECTS, "IFNAMES": _IFNAMES, "intern_ifname": _intern_ifname,
     }
     src_text = "\n".join(lines) + "\n"
     return compile_generated(src_text, f"<pfsync-generated importer {dialect}>", env, name)
+
+
+# Imported keys share their address bytes and port ints, as the packet path's keys do
+# (pf/filter.py's intern table and PORT_OBJECTS): a million imported states would
+# otherwise carry two address objects and two port ints of their own each (about 130
+# bytes). Peers choose the addresses, so the tables are bounded: full, they start over.
+ADDR_INTERN_LIMIT = 1 << 16
+_ADDRS: dict[bytes, bytes] = {}
+_IFNAMES: dict[bytes, str] = {}
+
+
+def _intern_addr(a: bytes) -> bytes:
+    if len(_ADDRS) >= ADDR_INTERN_LIMIT:
+        _ADDRS.clear()
+    return _ADDRS.setdefault(a, a)
+
+
+def _intern_ifname(raw: bytes) -> str:
+    """The wire's NUL-padded name as text ('all' when empty), cached for 256 names."""
+    name = wire.cstr(raw) or "all"
+    if len(_IFNAMES) < 256:
+        _IFNAMES[raw] = name
+    return name
 
 
 _IMPORTERS: dict[str, Any] = {}
