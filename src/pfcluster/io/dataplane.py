@@ -199,7 +199,8 @@ class Dataplane:
         assert self.nfq is not None
         before = self.counters.packets
         self._now = self.clock()
-        self.nfq.drain(self._on_packet, self.budget)
+        # the last mini-batch's verdicts wait for _end_batch: its pfsync frame goes first
+        self.nfq.drain(self._on_packet, self.budget, flush=False)
         self._end_batch()
         if self._now >= self._kernel_next:
             self._check_kernel_drops()

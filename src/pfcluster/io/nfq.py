@@ -459,9 +459,12 @@ class NfQueue:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def drain(self, handle: Callable[[QueuedPacket], Any], budget: int = 1 << 30) -> int:
+    def drain(self, handle: Callable[[QueuedPacket], Any], budget: int = 1 << 30, *,
+              flush: bool = True) -> int:
         """Receive and hand over packets until the socket is empty or `budget` packets
-        were handled; then send the verdicts. Returns the packets handled."""
+        were handled; then send the verdicts, unless `flush` is False (the data plane
+        sends its pfsync frame for the last packets first, then flushes itself).
+        Returns the packets handled."""
         done = 0
         if self._backlog:
             backlog, self._backlog = self._backlog, []
@@ -470,7 +473,8 @@ class NfQueue:
         multi = self._multi
         if multi is None:
             done += self._drain_single(handle, budget - done)
-            self.flush()
+            if flush:
+                self.flush()
             return done
         view = multi.view
         slot = multi.slot_size
@@ -492,7 +496,8 @@ class NfQueue:
                 start += slot
             if not k:
                 break  # the socket is empty
-        self.flush()
+        if flush:
+            self.flush()
         return done
 
     def _drain_single(self, handle: Callable[[QueuedPacket], Any], budget: int) -> int:
