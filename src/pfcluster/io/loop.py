@@ -375,16 +375,10 @@ class Daemon:
                 log.exception("pfsync frame from %s dropped after an internal error", src)
 
     def _handle_signals(self) -> None:
-        pending = self.signals.pending
-        while pending:
-            sig = pending.pop(0)
-            if sig == signal.SIGHUP:
-                res = self.reload()
-                if not res["ok"]:
-                    log.error("reload refused, old rules stay: %s", res["error"])
-            else:
-                log.info("%s: shutting down", signal.Signals(sig).name)
-                self.stop_signal = sig
+        sig = self.signals.take(self.reload)
+        if sig is not None:
+            log.info("%s: shutting down", signal.Signals(sig).name)
+            self.stop_signal = sig
 
     # --- control -------------------------------------------------------------------
 

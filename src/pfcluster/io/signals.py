@@ -5,10 +5,14 @@ the middle of a packet's decision (used by the daemon and by the --workers super
 from __future__ import annotations
 
 import contextlib
+import logging
 import selectors
 import signal
 import socket
+from collections.abc import Callable
 from typing import Any
+
+log = logging.getLogger("pfcluster.daemon")
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -42,6 +46,21 @@ class SignalWakeup:
         with contextlib.suppress(BlockingIOError, InterruptedError):
             while self._sigr.recv(4096):
                 pass
+
+    def take(self, reload: Callable[[], dict[str, Any]]) -> int | None:
+        """Act on what arrived: SIGHUP reloads (a refused reload keeps the old rules and
+        is logged); the first SIGTERM/SIGINT is returned, for the loop to stop on."""
+        stop = None
+        pending = self.pending
+        while pending:
+            sig = pending.pop(0)
+            if sig == signal.SIGHUP:
+                res = reload()
+                if not res["ok"]:
+                    log.error("reload refused, old rules stay: %s", res["error"])
+            elif stop is None:
+                stop = sig
+        return stop
 
     def restore(self) -> None:
         for sig, handler in self._old_handlers.items():

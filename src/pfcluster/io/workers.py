@@ -240,17 +240,11 @@ class Supervisor:
                 self._check_workers(time.monotonic())
 
     def _handle_signals(self) -> None:
-        pending = self.signals.pending
-        while pending:
-            sig = pending.pop(0)
-            if sig == signal.SIGHUP:
-                res = self.reload()
-                if not res["ok"]:
-                    log.error("reload refused, old rules stay: %s", res["error"])
-            else:
-                log.info("%s: shutting down %d workers", signal.Signals(sig).name,
-                         len(self.workers))
-                self.stop_signal = sig
+        sig = self.signals.take(self.reload)
+        if sig is not None:
+            log.info("%s: shutting down %d workers", signal.Signals(sig).name,
+                     len(self.workers))
+            self.stop_signal = sig
 
     def teardown(self) -> None:
         if self.iptables is not None and self.cfg.fail_open:
