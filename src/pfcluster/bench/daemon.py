@@ -241,32 +241,26 @@ def run_bench(seconds: float = 3.0, daemon_argv: Sequence[str] | None = None,
         if kernel_baseline:
             figures["kernel"] = _measure(lab, c, s, fw, seconds)
 
-        # (b) the same chain, drained by an accept-everything consumer
+        # (b) the same chain, drained by an accept-everything consumer: the python
+        # netfilterqueue package (the baseline), then our own binding (io/nfq.py:
+        # 256-byte copies, one verdict message per 32 packets)
         rules = IptablesRules(QUEUE, ["sync0", "lo"], prefix=["ip", "netns", "exec", fw])
-        consumer = lab.spawn("accept-all", fw, [sys.executable, "-c", ACCEPT_ALL, str(QUEUE)])
-        try:
-            assert consumer.log is not None
-            if not _wait_ready(consumer.log, "ready", 10):
-                raise RuntimeError("accept-all consumer did not start: " + lab.log_tail(consumer))
-            rules.install()
-            figures["accept_all"] = _measure(lab, c, s, fw, seconds)
-        finally:
-            rules.remove()
-            lab.stop(consumer)
-
-        # (b2) the same with our own binding (io/nfq.py: 256-byte copies, one verdict
-        # message per 32 packets): what the queue itself costs the daemon's binding
-        consumer = lab.spawn("accept-all-nfq", fw, [sys.executable, "-m", "pfcluster.io.nfq",
-                                                    "accept-all", "--queue", str(QUEUE)])
-        try:
-            assert consumer.log is not None
-            if not _wait_ready(consumer.log, "ready", 10):
-                raise RuntimeError("nfq accept-all did not start: " + lab.log_tail(consumer))
-            rules.install()
-            figures["accept_all_nfq"] = _measure(lab, c, s, fw, seconds)
-        finally:
-            rules.remove()
-            lab.stop(consumer)
+        for key, argv in (
+            ("accept_all", [sys.executable, "-c", ACCEPT_ALL, str(QUEUE)]),
+            ("accept_all_nfq", [sys.executable, "-m", "pfcluster.io.nfq", "accept-all",
+                                "--queue", str(QUEUE)]),
+        ):
+            consumer = lab.spawn(key, fw, argv)
+            try:
+                assert consumer.log is not None
+                if not _wait_ready(consumer.log, "ready", 10):
+                    raise RuntimeError(f"{key} consumer did not start: "
+                                       + lab.log_tail(consumer))
+                rules.install()
+                figures[key] = _measure(lab, c, s, fw, seconds)
+            finally:
+                rules.remove()
+                lab.stop(consumer)
 
         # (a) through the daemon
         daemon, ctl = _start_daemon(lab, fw, daemon_argv, "daemon")
