@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -94,6 +95,15 @@ for line in sys.stdin:
 NFLOWS = 16  # P(all on one of 2 queues) = 2 / 2**16
 
 
+def _two_workers(lab: Netlab, tmp_path: Path, hostid: str
+                 ) -> tuple[object, list[str], str, subprocess.Popen[bytes]]:
+    """The namespaces and a `--workers 2` firewall (its control socket answers)."""
+    t, addrs, rules, sock = _setup(lab, tmp_path)
+    daemon = start_daemon(lab, t.fw, rules, sock, "--workers", "2",  # type: ignore[attr-defined]
+                          "--hostid", hostid, up_timeout=40)
+    return t, addrs, sock, daemon
+
+
 def _setup(lab: Netlab, tmp_path: Path) -> tuple[object, list[str], Path, str]:
     t = client_fw_server(lab)
     addrs = [f"{CLIENT_NET}.{10 + i}" for i in range(NFLOWS)]
@@ -125,10 +135,8 @@ def _bound_queues(lab: Netlab, ns: str) -> set[int]:
 
 
 def test_two_workers_one_firewall(netlab: Netlab, tmp_path: Path) -> None:
-    t, addrs, rules, sock = _setup(netlab, tmp_path)
+    t, addrs, sock, daemon = _two_workers(netlab, tmp_path, "0x100")
     fw = t.fw  # type: ignore[attr-defined]
-    daemon = start_daemon(netlab, fw, rules, sock, "--workers", "2", "--hostid", "0x100",
-                          up_timeout=40)
     try:
         rules_now = list_rules(netlab.prefix_argv(fw))
         assert any("--queue-balance 0:1" in line for line in rules_now), rules_now
@@ -187,10 +195,7 @@ def test_two_workers_one_firewall(netlab: Netlab, tmp_path: Path) -> None:
 
 
 def test_killed_worker_restarts_with_its_table(netlab: Netlab, tmp_path: Path) -> None:
-    t, addrs, rules, sock = _setup(netlab, tmp_path)
-    fw = t.fw  # type: ignore[attr-defined]
-    daemon = start_daemon(netlab, fw, rules, sock, "--workers", "2", "--hostid", "0x200",
-                          up_timeout=40)
+    t, addrs, sock, daemon = _two_workers(netlab, tmp_path, "0x200")
     try:
         srv = popen_pipe(netlab, t.server, ECHO, t.server_ip)  # type: ignore[attr-defined]
         assert readline(srv) == "ready"

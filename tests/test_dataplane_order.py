@@ -155,14 +155,21 @@ def fake_nfq(monkeypatch: pytest.MonkeyPatch) -> None:
     FakeQueue.events = []
 
 
-def test_update_arriving_within_a_batch_is_applied_before_its_packets(fake_nfq: None) -> None:
+def split_handshake(t: float) -> tuple[Engine, Engine]:
+    """A forwards the SYN, B the SYN-ACK, each hearing of the other by pfsync: a split
+    state on both from then on."""
     a, b = node(0xA), node(0xB)
     opts = syn_options(MSS, 7)
-    t = 1.0
     assert fwd(a, c2s(C_ISN, 0, TH_SYN, 0, opts), True, t)
     exchange(a, [b], t)
     assert fwd(b, s2c(S_ISN, C_ISN + 1, TH_SYN | TH_ACK, 65535, opts), False, t + 0.01)
     exchange(b, [a], t + 0.01)
+    return a, b
+
+
+def test_update_arriving_within_a_batch_is_applied_before_its_packets(fake_nfq: None) -> None:
+    t = 1.0
+    a, b = split_handshake(t)
     assert fwd(a, c2s(C_ISN + 1, S_ISN + 1, TH_ACK), True, t + 0.02)
     exchange(a, [b], t + 0.02)
     # A forwards 50 segments (72 400 bytes); its update for them is the peer frame
@@ -200,13 +207,8 @@ def test_a_short_burst_sends_its_update_before_its_verdicts(fake_nfq: None) -> N
     or the peer on a split path meets the receiver's ACK first. The data plane once let
     the queue flush the tail's verdicts at the end of its read, before the frame: 1-15
     state-mismatch per 3 s split lab run."""
-    a, b = node(0xA), node(0xB)
-    opts = syn_options(MSS, 7)
     t = 1.0
-    assert fwd(a, c2s(C_ISN, 0, TH_SYN, 0, opts), True, t)
-    exchange(a, [b], t)
-    assert fwd(b, s2c(S_ISN, C_ISN + 1, TH_SYN | TH_ACK, 65535, opts), False, t + 0.01)
-    exchange(b, [a], t + 0.01)  # a split state now: A's updates for it leave at once
+    a, _ = split_handshake(t)  # A's updates for the split state leave at once
     t += 0.02
     sent: list[bytes] = []
 
