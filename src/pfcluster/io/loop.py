@@ -88,6 +88,28 @@ def skip_ifaces(cfg: DaemonConfig, ruleset: Any) -> list[str]:
     return [*sync, *sorted(getattr(ruleset, "skip_ifaces", ()))]
 
 
+def leave_rules(rules: IptablesRules | None, cfg: DaemonConfig) -> None:
+    """On exit: fail_open removes our rules (before the queues are unbound); fail closed
+    leaves them, so the kernel drops what nobody reads, and says how to remove them."""
+    if rules is None:
+        return
+    if cfg.fail_open:
+        try:
+            rules.remove()
+            log.info("iptables: chain %s removed (fail-open)", rules.chain)
+        except Exception as exc:
+            log.error("iptables cleanup failed: %s", exc)
+        return
+    if cfg.workers > 1:
+        queues = (f"queues {cfg.queue}..{cfg.queue + cfg.workers - 1} drop until daemons "
+                  "bind them")
+        again = f"--queue {cfg.queue} --workers {cfg.workers}"
+    else:
+        queues, again = f"queue {cfg.queue} drops until a daemon binds it", f"--queue {cfg.queue}"
+    log.info("iptables: chain %s stays (fail-closed): %s again; `pfcluster daemon "
+             "--uninstall %s` removes it", rules.chain, queues, again)
+
+
 def open_control(path: str, handler: Callable[[dict[str, Any]], dict[str, Any]]
                  ) -> ControlServer:
     """The control socket, or a SetupError naming what is wrong with `path`."""
@@ -214,16 +236,7 @@ class Daemon:
         is queued to nobody); with fail_open they are removed first, before the queue is
         unbound. Held (deferred) packets get the engine's verdicts, the peers get what
         the engine still had queued, then the queue is unbound and the sockets closed."""
-        if self.iptables is not None and self.cfg.fail_open:
-            try:
-                self.iptables.remove()
-                log.info("iptables: chain %s removed (fail-open)", self.iptables.chain)
-            except Exception as exc:
-                log.error("iptables cleanup failed: %s", exc)
-        elif self.iptables is not None:
-            log.info("iptables: chain %s stays (fail-closed): queue %d drops until a daemon "
-                     "binds it again; `pfcluster daemon --uninstall --queue %d` removes it",
-                     self.iptables.chain, self.cfg.queue, self.cfg.queue)
+        leave_rules(self.iptables, self.cfg)
         if self.dataplane is not None:
             try:
                 # deferred packets were passed by pf and only wait for a peer's ack: let

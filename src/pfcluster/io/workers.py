@@ -35,7 +35,13 @@ from typing import Any
 from pfcluster.io.config import DaemonConfig, worker_config
 from pfcluster.io.control import ControlError, request
 from pfcluster.io.iptables import IptablesError, IptablesRules
-from pfcluster.io.loop import SetupError, load_ruleset, open_control, skip_ifaces
+from pfcluster.io.loop import (
+    SetupError,
+    leave_rules,
+    load_ruleset,
+    open_control,
+    skip_ifaces,
+)
 from pfcluster.io.signals import SignalWakeup
 from pfcluster.pf import pfctl
 from pfcluster.pf.state import new_creatorid
@@ -247,17 +253,7 @@ class Supervisor:
             self.stop_signal = sig
 
     def teardown(self) -> None:
-        if self.iptables is not None and self.cfg.fail_open:
-            try:
-                self.iptables.remove()
-                log.info("iptables: chain %s removed (fail-open)", self.iptables.chain)
-            except Exception as exc:
-                log.error("iptables cleanup failed: %s", exc)
-        elif self.iptables is not None:
-            log.info("iptables: chain %s stays (fail-closed): queues %d..%d drop until "
-                     "daemons bind them again; `pfcluster daemon --uninstall --queue %d` "
-                     "removes it", self.iptables.chain, self.cfg.queue,
-                     self.cfg.queue + self.cfg.workers - 1, self.cfg.queue)
+        leave_rules(self.iptables, self.cfg)  # fail_open: before the queues go
         self._stop_workers()
         if self.control is not None:
             with contextlib.suppress(Exception):
