@@ -30,6 +30,14 @@ CLIENT_NET = "198.51.100"
 SERVER_NET = "203.0.113"
 SYNC_NET = "192.0.2"
 
+# The daemon tests' ruleset: TCP to port 5201 passes (a state each way), the rest blocks.
+PASS_5201 = """\
+set skip on lo
+block all
+pass in proto tcp to port 5201
+pass out proto tcp to port 5201
+"""
+
 
 def sh(argv: Sequence[str], *, timeout: float = TIMEOUT, check: bool = True,
        input: str | None = None) -> subprocess.CompletedProcess[str]:

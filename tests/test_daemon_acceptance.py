@@ -19,6 +19,7 @@ import pytest
 
 from nsfixtures import (
     CONNECT,
+    PASS_5201,
     Firewalled,
     Netlab,
     assert_closed_then_uninstall,
@@ -37,12 +38,7 @@ __all__ = ["netlab"]
 
 pytestmark = [pytest.mark.root]  # network namespaces, iptables, NFQUEUE, raw sockets
 
-RULES = """\
-set skip on lo
-block all
-pass in proto tcp to port 5201
-pass out proto tcp to port 5201
-"""
+RULES = PASS_5201
 
 ECHO = r"""
 import socket, sys, threading, time

@@ -18,6 +18,7 @@ import pytest
 
 from nsfixtures import (
     CLIENT_NET,
+    PASS_5201,
     Netlab,
     client_fw_server,
     netlab,
@@ -34,12 +35,7 @@ __all__ = ["netlab"]
 
 pytestmark = [pytest.mark.root]  # network namespaces, iptables, NFQUEUE, raw sockets
 
-RULES = """\
-set skip on lo
-block all
-pass in proto tcp to port 5201
-pass out proto tcp to port 5201
-"""
+RULES = PASS_5201
 
 ECHO = r"""
 import selectors, socket, sys, time
