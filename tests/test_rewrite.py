@@ -206,6 +206,18 @@ def test_icmp_error_equals_scapy_built_packet(name: str, v4: bool, build: Builde
     assert internet_checksum(buf[pkt.l4_off:] if v4 else _pseudo6(buf, pkt)) == 0
 
 
+def test_half_quoted_tcp_checksum_is_left_alone() -> None:
+    """17 bytes of TCP quoted: one byte of its checksum, which cannot be updated alone
+    (the carry depends on the missing byte); the outer checksum still comes out valid."""
+    translated = raw(ip4(N4, S4) / l4_tcp(50001, 53))[:37]
+    buf = bytearray(raw(_error(True, False, R4, N4, translated)))
+    pkt = parse(buf)
+    half = buf[-1]
+    rewrite_icmp_error(buf, pkt, None, a4(C4), a4(C4), 4321, None, None)
+    assert buf[-1] == half and pkt.inner is not None and pkt.inner.sport == 4321
+    assert internet_checksum(buf[pkt.l4_off:]) == 0
+
+
 def _pseudo6(buf: bytearray, pkt: Packet) -> bytes:
     seg = bytes(buf[pkt.l4_off:pkt.ip_len])
     return bytes(buf[8:40]) + struct.pack("!I3xB", len(seg), pkt.proto) + seg
