@@ -143,6 +143,10 @@ def preload(d: object, n: int) -> None:
               default=None, help="bytes of each packet the kernel copies to the daemon "
               f"(default {DEFAULT_COPY_RANGE}: the headers pf reads; a packet whose headers "
               "end past it is dropped as malformed)")
+@click.option("--nat-slice", "nat_slice", default=None, metavar="K/N",
+              help="active-active NAT: this firewall hands out only slice K of N of every "
+              "nat-to port range (e.g. 1/2 and 2/2 on a pair), so two firewalls never give "
+              "the same port to two flows (default 1/1: the whole range)")
 @click.option("--uninstall", is_flag=True, default=False,
               help="remove the rules of --queue for good (chain PFCLUSTER-<queue> and its "
               "jumps, IPv4 and IPv6), print what was removed and exit; refused while a "

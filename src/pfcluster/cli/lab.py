@@ -137,6 +137,9 @@ def lab() -> None:
 @click.option("--dialect", type=click.Choice(DIALECTS), default=None, help="daemon --dialect")
 @click.option("--syncpeer", is_flag=True, help="unicast to the peer instead of multicast")
 @click.option("--keep-logs", is_flag=True, help="keep daemon and iperf3 logs (prints the dir)")
+@click.option("--nat", is_flag=True,
+              help="the firewalls translate the clients to one address (nat-to, "
+              "--nat-slice K/N per firewall); the JSON says what the server saw")
 @workers_option
 def run_cmd(json_path: str | None, integrity_mb: int, **opts: Any) -> None:
     """One configuration: build, start firewalls, iperf3, counters, tear down."""
@@ -157,6 +160,8 @@ def run_cmd(json_path: str | None, integrity_mb: int, **opts: Any) -> None:
     for err in doc["errors"]:
         console.print(f"[yellow]{err}[/]")
     failed = not doc["ok"] or (cfg.failover and not doc["failover"]["survived"])
+    if cfg.nat and not doc["nat"]["translated"]:
+        failed = True
     if cfg.integrity_bytes and not doc["integrity"]["intact"]:
         failed = True
     sys.exit(1 if failed else 0)
@@ -181,7 +186,7 @@ def compare_cmd(seconds: int, streams: int, firewall: str, out_dir: str,
                 json_path: str | None, rules: str | None, defer: bool,
                 only: str | None = None, workers: int = 1) -> None:
     """The main job: single firewall, symmetric pair, split v5 (and with the thesis' TCP
-    merge), split v4, ECMP v5."""
+    merge), split v4, ECMP v5, split v5 with NAT."""
     check_output_dir(out_dir)
     check_output_file(json_path, make_parents=True)
     if rules:
@@ -306,10 +311,13 @@ def _port_range(text: str) -> tuple[int, int]:
               help="the client's ephemeral port range (fewer ports than --conns forces "
                    "port reuse); default: Linux's")
 @click.option("--keep-logs", is_flag=True, help="keep daemon logs (prints the dir)")
+@click.option("--nat", is_flag=True, help="the daemons translate the clients (nat-to, "
+              "each firewall its --nat-slice): port allocation under load")
 @workers_option
 def connrate_cmd(conns: int, parallel: int, paths_text: str, reuse_port: int, timeout: float,
                  max_seconds: float, merge: str | None, defer: bool, json_path: str | None,
-                 keep_logs: bool, port_range: str | None, workers: int = 1) -> None:
+                 keep_logs: bool, port_range: str | None, workers: int = 1,
+                 nat: bool = False) -> None:
     """New connections per second: kernel, symmetric and split paths in one run."""
     check_output_file(json_path, make_parents=True)
     _need_root()
@@ -321,7 +329,7 @@ def connrate_cmd(conns: int, parallel: int, paths_text: str, reuse_port: int, ti
     cfg = ConnRateConfig(conns=conns, parallel=parallel, paths=_paths_list(paths_text),
                          reuse_port=reuse_port, timeout=timeout, max_seconds=max_seconds,
                          merge=merge, defer=defer, keep_logs=keep_logs, workers=workers,
-                         port_range=_port_range(port_range) if port_range else None)
+                         nat=nat, port_range=_port_range(port_range) if port_range else None)
     try:
         cfg.check()
     except ValueError as exc:

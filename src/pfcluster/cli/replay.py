@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import socket
 import sys
 from collections.abc import Iterator
 from typing import Any, TypeVar
@@ -26,7 +27,7 @@ from pfcluster.packet import MalformedPacket, addr_str, parse
 from pfcluster.pf import pfctl
 from pfcluster.pf.constants import IPPROTO_TCP, flags_str, proto_name
 from pfcluster.pf.filter import Filter, Verdict
-from pfcluster.pf.router import route
+from pfcluster.pf.router import ROUTE_BLOCK, route
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -43,7 +44,9 @@ def parse_iface(text: str) -> tuple[str, Network]:
 
 def _iface_option(ctx: click.Context, param: click.Parameter,
                   value: tuple[str, ...]) -> list[tuple[str, Network]]:
-    return [parse_iface(t) for t in value]
+    parsed = [parse_iface(t) for t in value]
+    ctx.meta["iface_texts"] = {name: t.partition("=")[2] for (name, _), t in zip(parsed, value)}
+    return parsed
 
 
 T = TypeVar("T")
@@ -74,8 +77,36 @@ def pick_iface(ifaces: list[tuple[str, Network]], addr: bytes, other: bytes) -> 
     return ifaces[0][0]
 
 
-def verdict_json(v: Verdict | None) -> dict[str, Any] | None:
-    return v.to_dict() if v is not None else None
+def verdict_json(v: Verdict | None, after: dict[str, Any] | None = None
+                 ) -> dict[str, Any] | None:
+    """A test's verdict; `after`: the packet's addresses and ports as that test let it
+    go (translated, if it was)."""
+    if v is None:
+        return None
+    d = v.to_dict()
+    if after is not None:
+        d.update(after)
+    return d
+
+
+def packet_ends(pkt: Any) -> dict[str, Any]:
+    return {"src": addr_str(pkt.af, pkt.src), "dst": addr_str(pkt.af, pkt.dst),
+            "sport": pkt.sport, "dport": pkt.dport}
+
+
+def iface_addresses(ifaces: list[tuple[str, Network]],
+                    texts: dict[str, str]) -> dict[str, list[tuple[int, bytes]]]:
+    """The firewall's own address on each --iface, for `(em0)` translation pools: the
+    address written (em0=192.0.2.1/24), or the network's first host when only the
+    network was given (em0=192.0.2.0/24)."""
+    out: dict[str, list[tuple[int, bytes]]] = {}
+    for name, net in ifaces:
+        ip = ipaddress.ip_interface(texts[name]).ip
+        if ip == net.network_address and net.num_addresses > 1:
+            ip = net.network_address + 1
+        af = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+        out.setdefault(name, []).append((af, ip.packed))
+    return out
 
 
 @click.command(cls=ReportingCommand)
@@ -101,6 +132,8 @@ def replay(rules_path: str, ifaces: list[tuple[str, Network]], as_json: bool,
         if filt is None:
             # pf seeds its state ids with the boot time: here the capture's first second
             filt = Filter(ruleset, now=ts, id_seed=int(ts))
+            filt.nat.iface_addrs = iface_addresses(
+                ifaces, click.get_current_context().meta.get("iface_texts", {}))
         last = ts
         if ts >= filt.next_deadline():  # the purge's once-a-second slice, as the daemon runs it
             filt.expire(ts)
@@ -112,25 +145,39 @@ def replay(rules_path: str, ifaces: list[tuple[str, Network]], as_json: bool,
                    "log": [f"malformed: {e}"]}
             out.write((json.dumps(rec) if as_json else f"{n} {ts:.6f} block malformed: {e}") + "\n")
             continue
+        what = (f"{addr_str(pkt.af, pkt.src)}.{pkt.sport} > {addr_str(pkt.af, pkt.dst)}"
+                f".{pkt.dport} {proto_name(pkt.proto)}")
+        if pkt.proto == IPPROTO_TCP:
+            what += f" [{flags_str(pkt.tcp_flags) or '.'}]"
+        ends = packet_ends(pkt)
         in_if = pick_iface(ifaces, pkt.src, pkt.dst)
-        out_if = pick_iface(ifaces, pkt.dst, pkt.src)
-        rv = route(filt, in_if, out_if, pkt, ts)
-        v_in, v_out = rv.v_in, rv.v_out
+        # the route is chosen after the `in` test, which may have rewritten the
+        # destination (rdr-to, or a reply to nat-to), as the daemon's PREROUTING does
+        rv = route(filt, in_if, None, pkt, ts)
+        v_in = rv.v_in
         assert v_in is not None
+        after_in = packet_ends(pkt)
+        out_if = pick_iface(ifaces, pkt.dst, pkt.src)
+        v_out = after_out = None
         logs = rv.log_lines()
+        if rv.action != ROUTE_BLOCK:
+            rv = route(filt, None, out_if, pkt, ts)
+            v_out = rv.v_out
+            after_out = packet_ends(pkt)
+            logs += rv.log_lines()
         action = rv.action
         if as_json:
-            rec = {"n": n, "ts": ts, "action": action, "in": verdict_json(v_in),
-                   "out": verdict_json(v_out), "log": logs}
+            rec = {"n": n, "ts": ts, "action": action, "in": verdict_json(v_in, after_in),
+                   "out": verdict_json(v_out, after_out), "log": logs}
             out.write(json.dumps(rec) + "\n")
         else:
-            what = (f"{addr_str(pkt.af, pkt.src)}.{pkt.sport} > {addr_str(pkt.af, pkt.dst)}"
-                    f".{pkt.dport} {proto_name(pkt.proto)}")
-            if pkt.proto == IPPROTO_TCP:
-                what += f" [{flags_str(pkt.tcp_flags) or '.'}]"
             parts = [f"in {in_if}: {_short(v_in)}"]
             if v_out is not None:
                 parts.append(f"out {out_if}: {_short(v_out)}")
+            last_ends = after_out or after_in
+            if last_ends != ends:  # translated
+                parts.append(f"as {last_ends['src']}.{last_ends['sport']} > "
+                             f"{last_ends['dst']}.{last_ends['dport']}")
             out.write(f"{n} {ts:.6f} {action:<5} {what}  " + "; ".join(parts) + "\n")
             for line in logs:
                 out.write(f"    {line}\n")

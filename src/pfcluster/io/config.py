@@ -16,6 +16,7 @@
                                # removed on exit
     copy_range = 256           # bytes of each packet copied from the kernel (headers)
     hostid = 0x1234            # pfsync creatorid; random when absent
+    nat_slice = "1/2"          # this firewall owns slice K of N of every NAT port range
     syslog = false
 """
 
@@ -28,6 +29,7 @@ from typing import Any
 
 from pfcluster.io.control import DEFAULT_CONTROL
 from pfcluster.io.nfq import DEFAULT_COPY_RANGE, MAX_COPY_RANGE
+from pfcluster.pf.nat import NatSlice
 
 DIALECTS = ("openbsd45", "freebsd1301", "freebsd1400", "openbsd6")
 PROTOCOLS = ("v5", "v4")
@@ -57,6 +59,7 @@ class DaemonConfig:
     fail_open: bool = False
     copy_range: int = DEFAULT_COPY_RANGE
     hostid: int | None = None
+    nat_slice: str = "1/1"
     syslog: bool = False
     verbose: bool = False
     # set only in the processes a `--workers N` supervisor starts (never from a file)
@@ -96,6 +99,10 @@ class DaemonConfig:
                               f"{DEFAULT_COPY_RANGE}..{MAX_COPY_RANGE}")
         if not 1 <= self.maxupd <= 255:
             raise ConfigError(f"maxupd: {self.maxupd} is not 1..255")
+        try:
+            NatSlice.parse(self.nat_slice)
+        except ValueError as exc:
+            raise ConfigError(f"nat_slice: {exc}") from exc
         if self.hostid is not None and not 0 < self.hostid <= 0xFFFFFFFF:
             raise ConfigError(f"hostid: {self.hostid} is not a non-zero 32-bit value")
         return self
@@ -106,6 +113,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "maxupd": (int,), "defer": (bool,), "dialect": (str,), "protocol": (str,), "merge": (str,),
     "queue": (int,), "workers": (int,),
     "control": (str,), "fail_open": (bool,), "copy_range": (int,), "hostid": (int,),
+    "nat_slice": (str,),
     "syslog": (bool,), "verbose": (bool,),
 }
 

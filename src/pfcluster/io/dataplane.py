@@ -7,6 +7,11 @@ interface and then `out` on its output interface by the router step shared with 
 simulation and replay (`pf.router.route`); a packet to the firewall gets only the `in`
 test, one from it only the `out` test.
 
+A translating ruleset (`split_hooks`): the daemon's iptables rules queue at PREROUTING
+(NF_INET_PRE_ROUTING 0) for the `in` test and at FORWARD/LOCAL_OUT for the `out` test,
+since a rewritten destination must be routed anew; a translated packet's verdict
+carries the rewritten packet (so the whole packet is copied: `copy_range` 65535).
+
 The queue is read through our own nfnetlink_queue binding (io/nfq.py): only the first
 `copy_range` bytes of a packet are copied to us (pf reads headers only; the kernel
 forwards its own skb on a plain verdict) and parsed into one reused descriptor. Each
@@ -39,6 +44,7 @@ from pfcluster.pfsync.events import Released
 
 log = logging.getLogger("pfcluster.dataplane")
 
+NF_INET_PRE_ROUTING = 0
 NF_INET_LOCAL_IN = 1
 NF_INET_FORWARD = 2
 NF_INET_LOCAL_OUT = 3
@@ -58,6 +64,8 @@ class DataplaneCounters:
     released_pass: int = 0
     released_drop: int = 0
     replies: int = 0
+    translated: int = 0
+    translate_short: int = 0
     reply_errors: int = 0
     batches: int = 0
     max_batch: int = 0
@@ -157,11 +165,15 @@ class Dataplane:
     fail_open: bool = False
     # Packets read per wakeup at most, so the control socket and timers get their turn.
     budget: int = 4096
+    # the `in` test at PREROUTING, the `out` test at FORWARD/LOCAL_OUT (translation)
+    split_hooks: bool = False
 
     def __post_init__(self) -> None:
         if self.dispatch is None:
             self.dispatch = self._apply_releases
         self._ifnames: dict[int, str] = {}
+        # rewritten packets of held (deferred) ids, sent with their release
+        self._held_payload: dict[int, bytes] = {}
         self.pending = 0  # deferred packets whose verdict the engine still holds
         self.nfq: NfQueue | None = NfQueue(self.queue_num, copy_range=self.copy_range,
                                            max_len=self.max_len, fail_open=self.fail_open)
@@ -267,10 +279,15 @@ class Dataplane:
             return
         hook = qp.hook
         names = self._ifnames
-        in_if = None if hook == NF_INET_LOCAL_OUT else \
-            names.get(qp.indev) or self.ifname(qp.indev)
-        out_if = None if hook == NF_INET_LOCAL_IN else \
-            names.get(qp.outdev) or self.ifname(qp.outdev)
+        if hook == NF_INET_FORWARD:
+            in_if = None if self.split_hooks else names.get(qp.indev) or self.ifname(qp.indev)
+            out_if = names.get(qp.outdev) or self.ifname(qp.outdev)
+        elif hook == NF_INET_LOCAL_OUT:
+            in_if = None
+            out_if = names.get(qp.outdev) or self.ifname(qp.outdev)
+        else:  # LOCAL_IN, or PRE_ROUTING when translating
+            in_if = names.get(qp.indev) or self.ifname(qp.indev)
+            out_if = None
         engine = self.engine
         rv = route(self.filt, in_if, out_if, pkt, now, engine, packet_id)
         v = rv.v_in
@@ -289,13 +306,27 @@ class Dataplane:
             dispatch = self.dispatch
             assert dispatch is not None
             dispatch(engine.take_events())
+        payload = rv.payload
         if action == ROUTE_DEFER:
             c.deferred += 1
             self.pending += 1
             verdicts.hold(packet_id)
+            if payload is not None:
+                self._held_payload[packet_id] = bytes(payload)
             return
-        c.passed += 1
-        verdicts.accept(packet_id)
+        if payload is None:
+            c.passed += 1
+            verdicts.accept(packet_id)
+        elif len(qp.payload) < qp.wire_len:
+            # a partial copy cannot carry a rewrite: the kernel would cut the packet
+            # to what we send back (nfqnl_mangle)
+            c.blocked += 1
+            c.translate_short += 1
+            verdicts.drop(packet_id)
+        else:
+            c.passed += 1
+            c.translated += 1
+            verdicts.accept_payload(packet_id, payload)
 
     def _emit(self, v: Any) -> None:
         """pf's log lines and its own reply packet (RST, unreachable, challenge ACK)."""
@@ -317,7 +348,9 @@ class Dataplane:
         (then with the mini-batch's verdicts, before the releasing packet's own)."""
         c = self.counters
         self.pending -= 1
-        self.verdicts.release(int(handle), accept)
+        packet_id = int(handle)
+        payload = self._held_payload.pop(packet_id, None) if self._held_payload else None
+        self.verdicts.release(packet_id, accept, payload)
         if accept:
             c.released_pass += 1
         else:

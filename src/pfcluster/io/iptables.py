@@ -13,6 +13,14 @@ Layout (identical in iptables-legacy and ip6tables-legacy, table `filter`):
 One chain per queue number, so several daemons (one per namespace or per queue) never
 touch each other's rules, and a stopped run's rules are found by name.
 
+Translation (`nat=True`, a ruleset with nat-to/rdr-to/binat-to or FreeBSD nat/rdr): the
+route is chosen after PREROUTING, so a destination must be rewritten before it. Then the
+chains live in table `mangle`: PREROUTING jumps to PFCLUSTER-<queue>-in (the `in` test,
+which rewrites destinations), FORWARD and OUTPUT to PFCLUSTER-<queue> (the `out` test,
+which rewrites sources); INPUT is not queued, its `in` test ran at PREROUTING. A switch
+between the two layouts installs the new one before it removes the old one, so no packet
+is unfiltered in between (some are tested twice).
+
 Fail closed (the default): the rules outlive the daemon. Without `--queue-bypass` the
 kernel drops what is queued to a queue nobody reads, so a stopped or crashed daemon leaves
 the host closed, and only `remove()` (`pfcluster daemon --uninstall`) takes the rules away.
@@ -40,6 +48,8 @@ from dataclasses import dataclass, field
 GENERATED_MARK = 0x7066
 
 HOOKS = ("INPUT", "FORWARD", "OUTPUT")
+NAT_HOOKS = ("PREROUTING", "FORWARD", "OUTPUT")
+TABLES = ("filter", "mangle")
 TOOLS = ("iptables-legacy", "ip6tables-legacy")
 TIMEOUT = 20.0
 
@@ -71,11 +81,28 @@ class IptablesRules:
     balance: int = 1
     mark: int = GENERATED_MARK
     families: Sequence[str] = TOOLS
+    # translation: table mangle, the in test at PREROUTING (see the module doc)
+    nat: bool = False
     installed: bool = field(default=False, init=False)
 
     @property
     def chain(self) -> str:
         return chain_name(self.queue)
+
+    @property
+    def in_chain(self) -> str:
+        """The PREROUTING chain of the translation layout (no `-o` there)."""
+        return self.chain + "-in"
+
+    @property
+    def table(self) -> str:
+        return "mangle" if self.nat else "filter"
+
+    def _jumps(self) -> list[tuple[str, str]]:
+        """(hook, chain) of every jump of this layout."""
+        if not self.nat:
+            return [(hook, self.chain) for hook in HOOKS]
+        return [("PREROUTING", self.in_chain), ("FORWARD", self.chain), ("OUTPUT", self.chain)]
 
     # --- commands ---------------------------------------------------------------
 
@@ -91,13 +118,15 @@ class IptablesRules:
             raise IptablesError(f"{' '.join(cmd)}: {proc.stderr.strip()}")
         return proc
 
-    def chain_rules(self) -> list[str]:
-        """The `-A` lines of our chain (iptables-save syntax), in order."""
-        c = self.chain
+    def chain_rules(self, chain: str | None = None) -> list[str]:
+        """The `-A` lines of our chain (iptables-save syntax), in order; `chain` =
+        in_chain gives the PREROUTING chain's, which cannot match an output device."""
+        c = chain or self.chain
         lines = [f"-A {c} -m mark --mark {self.mark:#x} -j RETURN"]
         for ifname in dict.fromkeys(self.skip_ifaces):
             lines.append(f"-A {c} -i {ifname} -j RETURN")
-            lines.append(f"-A {c} -o {ifname} -j RETURN")
+            if c != self.in_chain:
+                lines.append(f"-A {c} -o {ifname} -j RETURN")
         lines.append(f"-A {c} -p 240 -j RETURN")
         if self.balance > 1:
             queue = (f"-A {c} -j NFQUEUE --queue-balance "
@@ -109,28 +138,34 @@ class IptablesRules:
         lines.append(queue)
         return lines
 
-    def _restore_text(self, jumps: Iterable[str] = ()) -> str:
-        """One commit: the chain declared (created, or flushed if it exists), its rules,
-        then `-I HOOK 1 -j CHAIN` for each hook in `jumps`."""
-        insert = [f"-I {hook} 1 -j {self.chain}" for hook in jumps]
-        return "\n".join(["*filter", f":{self.chain} - [0:0]", *self.chain_rules(), *insert,
-                          "COMMIT", ""])
+    def _restore_text(self, jumps: Iterable[tuple[str, str]] = ()) -> str:
+        """One commit: the chains declared (created, or flushed if they exist), their
+        rules, then `-I HOOK 1 -j CHAIN` for each (hook, chain) in `jumps`."""
+        chains = [self.in_chain, self.chain] if self.nat else [self.chain]
+        lines = [f"*{self.table}"]
+        lines += [f":{c} - [0:0]" for c in chains]
+        for c in chains:
+            lines += self.chain_rules(c)
+        lines += [f"-I {hook} 1 -j {chain}" for hook, chain in jumps]
+        return "\n".join([*lines, "COMMIT", ""])
 
-    def _has_jump(self, tool: str, hook: str) -> bool:
-        return self._run(tool, ["-w", "-C", hook, "-j", self.chain],
+    def _has_jump(self, tool: str, hook: str, chain: str) -> bool:
+        return self._run(tool, ["-w", "-t", self.table, "-C", hook, "-j", chain],
                          check=False).returncode == 0
 
-    def _commit(self, tool: str, jumps: Iterable[str] = ()) -> None:
+    def _commit(self, tool: str, jumps: Iterable[tuple[str, str]] = ()) -> None:
         self._run(restore_tool(tool), ["-w", "--noflush"], stdin=self._restore_text(jumps))
 
     def install(self) -> None:
         """Idempotent and atomic (see the module doc): rewrite the chain's contents and add
         the missing hook jumps in one commit per family. Nothing is removed first, so a
-        restart over a previous run's rules never opens the host. A failure leaves what
-        was committed in place (closed) and raises IptablesError."""
+        restart over a previous run's rules never opens the host; the other layout's
+        chains (a run with or without translation before) go only after ours are in.
+        A failure leaves what was committed in place (closed) and raises IptablesError."""
         for tool in self.families:
-            missing = [hook for hook in HOOKS if not self._has_jump(tool, hook)]
+            missing = [(h, c) for h, c in self._jumps() if not self._has_jump(tool, h, c)]
             self._commit(tool, missing)
+        self._remove_tables([t for t in TABLES if t != self.table])
         self.installed = True
 
     def update_skip(self, skip_ifaces: Iterable[str]) -> None:
@@ -140,27 +175,42 @@ class IptablesRules:
             self._commit(tool)
 
     def present(self) -> list[str]:
-        """`tool: rule` lines of our chain and of every jump to it (both families)."""
-        return list_rules(self.prefix, families=self.families, chain=self.chain)
+        """`tool: rule` lines of our chains and of every jump to them (both families,
+        both tables)."""
+        return (list_rules(self.prefix, families=self.families, chain=self.chain)
+                + list_rules(self.prefix, families=self.families, chain=self.chain,
+                             table="mangle")
+                + list_rules(self.prefix, families=self.families, chain=self.in_chain,
+                             table="mangle"))
 
     def remove(self) -> list[str]:
         """Idempotent: delete every jump to our chain, then the chain; never raises for
         "not there" (a crashed earlier run may have left any subset behind). Returns the
         `tool: rule` lines that were there before (what was removed)."""
-        removed: list[str] = []
-        for tool in self.families:
-            proc = self._run(tool, ["-w", "-S"], check=False)
-            lines = proc.stdout.splitlines() if proc.returncode == 0 else []
-            mine = [line for line in lines if _mentions(line, self.chain)]
-            removed.extend(f"{tool}: {line}" for line in mine)
-            for line in mine:  # every jump, duplicates from repeated crashes included
-                words = shlex.split(line)
-                if len(words) > 2 and words[0] == "-A" and words[1] != self.chain:
-                    self._run(tool, ["-w", "-D", *words[1:]], check=False)
-            if self._run(tool, ["-w", "-n", "-L", self.chain], check=False).returncode == 0:
-                self._run(tool, ["-w", "-F", self.chain], check=False)
-                self._run(tool, ["-w", "-X", self.chain], check=False)
+        removed = self._remove_tables(TABLES)
         self.installed = False
+        return removed
+
+    def _remove_tables(self, tables: Iterable[str]) -> list[str]:
+        """Remove our chains and their jumps from `tables` (both layouts' names)."""
+        removed: list[str] = []
+        ours = (self.chain, self.in_chain)
+        for tool in self.families:
+            for table in tables:
+                proc = self._run(tool, ["-w", "-t", table, "-S"], check=False)
+                lines = proc.stdout.splitlines() if proc.returncode == 0 else []
+                mine = [line for line in lines if any(_mentions(line, c) for c in ours)]
+                removed.extend(f"{tool}: {line}" if table == "filter"
+                               else f"{tool} -t {table}: {line}" for line in mine)
+                for line in mine:  # every jump, duplicates from repeated crashes included
+                    words = shlex.split(line)
+                    if len(words) > 2 and words[0] == "-A" and words[1] not in ours:
+                        self._run(tool, ["-w", "-t", table, "-D", *words[1:]], check=False)
+                for c in ours:
+                    if self._run(tool, ["-w", "-t", table, "-n", "-L", c],
+                                 check=False).returncode == 0:
+                        self._run(tool, ["-w", "-t", table, "-F", c], check=False)
+                        self._run(tool, ["-w", "-t", table, "-X", c], check=False)
         return removed
 
     def list_rules(self) -> list[str]:
@@ -175,13 +225,15 @@ def _mentions(line: str, chain: str) -> bool:
 
 
 def list_rules(prefix: Sequence[str] = (), *, families: Sequence[str] = TOOLS,
-               needle: str = "PFCLUSTER", chain: str | None = None) -> list[str]:
-    """Every `iptables -S` line (both families, table filter) mentioning `needle` (or,
+               needle: str = "PFCLUSTER", chain: str | None = None,
+               table: str = "filter") -> list[str]:
+    """Every `iptables -S` line (both families, one table) mentioning `needle` (or,
     with `chain`, naming exactly that chain): the check of what a daemon left in place."""
     found: list[str] = []
     for tool in families:
         try:
-            proc = subprocess.run([*prefix, tool, "-w", "-S"], capture_output=True, text=True,
+            proc = subprocess.run([*prefix, tool, "-w", "-t", table, "-S"],
+                                  capture_output=True, text=True,
                                   timeout=TIMEOUT, check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise IptablesError(f"{tool} -S: {exc}") from exc
@@ -189,7 +241,8 @@ def list_rules(prefix: Sequence[str] = (), *, families: Sequence[str] = TOOLS,
             raise IptablesError(f"{tool} -S: {proc.stderr.strip()}")
         for line in proc.stdout.splitlines():
             if _mentions(line, chain) if chain is not None else needle in line:
-                found.append(f"{tool}: {line}")
+                found.append(f"{tool}: {line}" if table == "filter"
+                             else f"{tool} -t {table}: {line}")
     return found
 
 

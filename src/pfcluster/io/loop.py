@@ -37,10 +37,12 @@ from typing import Any
 from pfcluster.io.config import MAX_WORKERS, DaemonConfig
 from pfcluster.io.control import ControlError, ControlServer
 from pfcluster.io.iptables import IptablesError, IptablesRules, queue_owner
+from pfcluster.io.nfq import MAX_COPY_RANGE
 from pfcluster.io.siblings import SiblingBus
 from pfcluster.io.signals import SignalWakeup
 from pfcluster.io.syncsock import SyncSet, SyncSocket
 from pfcluster.pf import pfctl
+from pfcluster.pf.nat import NatSlice
 from pfcluster.pfsync.api import SyncEngine
 from pfcluster.pfsync.events import Event, Released, SyncOk
 from pfcluster.tuning import tune_gc
@@ -76,10 +78,37 @@ def make_core(cfg: DaemonConfig, ruleset: Any, now: float) -> tuple[Any, SyncEng
     if cfg.worker is not None:
         seed = seed * MAX_WORKERS + cfg.worker
     filt = Filter(ruleset, hostid=cfg.hostid, now=now, id_seed=seed)
+    filt.nat.slice = NatSlice.parse(cfg.nat_slice)
     engine = attach(filt, dialect=cfg.dialect, protocol=cfg.protocol, maxupd=cfg.maxupd,
                     defer=cfg.defer and cfg.sync_enabled, merge=cfg.merge, now=now,
                     answers_bulk=not cfg.worker)  # one worker answers for the firewall
     return filt, engine
+
+
+def translates(ruleset: Any) -> bool:
+    """Whether a ruleset rewrites addresses (nat-to, rdr-to, binat-to, FreeBSD nat/rdr):
+    then the `in` test must run before routing (the PREROUTING layout)."""
+    if getattr(ruleset, "translation_rules", None):
+        return True
+    return any(getattr(r, "nat", None) is not None or getattr(r, "rdr", None) is not None
+               for r in getattr(ruleset, "rules", ()))
+
+
+def interface_addresses() -> dict[str, list[tuple[int, bytes]]]:
+    """Every interface's addresses [(af, packed)], for `(em0)` translation pools."""
+    from pyroute2 import IPRoute
+
+    out: dict[str, list[tuple[int, bytes]]] = {}
+    with IPRoute() as ipr:
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        for msg in ipr.get_addr():
+            name = names.get(msg["index"])
+            addr = msg.get_attr("IFA_ADDRESS")
+            if name is None or addr is None:
+                continue
+            af = msg["family"]
+            out.setdefault(name, []).append((af, socket.inet_pton(af, addr)))
+    return out
 
 
 def skip_ifaces(cfg: DaemonConfig, ruleset: Any) -> list[str]:
@@ -143,6 +172,8 @@ class Daemon:
         self.install_iptables = install_iptables
         self.started = clock()
         self.ruleset = self.loader(cfg.rules)  # a broken file stops us before touching anything
+        # fixed for the daemon's life: translation needs the PREROUTING layout
+        self.translating = translates(self.ruleset)
         self.filter, engine = (core or make_core)(cfg, self.ruleset, self.started)
         self.engine: SyncEngine = engine
         self.sel = selectors.DefaultSelector()
@@ -183,12 +214,19 @@ class Daemon:
             self.replies = ReplySender()
         except OSError as exc:  # raw sockets: root (CAP_NET_RAW) needed
             raise SetupError(f"raw socket for pf's replies: {exc.strerror or exc}") from exc
+        if self.translating:
+            if cfg.workers > 1:
+                raise SetupError("the rules translate addresses (nat-to/rdr-to): --workers "
+                                 "is not supported with translation yet; run one process")
+            self._learn_addresses()
         # the queue first: if another process holds it we stop here, its rules untouched
         try:
             self.dataplane = Dataplane(cfg.queue, self.filter, self.engine, self.replies,
                                        clock=self.clock, between_batches=self._between_batches,
-                                       dispatch=self._dispatch, copy_range=cfg.copy_range,
-                                       fail_open=cfg.fail_open)
+                                       dispatch=self._dispatch,
+                                       copy_range=MAX_COPY_RANGE if self.translating
+                                       else cfg.copy_range,
+                                       fail_open=cfg.fail_open, split_hooks=self.translating)
         except OSError as exc:
             owner = queue_owner(cfg.queue)
             if owner is not None:
@@ -197,7 +235,8 @@ class Daemon:
             raise SetupError(f"cannot bind NFQUEUE {cfg.queue}: {exc}") from exc
         self.sel.register(self.dataplane.fileno(), selectors.EVENT_READ, (K_QUEUE, None))
         if self.install_iptables and cfg.worker is None:  # a supervisor owns a worker's
-            rules = IptablesRules(cfg.queue, self.skip_ifaces(), cfg.fail_open)
+            rules = IptablesRules(cfg.queue, self.skip_ifaces(), cfg.fail_open,
+                                  nat=self.translating)
             try:
                 rules.install()  # one atomic commit over a previous run's chain
             except IptablesError as exc:
@@ -217,6 +256,13 @@ class Daemon:
                  f"peer {cfg.syncpeer}" if cfg.syncpeer else "multicast", cfg.dialect,
                  cfg.protocol, cfg.queue, cfg.control,
                  "" if cfg.worker is None else f", worker {cfg.worker} of {cfg.workers}")
+
+    def _learn_addresses(self) -> None:
+        """Interface addresses for `(em0)` pools, read at start and on each reload."""
+        try:
+            self.filter.nat.iface_addrs = interface_addresses()
+        except Exception as exc:  # netlink refused: `(if)` pools then translate nothing
+            log.error("interface addresses: %s", exc)
 
     def _open_sync(self) -> None:
         cfg = self.cfg
@@ -401,7 +447,13 @@ class Daemon:
             ruleset = self.loader(self.cfg.rules)
         except Exception as exc:  # RuleSyntaxError, OSError: old rules stay
             return {"ok": False, "error": str(exc)}
+        if translates(ruleset) and not self.translating:
+            return {"ok": False, "error": "the new rules translate addresses, which needs the "
+                    "PREROUTING hook this daemon did not start with: restart it with them "
+                    "(the old rules stay)"}
         self.filter.load(ruleset)
+        if self.translating:
+            self._learn_addresses()
         old_skip = self.skip_ifaces()
         self.ruleset = ruleset
         if self.iptables is not None and self.skip_ifaces() != old_skip:

@@ -41,6 +41,7 @@ from pfcluster.io.loop import (
     load_ruleset,
     open_control,
     skip_ifaces,
+    translates,
 )
 from pfcluster.io.signals import SignalWakeup
 from pfcluster.pf import pfctl
@@ -205,6 +206,9 @@ class Supervisor:
         return self.status
 
     def setup(self) -> None:
+        if translates(self.ruleset):
+            raise SetupError("the rules translate addresses (nat-to/rdr-to): --workers is not "
+                             "supported with translation yet; run one process")
         cfg = self.cfg
         self.signals.install(self.sel, (K_SIGNAL, None))
         self.control = open_control(cfg.control, self.handle_request)

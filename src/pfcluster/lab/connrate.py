@@ -68,6 +68,7 @@ class ConnRateConfig:
     merge: str | None = None  # daemon --merge
     dialect: str | None = None
     workers: int = 1  # daemon --workers N
+    nat: bool = False  # the daemons translate the clients (nat-to, --nat-slice K/N)
     keep_logs: bool = False
     # the client's ephemeral port range (net.ipv4.ip_local_port_range in its namespace);
     # a range smaller than `conns` makes every run reuse ports (None: Linux's default)
@@ -249,7 +250,7 @@ def run_connrate(cfg: ConnRateConfig, progress: ProgressFn | None = None) -> dic
                 runner = DaemonRunner()
                 runner.start(lab, topo, RunConfig(
                     paths="split", sync="v5", firewall="daemon", defer=cfg.defer,
-                    merge=cfg.merge, dialect=cfg.dialect, workers=cfg.workers,
+                    merge=cfg.merge, dialect=cfg.dialect, workers=cfg.workers, nat=cfg.nat,
                 ))
                 runner.wait_ready(READY_TIMEOUT)
             topo.set_paths("symmetric" if path == "kernel" else path)

@@ -84,6 +84,26 @@ pass in on {FW_CLIENT_IF} proto icmp from {CLIENT_NET4}.0/24 to {SERVER_NET4}.0/
 pass out on {FW_SERVER_IF} proto icmp from {CLIENT_NET4}.0/24 to {SERVER_NET4}.0/24 keep state
 """
 
+# `--nat`: the firewalls translate the clients to one address that is not on the server
+# LAN; the servers route it back through the firewalls (it lies in the client network,
+# which the servers reach via the firewalls), and nobody holds it, so only a firewall's
+# translation can deliver a reply. Each firewall owns its slice of the port range
+# (--nat-slice K/N), so the two never hand out the same port.
+NAT_ADDR4 = f"{CLIENT_NET4}.99"
+
+
+def lab_rules(nat: bool) -> str:
+    """LAB_RULES, or with `nat` the same rules translating on the server side."""
+    if not nat:
+        return LAB_RULES
+    out = []
+    for line in LAB_RULES.splitlines():
+        if line.startswith(f"pass out on {FW_SERVER_IF} "):
+            line += f" nat-to {NAT_ADDR4}"
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
 ProgressFn = Callable[[str, float], None]  # (what is happening, fraction of this run)
 
 
@@ -130,12 +150,14 @@ class RunConfig:
     keep_logs: bool = False
     merge: str | None = None  # daemon --merge edges|thesis (None: the daemon's default)
     workers: int = 1  # daemon --workers N (flows spread by client/server address pair)
+    nat: bool = False  # the firewalls translate the clients to NAT_ADDR4 (nat-to)
 
     def label(self) -> str:
         if self.name:
             return self.name
         n = "single" if self.firewalls == 1 else f"{self.paths}"
-        return f"{n} sync={self.sync}" + (" failover" if self.failover else "")
+        return (f"{n} sync={self.sync}" + (" nat" if self.nat else "")
+                + (" failover" if self.failover else ""))
 
     def check(self) -> None:
         if self.paths not in PATHS:
@@ -148,6 +170,9 @@ class RunConfig:
             raise ValueError(f"{self.paths} paths need at least 2 firewalls")
         if self.failover and self.firewalls < 2:
             raise ValueError("failover needs at least 2 firewalls")
+        if self.nat and (self.rules or self.firewall == "plain"):
+            raise ValueError("--nat uses the lab's own rules on pfcluster daemons "
+                             "(not with --rules or plain routers)")
 
 
 # --- firewall runners ---------------------------------------------------------------
@@ -236,12 +261,14 @@ class DaemonRunner:
             argv += ["--merge", cfg.merge]
         if cfg.workers > 1:
             argv += ["--workers", str(cfg.workers)]
+        if cfg.nat:
+            argv += ["--nat-slice", f"{fw.index}/{len(topo.fws)}"]
         return argv
 
     def start(self, lab: Lab, topo: Topology, cfg: RunConfig) -> None:
         self.lab, self.cfg, self.fws = lab, cfg, list(topo.fws)
         rules = lab.path("pf.conf")
-        rules.write_text(Path(cfg.rules).read_text() if cfg.rules else LAB_RULES)
+        rules.write_text(Path(cfg.rules).read_text() if cfg.rules else lab_rules(cfg.nat))
         for fw in topo.fws:
             if LAB_INSTALLS_QUEUE:
                 run(fw.ns, [IPTABLES, "-w", "-A", "FORWARD", "-j", "NFQUEUE",
@@ -372,6 +399,20 @@ def _rst_rules(lab: Lab, ns: str) -> None:
     """Counting-only iptables rules (no target) for TCP resets, in our end-host namespace."""
     for chain in ("INPUT", "OUTPUT"):
         run(ns, [IPTABLES, "-w", "-A", chain, "-p", "tcp", "--tcp-flags", "RST", "RST"])
+
+
+def _peer_addresses(ns: str) -> list[str]:
+    """The remote addresses of the established TCP connections in `ns` (ss -tn)."""
+    try:
+        out = run(ns, ["ss", "-Htn", "state", "established"], timeout=5.0).stdout
+    except LabError:
+        return []
+    peers = set()
+    for line in out.splitlines():
+        cols = line.split()
+        if len(cols) >= 4:
+            peers.add(cols[-1].rsplit(":", 1)[0].strip("[]"))
+    return sorted(peers)
 
 
 def _rst_count(ns: str) -> int:
@@ -516,9 +557,13 @@ def run_one(cfg: RunConfig, progress: ProgressFn | None = None) -> dict[str, Any
         rst_during: dict[str, int] = {}
         snap_at = max(cfg.seconds - 1.0, cfg.seconds * 0.75)
 
+        server_peers: list[str] = []
+
         def snapshot() -> None:
             rst_during.update(client=_rst_count(c.ns) - rst_start["client"],
                               server=_rst_count(s.ns) - rst_start["server"])
+            if cfg.nat:  # whom the server believes it talks to
+                server_peers.extend(_peer_addresses(s.ns))
 
         # On its own timer: a slow tick (the failover, a ctl query to a busy daemon) can
         # last over a second, and the window before iperf3's own teardown RSTs is short.
@@ -629,6 +674,11 @@ def run_one(cfg: RunConfig, progress: ProgressFn | None = None) -> dict[str, Any
             "no_reset": resets["during"] == {"client": 0, "server": 0}
             and "reset" not in str(res.error or "").lower(),
         }
+    if cfg.nat:
+        # the server must have seen the translated address only: a client address there
+        # would mean a packet left untranslated
+        result["nat"] = {"address": NAT_ADDR4, "server_saw": server_peers,
+                         "translated": bool(server_peers) and set(server_peers) == {NAT_ADDR4}}
     if integrity is not None:
         result["integrity"] = integrity
     if cfg.rate_pps:
@@ -642,7 +692,10 @@ def run_one(cfg: RunConfig, progress: ProgressFn | None = None) -> dict[str, Any
 
 def compare_configs(base: RunConfig) -> list[RunConfig]:
     """The main job: single firewall, symmetric pair, split v5, split v5 with the thesis'
-    all-or-nothing TCP merge (the merge rule's effect alone), split v4, ECMP v5."""
+    all-or-nothing TCP merge (the merge rule's effect alone), split v4, ECMP v5, and split
+    v5 with NAT (daemons with the lab's own rules only; one process each)."""
+    nat = [] if base.firewall == "plain" or base.rules or base.workers > 1 else [
+        replace(base, name="split-v5-nat", paths="split", sync="v5", nat=True)]
     return [
         replace(base, name="single", firewalls=1, paths="symmetric", sync="off"),
         replace(base, name="symmetric", paths="symmetric", sync="v5"),
@@ -650,6 +703,7 @@ def compare_configs(base: RunConfig) -> list[RunConfig]:
         replace(base, name="split-v5-thesis-merge", paths="split", sync="v5", merge="thesis"),
         replace(base, name="split-v4", paths="split", sync="v4"),
         replace(base, name="ecmp-v5", paths="ecmp", sync="v5"),
+        *nat,
     ]
 
 

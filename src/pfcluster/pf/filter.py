@@ -49,6 +49,7 @@ from pfcluster.pf.constants import (
     PFRES_NORM,
     PFRES_SHORT,
     PFRES_STATEINS,
+    PFRES_TRANSLATE,
     PFSTATE_NOSYNC,
     PFSTATE_SLOPPY,
     PFTM,
@@ -61,12 +62,15 @@ from pfcluster.pf.constants import (
     TH_SYN,
 )
 from pfcluster.pf.log import bad_state_lines, print_flags, print_state, rule_log_line
+from pfcluster.pf.nat import Translator
 from pfcluster.pf.ruleset import Rule, Ruleset
 from pfcluster.pf.state import (
     DIRECTION,
     DST_STATE,
     SRC_STATE,
+    NatInfo,
     State,
+    StateKey,
     StateTable,
     new_creatorid,
     state_expires,
@@ -181,7 +185,7 @@ TM_OTHER_MULTIPLE = int(PFTM.OTHER_MULTIPLE)
 class Verdict:
     """The decision for one packet on one interface."""
 
-    __slots__ = ("action", "log", "new_state", "reason", "reply", "rule", "state")
+    __slots__ = ("action", "log", "new_state", "reason", "reply", "rule", "state", "xlate")
 
     def __init__(
         self,
@@ -200,6 +204,11 @@ class Verdict:
         self.new_state = new_state
         self.reply = reply
         self.log = log if log is not None else []
+        # a translation to apply before the packet goes on: (src, sport, dst, dport),
+        # None for what stays; for an ICMP error the quoted packet's (see
+        # Filter._icmp_error_xlate): (outer src, outer dst, inner src, inner sport,
+        # inner dst, inner dport)
+        self.xlate: tuple[Any, ...] | None = None
 
     @property
     def passed(self) -> bool:
@@ -245,6 +254,86 @@ class StateListener(Protocol):
     def state_removed(self, st: State, now: float) -> None: ...
 
 
+def packet_key(direction: int, pkt: Packet) -> StateKey:
+    """The state key a packet's own addresses make for a test in `direction` (slot 0 is
+    the far side of the interface, slot 1 the near side), as _create_state builds it."""
+    proto = pkt.proto
+    if proto in (IPPROTO_TCP, IPPROTO_UDP):
+        sp, dp = pkt.sport, pkt.dport
+    elif proto in (IPPROTO_ICMP, IPPROTO_ICMPV6):
+        icmp_dir, vid, vtype, _ = icmp_mapping(pkt)
+        sp, dp = (vid, vtype) if icmp_dir == PF_IN else (vtype, vid)
+    else:
+        sp = dp = 0
+    if direction == PF_IN:
+        return (pkt.af, proto, pkt.src, pkt.dst, sp, dp)
+    return (pkt.af, proto, pkt.dst, pkt.src, dp, sp)
+
+
+def keys_xlate(direction: int, pkt: Packet, have: StateKey,
+               want: StateKey) -> tuple[Any, ...] | None:
+    """What to rewrite in `pkt` (matching key `have` in `direction`) so it matches
+    `want`: (src, sport, dst, dport), None for each value that stays. For ICMP queries
+    and replies the echo id moves and comes as `sport`."""
+    if direction == PF_IN:
+        src, dst, sp, dp = want[2], want[3], want[4], want[5]
+        osp, odp = have[4], have[5]
+    else:
+        dst, src, dp, sp = want[2], want[3], want[4], want[5]
+        osp, odp = have[5], have[4]
+    nsrc = src if src != pkt.src else None
+    ndst = dst if dst != pkt.dst else None
+    nsp = ndp = None
+    if pkt.proto in (IPPROTO_ICMP, IPPROTO_ICMPV6):
+        # the echo id sits in one port slot, the type in the other
+        if sp != osp:
+            nsp = sp
+        elif dp != odp:
+            nsp = dp
+    else:
+        nsp = sp if sp != osp else None
+        ndp = dp if dp != odp else None
+    if nsrc is None and ndst is None and nsp is None and ndp is None:
+        return None
+    return (nsrc, nsp, ndst, ndp)
+
+
+def state_xlate(st: State, direction: int, pkt: Packet) -> tuple[Any, ...] | None:
+    """A packet found its translated state by the key of its side (`in`: wire, `out`:
+    stack); it leaves with the other side's addresses and ports."""
+    nat = st.nat
+    assert nat is not None
+    if direction == PF_IN:
+        return keys_xlate(direction, pkt, st.key, nat.skey)
+    return keys_xlate(direction, pkt, nat.skey, st.key)
+
+
+def icmp_error_xlate(st: State, direction: int, pkt: Packet,
+                     inner: Packet) -> tuple[Any, ...] | None:
+    """An ICMP error quoting a packet of a translated state (pf_test_state_icmp): the
+    quoted header takes the other key's addresses and ports, and the outer address that
+    equals a quoted one follows it: a new quoted source moves the outer destination, a
+    new quoted destination the outer source. Returns (outer src, outer dst, inner src,
+    inner sport, inner dst, inner dport), None for what stays."""
+    nat = st.nat
+    assert nat is not None
+    want = nat.skey if direction == PF_IN else st.key
+    # the quote travelled against the error: its source sits in slot 1 for `in`
+    if direction == PF_IN:
+        isrc, idst, isp, idp = want[3], want[2], want[5], want[4]
+    else:
+        isrc, idst, isp, idp = want[2], want[3], want[4], want[5]
+    n_isrc = isrc if isrc != inner.src else None
+    n_idst = idst if idst != inner.dst else None
+    n_isp = isp if isp != inner.sport else None
+    n_idp = idp if idp != inner.dport else None
+    if n_isrc is None and n_idst is None and n_isp is None and n_idp is None:
+        return None
+    o_dst = n_isrc if n_isrc is not None and pkt.dst == inner.src else None
+    o_src = n_idst if n_idst is not None and pkt.src == inner.dst else None
+    return (o_src, o_dst, n_isrc, n_isp, n_idst, n_idp)
+
+
 class Filter:
     """pf for one host: the ruleset, the state table and the counters.
 
@@ -269,6 +358,7 @@ class Filter:
             "key-attach-failed": 0,
             "loose-match": 0,
             "bad-icmp": 0,
+            "translate-short": 0,
             "passed-in": 0,
             "passed-out": 0,
             "blocked-in": 0,
@@ -283,6 +373,8 @@ class Filter:
         self._pending_log: list[str] = []
         self.log_dropped = 0
         self._intern: dict[bytes, bytes] = {}
+        # nat-to/rdr-to: addresses and ports for new translated states (pf/nat.py)
+        self.nat = Translator(self.states)
         self._apply_ruleset(ruleset)
 
     # -- configuration ------------------------------------------------------------
@@ -320,13 +412,15 @@ class Filter:
                     key = (pkt.af, proto, pkt.src, pkt.dst, pkt.sport, pkt.dport)
                 else:
                     key = (pkt.af, proto, pkt.dst, pkt.src, pkt.dport, pkt.sport)
-                st = self._lookup(key, now)
+                st = self._lookup(key, now, direction)
                 if st is not None:
                     if proto == IPPROTO_TCP:
                         v = self._test_tcp_state(st, direction, ifname, pkt, now)
                     else:
                         v = self._test_udp_state(st, direction, pkt, now, TM_UDP_SINGLE, TM_UDP_MULTIPLE)
                     if v is not None:
+                        if st.nat is not None and v.state is st and v.action == PASS:
+                            v.xlate = state_xlate(st, direction, pkt)
                         return v
             elif proto in (IPPROTO_ICMP, IPPROTO_ICMPV6):
                 v = self._test_icmp(direction, ifname, pkt, now)
@@ -337,19 +431,25 @@ class Filter:
                     key = (pkt.af, proto, pkt.src, pkt.dst, 0, 0)
                 else:
                     key = (pkt.af, proto, pkt.dst, pkt.src, 0, 0)
-                st = self._lookup(key, now)
+                st = self._lookup(key, now, direction)
                 if st is not None:
                     v = self._test_udp_state(st, direction, pkt, now, TM_OTHER_SINGLE, TM_OTHER_MULTIPLE)
                     if v is not None:
+                        if st.nat is not None:
+                            v.xlate = state_xlate(st, direction, pkt)
                         return v
         return self._test_rules(direction, ifname, pkt, now)
 
-    def _lookup(self, key: tuple, now: float) -> State | None:
+    def _lookup(self, key: tuple, now: float, direction: int) -> State | None:
         table = self.states
         table.searches += 1
         by_key = table.by_key
         st = by_key.get(key)
         if st is None:
+            return None
+        nat = st.nat
+        if nat is not None and key != (st.key if direction == PF_IN else nat.skey):
+            # pf_find_state: `in` finds a state by its wire key, `out` by its stack key
             return None
         if (now - st.expire >= self._expiry_floor or len(by_key) > self._adaptive_start) \
                 and state_expires(st, self.timeouts, len(by_key)) <= now:
@@ -469,7 +569,10 @@ class Filter:
         st.expire = now
         st.timeout = TM_ICMP_ERROR
         self._count_pass(st, direction, direction == st[DIRECTION], pkt, now)
-        return Verdict(PASS, "state", st.rule, st)
+        v = Verdict(PASS, "state", st.rule, st)
+        if st.nat is not None:
+            v.xlate = state_xlate(st, direction, pkt)
+        return v
 
     def _icmp_state(self, direction: int, pkt: Packet, icmp_dir: int, vid: int, vtype: int,
                     quoted: bool, now: float) -> tuple[State | None, bool]:
@@ -497,7 +600,7 @@ class Filter:
             key = (pkt.af, pkt.proto, s, d, ps, pd)
         else:
             key = (pkt.af, pkt.proto, d, s, pd, ps)
-        st = self._lookup(key, now)
+        st = self._lookup(key, now, direction)
         if st is None:
             return None, True
         rule = st.rule
@@ -556,7 +659,7 @@ class Filter:
                 key = (inner.af, iproto, inner.src, inner.dst, inner.sport, inner.dport)
             else:
                 key = (inner.af, iproto, inner.dst, inner.src, inner.dport, inner.sport)
-            st = self._lookup(key, now)
+            st = self._lookup(key, now, direction)
             if st is None:
                 return None
             if iproto == IPPROTO_TCP and not (st.state_flags & PFSTATE_SLOPPY):
@@ -588,14 +691,68 @@ class Filter:
                 key = (inner.af, iproto, inner.src, inner.dst, 0, 0)
             else:
                 key = (inner.af, iproto, inner.dst, inner.src, 0, 0)
-            st = self._lookup(key, now)
+            st = self._lookup(key, now, direction)
             if st is None:
                 return None
         self._count_pass(st, direction, direction == st[DIRECTION], pkt, now)
-        return Verdict(PASS, "state", st.rule, st)
+        v = Verdict(PASS, "state", st.rule, st)
+        if st.nat is not None and iproto not in (IPPROTO_ICMP, IPPROTO_ICMPV6):
+            v.xlate = icmp_error_xlate(st, direction, pkt, inner)
+        return v
 
     def _test_rules(self, direction: int, ifname: str, pkt: Packet, now: float) -> Verdict:
-        rule = self.ruleset.evaluate(pkt, direction, ifname)
+        ruleset = self.ruleset
+        if ruleset.translation_rules:
+            return self._test_translated_first(direction, ifname, pkt, now)
+        rule = ruleset.evaluate(pkt, direction, ifname)
+        pool_rule = ruleset.last_nat if direction != PF_IN else ruleset.last_rdr
+        if pool_rule is not None and rule is not None and rule.action == PASS:
+            key = packet_key(direction, pkt)
+            other = self._translate(pool_rule, direction, key)
+            if other is None:
+                return self._block(direction, PFRES_TRANSLATE, rule)
+            return self._decide(rule, direction, ifname, pkt, now, (key, other, pool_rule))
+        return self._decide(rule, direction, ifname, pkt, now, None)
+
+    def _translate(self, pool_rule: Rule, direction: int, key: StateKey) -> StateKey | None:
+        """The other key of a new translated state: for `out` (nat-to) `key` is the stack
+        key and the wire key is returned; for `in` (rdr-to) the reverse."""
+        if direction == PF_IN:
+            return self.nat.destination(pool_rule.rdr, key, pool_rule)
+        return self.nat.source(pool_rule.nat, key)
+
+    def _test_translated_first(self, direction: int, ifname: str, pkt: Packet,
+                               now: float) -> Verdict:
+        """FreeBSD's order: the first matching nat/rdr/binat rule translates, then the
+        filter rules see the translated packet (`nat pass`/`rdr pass` skip them)."""
+        ruleset = self.ruleset
+        tr = ruleset.translate_lookup(pkt, direction, ifname)
+        pool = None if tr is None else (tr.nat if direction != PF_IN else tr.rdr)
+        if tr is None or pool is None:  # no rule, or `no nat`/`no rdr`
+            return self._decide(ruleset.evaluate(pkt, direction, ifname), direction,
+                                ifname, pkt, now, None)
+        key = packet_key(direction, pkt)
+        other = self._translate(tr, direction, key)
+        if other is None:
+            return self._block(direction, PFRES_TRANSLATE, tr)
+        if getattr(tr, "natpass", False):
+            rule: Rule | None = tr
+        else:
+            saved = (pkt.src, pkt.sport, pkt.dst, pkt.dport)
+            if direction == PF_IN:
+                pkt.src, pkt.dst, pkt.sport, pkt.dport = other[2], other[3], other[4], other[5]
+            else:
+                pkt.dst, pkt.src, pkt.dport, pkt.sport = other[2], other[3], other[4], other[5]
+            try:
+                rule = ruleset.evaluate(pkt, direction, ifname)
+            finally:
+                pkt.src, pkt.sport, pkt.dst, pkt.dport = saved
+        return self._decide(rule, direction, ifname, pkt, now, (key, other, tr))
+
+    def _decide(self, rule: Rule | None, direction: int, ifname: str, pkt: Packet,
+                now: float, xl: tuple[StateKey, StateKey, Rule] | None) -> Verdict:
+        """The verdict of the deciding rule; `xl` = (the packet's key, the translated
+        key, the translating rule) for a translated connection."""
         self.counters[PFRES_MATCH] += 1
         if rule is None:
             # pf's default rule: pass, no state.
@@ -614,12 +771,15 @@ class Filter:
             else:
                 self.extra["blocked-out"] += 1
             return Verdict(BLOCK, "match", rule, None, False, reply, log)
-        if not rule.keep_state or pkt.frag_off:
+        if (not rule.keep_state and not getattr(rule, "natpass", False)) or pkt.frag_off:
             if direction == PF_IN:
                 self.extra["passed-in"] += 1
             else:
                 self.extra["passed-out"] += 1
-            return Verdict(PASS, "match", rule, None, False, None, log)
+            v = Verdict(PASS, "match", rule, None, False, None, log)
+            if xl is not None:
+                v.xlate = keys_xlate(direction, pkt, xl[0], xl[1])
+            return v
         proto = pkt.proto
         if proto in (IPPROTO_ICMP, IPPROTO_ICMPV6) and icmp_mapping(pkt)[3]:
             # Errors and neighbour advertisements never open a state (replies do not get
@@ -635,16 +795,20 @@ class Filter:
             return self._block(direction, PFRES_MAXSTATES, rule, None, None, log)
         if len(self.states) >= self.limit_states:
             return self._block(direction, PFRES_MEMORY, rule, None, None, log)
-        st = self._create_state(rule, direction, pkt, now)
+        st = self._create_state(rule, direction, pkt, now, xl)
         if st is None:
             return self._block(direction, PFRES_STATEINS, rule, None, None, log)
         if direction == PF_IN:
             self.extra["passed-in"] += 1
         else:
             self.extra["passed-out"] += 1
-        return Verdict(PASS, "match", rule, st, True, None, log)
+        v = Verdict(PASS, "match", rule, st, True, None, log)
+        if st.nat is not None:
+            v.xlate = state_xlate(st, direction, pkt)
+        return v
 
-    def _create_state(self, rule: Rule, direction: int, pkt: Packet, now: float) -> State | None:
+    def _create_state(self, rule: Rule, direction: int, pkt: Packet, now: float,
+                      xl: tuple[StateKey, StateKey, Rule] | None = None) -> State | None:
         proto = pkt.proto
         if proto in (IPPROTO_TCP, IPPROTO_UDP):
             sp, dp = pkt.sport, pkt.dport
@@ -692,6 +856,14 @@ class Filter:
         st.log = 1 if rule.log else 0
         st.packets0 = 1
         st.bytes0 = pkt.ip_len
+        if xl is not None and xl[1] != st.key:
+            # the packet's key is the wire key of an `in` state (rdr-to) and the stack
+            # key of an `out` one (nat-to)
+            if direction == PF_IN:
+                st.nat = NatInfo(xl[1], xl[2])
+            else:
+                st.nat = NatInfo(st.key, xl[2])
+                st.key = xl[1]
         if not self.attach_state(st, now, from_peer=False):
             return None
         rule.states_cur += 1
@@ -776,7 +948,7 @@ class Filter:
         A peer is held to `set limit states` like local traffic: without that, anyone on
         the sync link could grow the table without bound.
         """
-        if len(self.states.by_key) >= self.limit_states:
+        if len(self.states) >= self.limit_states:
             self.counters[PFRES_MEMORY] += 1
             return False
         st.rule = None

@@ -105,20 +105,30 @@ def _print_peers(v: StateView) -> tuple[Any, Any]:
 def state_line(v: StateView) -> str:
     """The `pfctl -ss` line: `all tcp 198.51.100.2:40000 -> 203.0.113.10:5201  ESTABLISHED:ESTABLISHED`.
 
-    pfctl prints the key from the creator's point of view: ``->`` for an outbound state
-    (stack side first), ``<-`` for an inbound one. Key slot 1 holds the local end for an
-    inbound state and the source for an outbound one, so slot 1 prints first either way.
+    As pfctl's print_state: an outbound state prints its wire key (`->`), an inbound one
+    its stack key (`<-`), slot 1 first; a slot the other key holds differently follows
+    in parentheses, so a nat-to state reads `192.0.2.1:50001 (10.0.0.5:4321) -> ...`
+    and an rdr-to state `10.0.0.5:80 (192.0.2.1:80) <- ...`.
     """
     af, proto = v.af, v.proto
     always = proto in (IPPROTO_TCP, IPPROTO_UDP)
-    sa0, sa1, sp0, sp1 = v.stack
-    wa0, wa1, wp0, wp1 = v.wire
-    nat = v.stack != v.wire
-    left = host_port(af, sa1, sp1, always)
-    right = host_port(af, sa0, sp0, always)
-    if nat:
-        left += f" ({host_port(af, wa1, wp1, always)})"
-        right += f" ({host_port(af, wa0, wp0, always)})"
+    if v.direction == PF_OUT:
+        shown, other = v.wire, v.stack
+    else:
+        shown, other = v.stack, v.wire
+    na0, na1, np0, np1 = shown
+    oa0, oa1, op0, op1 = other
+    if proto in (IPPROTO_ICMP, IPPROTO_ICMPV6):  # the echo id is not a translated slot
+        if v.direction == PF_OUT:
+            op0 = np0
+        else:
+            op1 = np1
+    left = host_port(af, na1, np1, always)
+    if (na1, np1) != (oa1, op1):
+        left += f" ({host_port(af, oa1, op1, always)})"
+    right = host_port(af, na0, np0, always)
+    if (na0, np0) != (oa0, op0):
+        right += f" ({host_port(af, oa0, op0, always)})"
     arrow = "->" if v.direction == PF_OUT else "<-"
     src, dst = _print_peers(v)
     states = peer_states(proto, src.state, dst.state)
@@ -165,11 +175,13 @@ def state_view(st: State, now: float | None = None, timeouts: list[int] | None =
     are given (the -v lines)."""
     _af, _proto, a0, a1, p0, p1 = st.key
     key = (a0, a1, p0, p1)
+    nat = st.nat
+    skey = key if nat is None else (nat.skey[2], nat.skey[3], nat.skey[4], nat.skey[5])
     age = exp = 0
     if now is not None and timeouts is not None:
         age = int(now - st.creation)
         exp = max(0, int(state_expires(st, timeouts, nstates) - now))
-    return StateView(st.ifname, st.af, st.proto, st.direction, key, key, st.src, st.dst,
+    return StateView(st.ifname, st.af, st.proto, st.direction, skey, key, st.src, st.dst,
                      st.id, st.creatorid, age, exp, (st.packets0, st.packets1),
                      (st.bytes0, st.bytes1), st.rule.nr if st.rule is not None else None)
 
@@ -236,6 +248,9 @@ def state_to_dict(st: State, now: float, timeouts: list[int], nstates: int) -> d
         "af": "inet" if af == AF_INET else "inet6",
         "direction": DIR_NAMES.get(st.direction, "?"),
         "key": {"addr": [addr_str(af, a0), addr_str(af, a1)], "port": [p0, p1]},
+        # key[PF_SK_WIRE], key[PF_SK_STACK] as pfsync carries them (equal untranslated)
+        "keys": [{"addr": [addr_str(af, k[2]), addr_str(af, k[3])], "port": [k[4], k[5]]}
+                 for k in (st.key, st.skey)],
         "src": _peer_json(st.src),
         "dst": _peer_json(st.dst),
         "states": peer_states(proto, st.src.state, st.dst.state),

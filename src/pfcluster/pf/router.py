@@ -10,6 +10,14 @@ Deferral follows pf_test: only a state created by the `out` test is offered to p
 leaves. A forwarded connection's `in` state travels in the same pfsync frame as its `out`
 state, so the peer's INS_ACK for the `out` state means both have arrived. A packet to the
 firewall itself (no `out` test) is never deferred, as in pf.
+
+Translation: a test whose verdict carries a translation (nat-to, rdr-to, or a packet of
+a translated state) rewrites the packet before the next test sees it, as pf_translate
+does inside pf_test; the rewritten bytes come back in `RouteVerdict.payload` for the
+caller to send on in place of the original. On Linux the daemon runs the two tests at
+two hooks (PREROUTING for `in`, FORWARD/OUTPUT for `out`) when the ruleset translates,
+since a destination must be rewritten before the route is chosen; each hook then calls
+this step with one of the interfaces None.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from typing import Protocol
 from pfcluster.packet import Packet
 from pfcluster.pf.constants import PF_IN, PF_OUT
 from pfcluster.pf.filter import PASS, Filter, Verdict
+from pfcluster.pf.rewrite import RewriteError, rewrite, rewrite_icmp_error
 from pfcluster.pf.state import State
 
 ROUTE_PASS = "pass"
@@ -36,12 +45,15 @@ class Deferrer(Protocol):
 class RouteVerdict:
     """The outcome of one router step: pass, block, or defer (pfsync holds the packet)."""
 
-    __slots__ = ("action", "v_in", "v_out")
+    __slots__ = ("action", "payload", "v_in", "v_out")
 
-    def __init__(self, action: str, v_in: Verdict | None, v_out: Verdict | None) -> None:
+    def __init__(self, action: str, v_in: Verdict | None, v_out: Verdict | None,
+                 payload: bytearray | None = None) -> None:
         self.action = action
         self.v_in = v_in
         self.v_out = v_out
+        # the whole packet as translated, None when it goes on unchanged
+        self.payload = payload
 
     @property
     def verdicts(self) -> Iterator[Verdict]:
@@ -65,24 +77,49 @@ class RouteVerdict:
         return f"<RouteVerdict {self.action} in={self.v_in!r} out={self.v_out!r}>"
 
 
+def translate(pkt: Packet, xlate: tuple, buf: bytearray | None) -> bytearray:
+    """Rewrite `pkt` as a verdict's translation says; the packet's fields follow, so the
+    next test sees the translated packet. Raises RewriteError for a packet whose
+    headers are not all there (a truncated copy)."""
+    if buf is None:
+        buf = bytearray(pkt.raw)
+    if len(xlate) == 4:
+        rewrite(buf, pkt, xlate[0], xlate[1], xlate[2], xlate[3])
+    else:
+        rewrite_icmp_error(buf, pkt, *xlate)
+    pkt.raw = memoryview(buf)
+    return buf
+
+
 def route(filt: Filter, in_if: str | None, out_if: str | None, pkt: Packet, now: float,
           deferrer: Deferrer | None = None, handle: object = None) -> RouteVerdict:
     """Test `pkt` in on `in_if`, then out on `out_if` (either may be None: traffic to or
-    from the host itself), and offer a state the `out` test created to `deferrer`."""
+    from the host itself, or one hook of a translating daemon), translate it where a
+    test says so, and offer a state the `out` test created to `deferrer`."""
     v_in = v_out = None
-    if in_if is not None:
-        v_in = filt.test(PF_IN, in_if, pkt, now)
-        if v_in.action != PASS:
-            return RouteVerdict(ROUTE_BLOCK, v_in, None)
-    if out_if is not None:
-        v_out = filt.test(PF_OUT, out_if, pkt, now)
-        if v_out.action != PASS:
-            return RouteVerdict(ROUTE_BLOCK, v_in, v_out)
-        st = v_out.state
-        if deferrer is not None and v_out.new_state and st is not None \
-                and deferrer.defer(st, handle, now):
-            return RouteVerdict(ROUTE_DEFER, v_in, v_out)
-    return RouteVerdict(ROUTE_PASS, v_in, v_out)
+    payload = None
+    try:
+        if in_if is not None:
+            v_in = filt.test(PF_IN, in_if, pkt, now)
+            if v_in.action != PASS:
+                return RouteVerdict(ROUTE_BLOCK, v_in, None)
+            if v_in.xlate is not None:
+                payload = translate(pkt, v_in.xlate, payload)
+        if out_if is not None:
+            v_out = filt.test(PF_OUT, out_if, pkt, now)
+            if v_out.action != PASS:
+                return RouteVerdict(ROUTE_BLOCK, v_in, v_out)
+            if v_out.xlate is not None:
+                payload = translate(pkt, v_out.xlate, payload)
+    except RewriteError:
+        filt.extra["translate-short"] += 1
+        return RouteVerdict(ROUTE_BLOCK, v_in, v_out)
+    st = v_out.state if v_out is not None else None
+    if deferrer is not None and st is not None and v_out is not None and v_out.new_state \
+            and deferrer.defer(st, handle, now):
+        return RouteVerdict(ROUTE_DEFER, v_in, v_out, payload)
+    return RouteVerdict(ROUTE_PASS, v_in, v_out, payload)
 
 
-__all__ = ["ROUTE_BLOCK", "ROUTE_DEFER", "ROUTE_PASS", "Deferrer", "RouteVerdict", "route"]
+__all__ = ["ROUTE_BLOCK", "ROUTE_DEFER", "ROUTE_PASS", "Deferrer", "RouteVerdict", "route",
+           "translate"]

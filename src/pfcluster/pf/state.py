@@ -6,6 +6,12 @@ So a connection forwarded by a router has two states (one per interface), and a 
 finds the state of its direction's interface — pf's semantics, and the reason a split
 path needs both states synced.
 
+A translated state (nat-to, rdr-to) has two keys, as in pf: `key` is the wire key (the
+addresses on this state's interface) and `nat.skey` the stack key (the addresses on the
+other side of the translation). Both index the table; a packet tested `in` must match the
+wire key, one tested `out` the stack key (pf_find_state's check). Untranslated states
+have `nat` None and one key.
+
 The table is indexed twice, both O(1): by key (the packet path) and by
 (creator id, 64-bit id) (the pfsync path). Purging walks a snapshot of the table in
 slices, like pf's purge thread, so no packet ever pays for an O(n) scan.
@@ -27,6 +33,21 @@ if TYPE_CHECKING:
     from pfcluster.pf.ruleset import Rule
 
 StateKey = tuple[int, int, bytes, bytes, int, int]
+
+
+class NatInfo:
+    """What a translated state has beyond an untranslated one: the stack key and the
+    rule that translated (pfsync's nat_rule). One object, so untranslated states pay a
+    single empty slot."""
+
+    __slots__ = ("rule", "skey")
+
+    def __init__(self, skey: StateKey, rule: Rule | None = None) -> None:
+        self.skey = skey
+        self.rule = rule
+
+    def __repr__(self) -> str:
+        return f"NatInfo({self.skey!r})"
 
 # pfsync queue membership of a state (PFSYNC_S_*); NONE = not queued.
 SYNC_NONE = 0xFF
@@ -141,6 +162,7 @@ class State(_Base):
         "id",
         "ifname",
         "key",
+        "nat",
         "packets0",
         "packets1",
         "pfsync_sent",
@@ -153,6 +175,7 @@ class State(_Base):
     )
 
     key: StateKey
+    nat: NatInfo | None
     id: int
     ifname: str
     rule: Rule | None
@@ -188,6 +211,7 @@ class State(_Base):
         else:
             self = _new_array(cls, "I", (*peers, 0, 0, direction, creatorid, 0, 0))
         self.key = key
+        self.nat = None
         self.id = state_id
         self.ifname = ifname
         self.rule = rule
@@ -244,6 +268,12 @@ class State(_Base):
         self[ACK_SRC], self[ACK_DST] = value if value is not None else (0, 0)
 
     @property
+    def skey(self) -> StateKey:
+        """The stack key (the wire key when the state is not translated)."""
+        nat = self.nat
+        return self.key if nat is None else nat.skey
+
+    @property
     def af(self) -> int:
         return self.key[0]
 
@@ -264,12 +294,15 @@ class State(_Base):
 class StateTable:
     """States by key and by (creator id, id); a sliced purge walk."""
 
-    __slots__ = ("_by_id", "_scan", "_scan_pos", "by_key", "inserts", "removals", "searches")
+    __slots__ = ("_by_id", "_scan", "_scan_pos", "by_key", "inserts", "removals", "searches",
+                 "translated")
 
     def __init__(self) -> None:
         # States by key. The packet path reads it directly (a method call and len()
         # through __len__ cost as much as the lookup); only this class changes it.
         self.by_key: dict[StateKey, State] = {}
+        # translated states in the table: each holds two entries of by_key
+        self.translated = 0
         self._by_id: dict[int, dict[int, State]] = {}
         self._scan: list[State] = []
         self._scan_pos = 0
@@ -278,10 +311,12 @@ class StateTable:
         self.removals = 0
 
     def __len__(self) -> int:
-        return len(self.by_key)
+        return len(self.by_key) - self.translated
 
     def __iter__(self) -> Iterator[State]:
-        return iter(list(self.by_key.values()))
+        if not self.translated:
+            return iter(list(self.by_key.values()))
+        return iter(list({id(st): st for st in self.by_key.values()}.values()))
 
     def get(self, key: StateKey) -> State | None:
         self.searches += 1
@@ -296,8 +331,12 @@ class StateTable:
         return ids.get(state_id) if ids is not None else None
 
     def insert(self, st: State) -> bool:
-        """Add a state; False if its key or its (creatorid, id) is already taken."""
-        if st.key in self.by_key:
+        """Add a state; False if one of its keys or its (creatorid, id) is taken."""
+        by_key = self.by_key
+        if st.key in by_key:
+            return False
+        nat = st.nat
+        if nat is not None and nat.skey in by_key:
             return False
         creatorid = st[CREATORID]
         ids = self._by_id.get(creatorid)
@@ -305,7 +344,10 @@ class StateTable:
             ids = self._by_id[creatorid] = {}
         elif st.id in ids:
             return False
-        self.by_key[st.key] = st
+        by_key[st.key] = st
+        if nat is not None:
+            by_key[nat.skey] = st
+            self.translated += 1
         ids[st.id] = st
         st[LINKED] = 1
         self.inserts += 1
@@ -317,6 +359,11 @@ class StateTable:
         st[LINKED] = 0
         if self.by_key.get(st.key) is st:
             del self.by_key[st.key]
+        nat = st.nat
+        if nat is not None:
+            self.translated -= 1
+            if self.by_key.get(nat.skey) is st:
+                del self.by_key[nat.skey]
         creatorid = st[CREATORID]
         ids = self._by_id.get(creatorid)
         if ids is not None and ids.get(st.id) is st:
@@ -332,7 +379,7 @@ class StateTable:
     def next_purge_slice(self, count: int) -> list[State]:
         """The next `count` states of the purge walk; a new snapshot starts each lap."""
         if self._scan_pos >= len(self._scan):
-            self._scan = list(self.by_key.values())
+            self._scan = list(self)
             self._scan_pos = 0
         start = self._scan_pos
         self._scan_pos = min(len(self._scan), start + count)

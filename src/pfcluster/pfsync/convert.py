@@ -34,6 +34,7 @@ from pfcluster.pf.state import (
     PEER_FIELDS,
     PEER_LEN,
     SRC,
+    NatInfo,
     Peer,
     State,
     state_expires,
@@ -46,6 +47,7 @@ from pfcluster.pfsync.layout import (
     KEY_AF,
     KEY_PORT0,
     KEY_PORT1,
+    KEY_VALUES,
     PEER_SCRUB_VALUES,
     PEER_STATE,
     PEER_TCP_FIELDS,
@@ -80,7 +82,14 @@ def export_state(st: State, now: float, dialect: str, timeouts: list[int], nstat
     layout = STATE_LAYOUTS[dialect]
     keys6 = layout.kinds["key"] == "keys6"  # keys with rdomain + af
     k0 = wire.StateKey([pad_addr(a0), pad_addr(a1)], [p0, p1], 0, waf if keys6 else 0)
-    k1 = wire.StateKey([pad_addr(a0), pad_addr(a1)], [p0, p1], 0, waf if keys6 else 0)
+    nat = st.nat
+    if nat is None:
+        k1 = wire.StateKey([pad_addr(a0), pad_addr(a1)], [p0, p1], 0, waf if keys6 else 0)
+        nat_rule = U32
+    else:  # key[PF_SK_STACK] of a translated state
+        _, _, b0, b1, q0, q1 = nat.skey
+        k1 = wire.StateKey([pad_addr(b0), pad_addr(b1)], [q0, q1], 0, waf if keys6 else 0)
+        nat_rule = (nat.rule.nr & U32) if nat.rule is not None else U32
     flags = st.state_flags if layout.kinds["state_flags"] == "u16" else st.state_flags & 0xFF
     return wire.State(
         id=st.id,
@@ -89,6 +98,7 @@ def export_state(st: State, now: float, dialect: str, timeouts: list[int], nstat
         src=peer_to_wire(st.src),
         dst=peer_to_wire(st.dst),
         rule=(st.rule.nr & U32) if st.rule is not None else U32,
+        nat_rule=nat_rule,
         creation=max(0, min(U32, int(now - st.creation))),
         expire=seconds_left(st, now, timeouts, nstates),
         packets=[st.packets0, st.packets1],
@@ -128,6 +138,7 @@ def _gen_importer(dialect: str) -> Any:
     ix = layout.index
     keys6 = layout.kinds["key"] == "keys6"
     k = ix["key"]  # the wire key's values come first
+    sk = k + KEY_VALUES[layout.kinds["key"]]  # then the stack key's
     src = ix["src"] + PEER_SCRUB_VALUES  # pf's Peer fields start after the scrub part
     dst = ix["dst"] + PEER_SCRUB_VALUES
     s_state = ix["src"] + PEER_STATE
@@ -161,10 +172,22 @@ def _gen_importer(dialect: str) -> Any:
         "    a1 = ADDRS.get(a1) or intern_addr(a1)",
         f"    key = (af, t[{ix['proto']}], a0, a1, PORTS[t[{k + KEY_PORT0}]],"
         f" PORTS[t[{k + KEY_PORT1}]])",
+        # key[PF_SK_STACK]: a translated state's other key
+        f"    b0 = t[{sk + KEY_ADDR0}][:alen]",
+        f"    b1 = t[{sk + KEY_ADDR1}][:alen]",
+        f"    q0 = t[{sk + KEY_PORT0}]",
+        f"    q1 = t[{sk + KEY_PORT1}]",
+        "    if b0 != a0 or b1 != a1 or q0 != key[4] or q1 != key[5]:",
+        "        skey = (af, key[1], ADDRS.get(b0) or intern_addr(b0),"
+        " ADDRS.get(b1) or intern_addr(b1), PORTS[q0], PORTS[q1])",
+        "    else:",
+        "        skey = None",
         f"    ifn = t[{ix['ifname']}]",
         f"    st = State(key, direction, t[{ix['creatorid']}], t[{ix['id']}], now, None,"
         f" IFNAMES.get(ifn) or intern_ifname(ifn), (" + "".join(
             f"t[{base + j}], " for base in (src, dst) for j in range(len(PEER_TCP_FIELDS))) + "))",
+        "    if skey is not None:",
+        "        st.nat = NatInfo(skey)",
         f"    st.creation = now - t[{ix['creation']}]",
         "    st.timeout = tm",
         # rebuild the last-activity time from the seconds the sender had left; an
@@ -188,6 +211,7 @@ def _gen_importer(dialect: str) -> Any:
         "PFTM_MAX": PFTM_MAX, "PEER_MAX": PF_TCPS_PROXY_DST, "AF_INET": AF_INET, "State": State,
         "ACK": PFSTATE_ACK, "ADDRS": _ADDRS, "intern_addr": _intern_addr,
         "PORTS": PORT_OBJECTS, "IFNAMES": _IFNAMES, "intern_ifname": _intern_ifname,
+        "NatInfo": NatInfo,
     }
     src_text = "\n".join(lines) + "\n"
     return compile_generated(src_text, f"<pfsync-generated importer {dialect}>", env, name)
@@ -231,7 +255,7 @@ def state_importer(dialect: str) -> Any:
 # caller works out once per state (`cre`, `exp`, `rule`, `waf`, `flags`, `a0`, `a1`).
 _FIELD_EXPR: dict[str, str] = {
     "id": "st.id", "ifname": "IFN.get(st.ifname) or ifname_bytes(st.ifname)",
-    "rt_addr": "ZERO16", "rule": "rule", "anchor": "U32", "nat_rule": "U32",
+    "rt_addr": "ZERO16", "rule": "rule", "anchor": "U32", "nat_rule": "nat_rule",
     "creation": "cre", "expire": "exp", "packets": "st.packets0, st.packets1",
     "bytes": "st.bytes0, st.bytes1", "creatorid": f"st[{CREATORID}]", "af": "waf",
     "proto": "k[1]", "direction": f"st[{DIRECTION}]", "log": f"st[{LOG}]",
@@ -264,8 +288,8 @@ def _gen_packer(dialect: str) -> Any:
     for attr, kind in layout.fields:
         if kind in ("keys5", "keys6"):
             # pf key k = (af, proto, addr0, addr1, port0, port1); both wire keys alike
-            one = "a0, a1, k[4], k[5]" + (", 0, waf" if kind == "keys6" else "")
-            items.append(f"{one}, {one}")
+            tail = ", 0, waf" if kind == "keys6" else ""
+            items.append(f"a0, a1, k[4], k[5]{tail}, b0, b1, s[4], s[5]{tail}")
         elif kind == "peer":
             items.append(_PEER_EXPR.format(p=SRC if attr == "src" else DST))
         elif kind == "i32pair":
@@ -281,6 +305,14 @@ def _gen_packer(dialect: str) -> Any:
         "    pv = PEERS(st)\n"
         "    a0 = k[2] if len(k[2]) == 16 else k[2] + ZERO12\n"
         "    a1 = k[3] if len(k[3]) == 16 else k[3] + ZERO12\n"
+        "    n = st.nat\n"
+        "    if n is None:\n"
+        "        s, b0, b1, nat_rule = k, a0, a1, U32\n"
+        "    else:\n"
+        "        s = n.skey\n"
+        "        b0 = s[2] if len(s[2]) == 16 else s[2] + ZERO12\n"
+        "        b1 = s[3] if len(s[3]) == 16 else s[3] + ZERO12\n"
+        "        nat_rule = U32 if n.rule is None else n.rule.nr & U32\n"
         "    cre = int(now - st.creation)\n"
         "    cre = 0 if cre < 0 else (U32 if cre > U32 else cre)\n"
         "    e = expires(st, timeouts, nstates)\n"

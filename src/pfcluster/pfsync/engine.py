@@ -508,7 +508,7 @@ class Engine:
         """One frame of full state records, built straight from the states: what
         queueing them one by one and sending the full queue makes, without the queue."""
         filt = self.filter
-        nstates = len(filt.states.by_key)
+        nstates = len(filt.states)
         timeouts = filt.timeouts
         build = self._builders[Q_UPD]
         msgs = [build(st, now, timeouts, nstates) for st in batch]
