@@ -56,19 +56,30 @@ def decode(msg: bytes) -> QueuedPacket:
     return parse_packet(mv, off + 4, end, QueuedPacket())
 
 
-def verdicts_in(data: bytes) -> list[tuple[str, int, int]]:
-    """(kind, verdict, id) of each verdict message in one sendmsg buffer."""
+def verdicts_in(data: bytes, payloads: dict[int, bytes] | None = None
+                ) -> list[tuple[str, int, int]]:
+    """(kind, verdict, id) of each verdict message in one sendmsg buffer; kind is
+    "payload" for a single verdict carrying NFQA_PAYLOAD (stored in ``payloads``)."""
     out = []
     mv = memoryview(data)
     for mtype, _seq, off, end in walk(mv, len(mv)):
-        assert end - off == 16
         family, version, res_id = struct.unpack_from("!BBH", mv, off)
         assert (family, version, res_id) == (socket.AF_UNSPEC, 0, 5)
         alen, atype = struct.unpack_from("=HH", mv, off + 4)
         assert (alen, atype) == (12, nfq.NFQA_VERDICT_HDR)
         verdict, packet_id = struct.unpack_from("!II", mv, off + 8)
-        out.append(({MSG_VERDICT: "single", MSG_VERDICT_BATCH: "batch"}[mtype], verdict,
-                    packet_id))
+        kind = {MSG_VERDICT: "single", MSG_VERDICT_BATCH: "batch"}[mtype]
+        if end - off > 16:
+            assert kind == "single"
+            plen, ptype = struct.unpack_from("=HH", mv, off + 16)
+            assert ptype == nfq.NFQA_PAYLOAD
+            assert end - off == 16 + ((plen + 3) & ~3)  # padded to 4, nothing after
+            if payloads is not None:
+                payloads[packet_id] = bytes(mv[off + 20:off + 16 + plen])
+            kind = "payload"
+        else:
+            assert end - off == 16
+        out.append((kind, verdict, packet_id))
     return out
 
 
@@ -216,6 +227,78 @@ def test_batch_never_covers_a_held_id() -> None:
                                      ("batch", NF_ACCEPT, 8)]
 
 
+def test_payload_verdict_layout() -> None:
+    out = bytearray()
+    nfq.payload_verdict_into(out, 5, 0xDEADBEEF, NF_ACCEPT, b"\x45abcde")  # 6: padded to 8
+    assert len(out) == 16 + 4 + 12 + 4 + 8
+    assert struct.unpack_from("=IHH", out) == (len(out), MSG_VERDICT, nfq.NLM_F_REQUEST)
+    assert out[-2:] == b"\0\0"
+    payloads: dict[int, bytes] = {}
+    assert verdicts_in(bytes(out), payloads) == [("payload", NF_ACCEPT, 0xDEADBEEF)]
+    assert payloads == {0xDEADBEEF: b"\x45abcde"}
+
+
+def test_accept_payload_closes_the_run_below_it_first() -> None:
+    v = Verdicts(5)
+    v.accept(1)
+    v.accept(2)
+    v.accept_payload(3, b"new packet")
+    v.accept(4)
+    v.accept(5)
+    payloads: dict[int, bytes] = {}
+    assert verdicts_in(v.take(), payloads) == [("batch", NF_ACCEPT, 2),
+                                               ("payload", NF_ACCEPT, 3),
+                                               ("batch", NF_ACCEPT, 5)]
+    assert payloads == {3: b"new packet"}
+
+
+def test_release_with_a_payload_and_a_drop_ignoring_it() -> None:
+    v = Verdicts(5)
+    v.hold(1)
+    v.hold(2)
+    v.accept_payload(3, b"three")
+    v.release(2, accept=False, payload=b"ignored")
+    v.release(1, accept=True, payload=b"one")
+    payloads: dict[int, bytes] = {}
+    assert verdicts_in(v.take(), payloads) == [("payload", NF_ACCEPT, 3),
+                                               ("single", NF_DROP, 2),
+                                               ("payload", NF_ACCEPT, 1)]
+    assert payloads == {3: b"three", 1: b"one"}
+    assert not v.held
+
+
+def test_too_long_payload_is_refused_and_nothing_queued() -> None:
+    v = Verdicts(5)
+    v.accept(1)
+    with pytest.raises(ValueError, match="payload"):
+        v.accept_payload(2, bytes(nfq.MAX_PAYLOAD + 1))
+    v.hold(3)
+    with pytest.raises(ValueError, match="payload"):
+        v.release(3, accept=True, payload=bytes(nfq.MAX_PAYLOAD + 1))
+    assert v.held == {3}
+    v.accept_payload(4, bytes(nfq.MAX_PAYLOAD))  # the largest that fits
+    assert [k for k, _, _ in verdicts_in(v.take())] == ["batch", "payload"]
+
+
+def test_split_messages_cuts_at_message_boundaries() -> None:
+    v = Verdicts(5)
+    sizes = [1400, 30000, 20, 60000, 9000, 40000]
+    for i, size in enumerate(sizes, 1):
+        v.accept_payload(i * 2, bytes([i]) * size)
+        v.drop(i * 2 + 1)
+    data = v.take()
+    pieces = nfq.split_messages(data, nfq.SEND_CHUNK)
+    assert b"".join(bytes(p) for p in pieces) == data
+    assert len(pieces) > 1
+    ids = []
+    for piece in pieces:
+        assert len(piece) <= nfq.SEND_CHUNK
+        ids += [pid for _, _, pid in verdicts_in(bytes(piece))]  # whole messages only
+    assert ids == [n for i in range(1, 7) for n in (i * 2, i * 2 + 1)]
+    one = nfq.split_messages(data[:16 + 20 + 1400 + 0], 100)  # one message over the limit
+    assert [len(p) for p in one] == [1436]
+
+
 def test_no_batches_after_an_unreadable_packet() -> None:
     v = Verdicts(5)
     v.accept(1)
@@ -225,27 +308,35 @@ def test_no_batches_after_an_unreadable_packet() -> None:
 
 
 @fuzz_settings(max(1, FUZZ_EXAMPLES // 10))
-@given(st.lists(st.sampled_from(["accept", "drop", "hold", "release", "take"]), max_size=60))
+@given(st.lists(st.sampled_from(["accept", "drop", "hold", "release", "take", "rewrite",
+                                 "release-rewritten"]), max_size=60))
 def test_fuzz_batches_never_cover_held_or_dropped_ids(ops: list[str]) -> None:
-    """Simulate the kernel's queue: every id gets exactly the verdict we meant, and a
-    held id leaves only by its release."""
+    """Simulate the kernel's queue: every id gets exactly the verdict (and payload) we
+    meant, a held id leaves only by its release, and a packet accepted with a new payload
+    leaves after every accepted packet queued before it that was not held."""
     v = Verdicts(5)
     queued: set[int] = set()
     meant: dict[int, int] = {}
     got: dict[int, int] = {}
+    meant_payload: dict[int, bytes] = {}
+    got_payload: dict[int, bytes] = {}
     held: list[int] = []
+    ever_held: set[int] = set()
+    left: list[int] = []  # accepted ids in the order the kernel lets them go
     next_id = 1
 
     def apply(data: bytes) -> None:
-        for kind, verdict, pid in verdicts_in(data):
+        for kind, verdict, pid in verdicts_in(data, got_payload):
             cover = sorted(i for i in queued if i <= pid) if kind == "batch" else [pid]
             for i in cover:
                 assert i in queued
                 queued.discard(i)
                 got[i] = verdict
+                if verdict == NF_ACCEPT:
+                    left.append(i)
 
     for op in ops:
-        if op in ("accept", "drop", "hold"):
+        if op in ("accept", "drop", "hold", "rewrite"):
             pid = next_id
             next_id += 1
             queued.add(pid)
@@ -255,12 +346,21 @@ def test_fuzz_batches_never_cover_held_or_dropped_ids(ops: list[str]) -> None:
             elif op == "drop":
                 v.drop(pid)
                 meant[pid] = NF_DROP
+            elif op == "rewrite":
+                meant_payload[pid] = b"P" * (pid % 7 + 20)
+                v.accept_payload(pid, meant_payload[pid])
+                meant[pid] = NF_ACCEPT
             else:
                 v.hold(pid)
                 held.append(pid)
-        elif op == "release" and held:
+                ever_held.add(pid)
+        elif op.startswith("release") and held:
             pid = held.pop(0)
-            v.release(pid, accept=True)
+            if op == "release":
+                v.release(pid, accept=True)
+            else:
+                meant_payload[pid] = b"R" * (pid % 5 + 20)
+                v.release(pid, accept=True, payload=meant_payload[pid])
             meant[pid] = NF_ACCEPT
         elif op == "take":
             apply(v.take())
@@ -268,6 +368,11 @@ def test_fuzz_batches_never_cover_held_or_dropped_ids(ops: list[str]) -> None:
     apply(v.take())
     assert queued == set(held)
     assert got == meant
+    assert got_payload == meant_payload
+    order = {pid: i for i, pid in enumerate(left)}
+    for p in meant_payload:
+        if p not in ever_held:
+            assert all(order[q] < order[p] for q in order if q < p and q not in ever_held)
 
 
 # --- a capture cut short through pf's parser ----------------------------------------------

@@ -197,6 +197,29 @@ def verdict_message(queue: int, packet_id: int, verdict: int, batch: bool = Fals
     return verdict_prefix(queue, batch, verdict) + _BE32.pack(packet_id)
 
 
+# NFQA_PAYLOAD's length is the attribute's 16-bit length less its 4-byte header.
+MAX_PAYLOAD = 0xFFFF - 4
+
+
+def payload_verdict_into(out: bytearray, queue: int, packet_id: int, verdict: int,
+                         payload: bytes | bytearray | memoryview) -> None:
+    """Append a single verdict carrying NFQA_PAYLOAD: the kernel replaces the queued
+    packet with ``payload`` (nfqnl_mangle trims or grows the skb to its length, so it
+    must be the whole packet) and marks its checksum as not verified."""
+    size = len(payload)
+    if size > MAX_PAYLOAD:
+        raise ValueError(f"verdict payload of {size} bytes > {MAX_PAYLOAD}")
+    pad = (-size) & 3
+    out += _NLMSGHDR.pack(36 + size + pad, MSG_VERDICT, NLM_F_REQUEST, 0, 0)
+    out += _NFGEN.pack(socket.AF_UNSPEC, NFNETLINK_V0, queue)
+    out += _NLA.pack(12, NFQA_VERDICT_HDR)
+    out += _BE32X2.pack(verdict, packet_id)
+    out += _NLA.pack(4 + size, NFQA_PAYLOAD)
+    out += payload
+    if pad:
+        out += b"\0" * pad
+
+
 # --- decoders ------------------------------------------------------------------------
 
 
@@ -275,6 +298,33 @@ def error_code(buf: memoryview, off: int, end: int) -> int:
     return -_NLMSGERR.unpack_from(buf, off)[0]
 
 
+# A netlink sendmsg longer than the socket's send buffer (net.core.wmem_default, 208 KiB
+# by default) fails whole with EMSGSIZE; verdicts with payloads are sent in pieces.
+SEND_CHUNK = 0x10000
+
+
+def split_messages(data: bytes, limit: int) -> list[memoryview]:
+    """``data`` (whole netlink messages, as Verdicts builds them) cut at message
+    boundaries into pieces of at most ``limit`` bytes, or one message when a single
+    one is longer."""
+    mv = memoryview(data)
+    pieces = []
+    start = off = 0
+    n = len(data)
+    while off < n:
+        mlen = _unpack_hdr(mv, off)[0]
+        if mlen < 16:
+            raise ValueError(f"netlink length {mlen} at {off}")
+        step = (mlen + 3) & ~3
+        if off > start and off + step - start > limit:
+            pieces.append(mv[start:off])
+            start = off
+        off += step
+    if start < n:
+        pieces.append(mv[start:n])
+    return pieces
+
+
 # --- verdict batching ----------------------------------------------------------------
 
 
@@ -286,12 +336,16 @@ class Verdicts:
     is below the held id), and while anything is held every verdict is a single one,
     since a batch verdict would release the held ids under it. Drops are single
     messages placed before the batch message, so the kernel drops them first.
+    An accept with a new payload (a translated packet) is a single verdict that first
+    closes the run below it, so the packets queued before it leave before it, in order;
+    a later batch verdict covering its id finds it already gone.
     """
 
     __slots__ = ("_accept", "_batch", "_drop", "batch_ok", "batches", "held", "out",
-                 "run_last", "singles")
+                 "queue", "run_last", "singles")
 
     def __init__(self, queue: int) -> None:
+        self.queue = queue
         self._accept = verdict_prefix(queue, False, NF_ACCEPT)
         self._drop = verdict_prefix(queue, False, NF_DROP)
         self._batch = verdict_prefix(queue, True, NF_ACCEPT)
@@ -315,14 +369,30 @@ class Verdicts:
         self.out += _BE32.pack(packet_id)
         self.singles += 1
 
+    def accept_payload(self, packet_id: int, payload: bytes | bytearray | memoryview) -> None:
+        """Accept `packet_id` with `payload` (the whole rewritten packet) in its place.
+        ValueError for a payload longer than a netlink attribute carries (MAX_PAYLOAD)."""
+        if len(payload) > MAX_PAYLOAD:
+            raise ValueError(f"verdict payload of {len(payload)} bytes > {MAX_PAYLOAD}")
+        self.close_run()
+        payload_verdict_into(self.out, self.queue, packet_id, NF_ACCEPT, payload)
+        self.singles += 1
+
     def hold(self, packet_id: int) -> None:
         """`packet_id` stays queued until release(): no batch may cover it."""
         self.close_run()
         self.held.add(packet_id)
 
-    def release(self, packet_id: int, accept: bool) -> None:
+    def release(self, packet_id: int, accept: bool,
+                payload: bytes | bytearray | memoryview | None = None) -> None:
+        """The verdict for a held packet; `payload` (accept only, ignored for a drop)
+        replaces the packet as in accept_payload."""
+        if accept and payload is not None and len(payload) > MAX_PAYLOAD:
+            raise ValueError(f"verdict payload of {len(payload)} bytes > {MAX_PAYLOAD}")
         self.held.discard(packet_id)
-        if accept:
+        if accept and payload is not None:
+            payload_verdict_into(self.out, self.queue, packet_id, NF_ACCEPT, payload)
+        elif accept:
             self.out += self._accept
             self.out += _BE32.pack(packet_id)
         else:
@@ -603,11 +673,19 @@ class NfQueue:
             self._unlogged += 1
 
     def flush(self) -> None:
-        """Send every pending verdict in one sendmsg."""
+        """Send every pending verdict in one sendmsg (several, in order, when verdicts
+        carrying payloads make the buffer longer than SEND_CHUNK)."""
         v = self.verdicts
         if not v.out and v.run_last < 0:
             return
         data = v.take()
+        if len(data) <= SEND_CHUNK:
+            self._send(data)
+        else:
+            for chunk in split_messages(data, SEND_CHUNK):
+                self._send(chunk)
+
+    def _send(self, data: bytes | memoryview) -> None:
         for attempt in (1, 2):
             try:
                 self.sock.send(data)

@@ -53,6 +53,9 @@ _get16 = _U16.unpack_from
 _put16 = _U16.pack_into
 _PORTS = struct.Struct("!HH")
 _put_ports = _PORTS.pack_into
+_IP4_SUM_ADDRS = struct.Struct("!HII")  # header checksum, source, destination at 10
+_get_ip4 = _IP4_SUM_ADDRS.unpack_from
+_put_ip4 = _IP4_SUM_ADDRS.pack_into
 _from_bytes = int.from_bytes
 
 
@@ -83,7 +86,53 @@ def rewrite(buf: bytearray, pkt: Packet, src: bytes | None, sport: int | None,
     n = len(buf)
     if pkt.truncated or pkt.ip_len > n or n < 20:
         raise RewriteError(f"{n} bytes do not hold the whole {pkt.ip_len}-byte packet")
-    _translate(buf, 0, n, pkt, src, sport, dst, dport, False)
+    proto = pkt.proto
+    l4 = pkt.l4_off
+    if pkt.af != _AF_INET or (proto != _TCP and proto != _UDP) or l4 + 18 > pkt.ip_len \
+            or buf[0] >> 4 != 4:
+        _translate(buf, 0, n, pkt, src, sport, dst, dport, False)
+        return
+    # IPv4 TCP/UDP with its header here (the common case): each field read and written
+    # once, addresses as integers.
+    ipck, osrc, odst = _get_ip4(buf, 10)
+    if src is None:
+        nsrc = osrc
+    elif len(src) == 4:
+        nsrc = _from_bytes(src, "big")
+    else:
+        raise RewriteError(f"address of {len(src)} bytes for IPv4")
+    if dst is None:
+        ndst = odst
+    elif len(dst) == 4:
+        ndst = _from_bytes(dst, "big")
+    else:
+        raise RewriteError(f"address of {len(dst)} bytes for IPv4")
+    osp = pkt.sport
+    odp = pkt.dport
+    nsp = osp if sport is None else sport
+    ndp = odp if dport is None else dport
+    if not (0 <= nsp <= 0xFFFF and 0 <= ndp <= 0xFFFF):
+        raise RewriteError(f"port {nsp}/{ndp} out of range")
+    adelta = nsrc - osrc + ndst - odst
+    if adelta or nsrc != osrc:
+        _put_ip4(buf, 10, 0xFFFE - (0xFFFE - ipck + adelta) % 0xFFFF, nsrc, ndst)
+        if src is not None:
+            pkt.src = src
+        if dst is not None:
+            pkt.dst = dst
+    pdelta = nsp - osp + ndp - odp
+    if pdelta or nsp != osp:
+        _put_ports(buf, l4, nsp, ndp)
+        pkt.sport = nsp
+        pkt.dport = ndp
+    delta = adelta + pdelta
+    if delta:
+        ck_off = l4 + 6 if proto == _UDP else l4 + 16
+        (old,) = _get16(buf, ck_off)
+        if proto == _TCP:
+            _put16(buf, ck_off, 0xFFFE - (0xFFFE - old + delta) % 0xFFFF)
+        elif old:  # a UDP checksum of 0: the sender computed none; leave it so
+            _put16(buf, ck_off, 0xFFFE - (0xFFFE - old + delta) % 0xFFFF or 0xFFFF)
 
 
 def rewrite_icmp_error(buf: bytearray, pkt: Packet, outer_src: bytes | None,
