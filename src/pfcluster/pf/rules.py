@@ -1055,9 +1055,9 @@ class _Parser:
                         raise self.error(ports[0].tok, "port only applies to tcp/udp")
         ps = spec.nat
         if action == "rdr":
-            for dp in spec.dports:
-                if dp.spec[0] not in (PF_OP_EQ, PF_OP_RRG):
-                    raise self.error(dp.tok, "invalid port operator for rdr destination port")
+            for port in spec.dports:
+                if port.spec[0] not in (PF_OP_EQ, PF_OP_RRG):
+                    raise self.error(port.tok, "invalid port operator for rdr destination port")
             if ps is not None and ps.port is not None:
                 for p, _t in spec.protos:
                     if p not in (IPPROTO_TCP, IPPROTO_UDP):
