@@ -44,6 +44,14 @@ pass in proto tcp to port 8000 >< 8100 flags any modulate state (tcp.established
 pass in proto tcp from 10.0.0.0/8 to ! 10.1.0.0/16 port 1000:2000 flags S/SA no state
 block return-rst in proto tcp to port 10 <> 20 label "rst"
 pass log (all) proto udp to port { < 10, >= 60000 } synproxy state
+nat on $ext_if inet from 10.0.0.0/8 to any -> ($ext_if) round-robin
+no nat on $ext_if from 10.0.0.5 to any
+rdr pass on $ext_if proto tcp to 192.0.2.1 port 8000:8010 -> 10.0.0.9 port 80:*
+binat on $ext_if from 10.0.0.7 to any -> 192.0.2.7
+match out on $ext_if from 10.0.0.0/8 nat-to { 192.0.2.1 192.0.2.2 } source-hash "k"
+match in on $ext_if proto tcp to 192.0.2.1 port 80 rdr-to 10.0.0.9 port 8080
+pass out on $ext_if proto udp from 10.1.0.0/16 nat-to 192.0.2.0/24 bitmask static-port
+pass on $ext_if from 10.0.0.8 binat-to 192.0.2.8
 """
 
 TOKENS = [
@@ -56,6 +64,10 @@ TOKENS = [
     "=", "!=", "<=", ">=", "><", "<>", ":", "/", "22", "80", "1000:2000", "65536", "ssh",
     "$ext_if", "$nope", "x", '"q"', '"', "\\\n", "\n", "#c\n", "tcp.first", "states",
     "echoreq", "block-policy", "hostid", "debug", "0x10", "-1", "   ", "\t",
+    "match", "nat-to", "rdr-to", "binat-to", "nat", "rdr", "binat", "->", "-", "(em0)",
+    "(em0:0)", "bitmask", "random", "source-hash", "round-robin", "static-port",
+    "sticky-address", "least-states", "pass", "af-to", "route-to", "192.0.2.1", "<ext>",
+    "0x0123456789abcdef0123456789abcdef", "8080:*", "8000:8010",
 ]
 
 
@@ -68,6 +80,9 @@ def check(text: str) -> None:
         return
     # a loaded ruleset prints, re-parses to the same rules and evaluates without surprises
     str(rs)
+    for r in rs.translation_rules:
+        again = parse_rules(str(r)).translation_rules
+        assert [str(x) for x in again] == [str(r)]
     for r in rs.rules:
         again = parse_rules(str(r)).rules
         assert [str(x) for x in again] == [str(r)]
@@ -80,6 +95,11 @@ def check(text: str) -> None:
                 won = rs.evaluate(pkt, direction, ifname)
                 # the winner is a rule of this ruleset (None: no rule matched, default pass)
                 assert won is None or any(won is r for r in rs.rules), won
+                assert won is None or won.action in ("pass", "block")
+                for last in (rs.last_nat, rs.last_rdr):
+                    assert last is None or any(last is r for r in rs.rules)
+                tr = rs.translate_lookup(pkt, direction, ifname)
+                assert tr is None or any(tr is r for r in rs.translation_rules)
 
 
 class _Pkt:
@@ -132,3 +152,6 @@ def test_mutated_valid_file(mutations: list[tuple[str, int, int, str]]) -> None:
 def test_valid_corpus_loads() -> None:
     rs = parse_rules(VALID)
     assert len(rs.rules) > 20
+    assert len(rs.translation_rules) == 4
+    assert sum(r.nat is not None or r.rdr is not None for r in rs.rules) == 5
+    check(VALID)

@@ -78,6 +78,7 @@ from pfcluster.pf.state import (
 
 PASS = "pass"
 BLOCK = "block"
+MATCH = "match"  # never decides: Ruleset.evaluate returns only pass/block rules
 
 ESTABLISHED = int(TCPS.ESTABLISHED)
 FIN_WAIT_2 = int(TCPS.FIN_WAIT_2)
@@ -1028,4 +1029,4 @@ class Filter:
         return count
 
 
-__all__ = ["BLOCK", "PASS", "PFSTATE_NOSYNC", "PFTM_MAX", "Filter", "StateListener", "Verdict"]
+__all__ = ["BLOCK", "MATCH", "PASS", "PFSTATE_NOSYNC", "PFTM_MAX", "Filter", "StateListener", "Verdict"]

@@ -7,6 +7,7 @@ returned, as pfctl loads all or nothing.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import re
 from collections.abc import Callable, Iterator
@@ -28,6 +29,7 @@ from pfcluster.pf.constants import (
     TCP_FLAG_LETTERS,
     TIMEOUT_NAMES,
 )
+from pfcluster.pf.pool import DYNAMIC_OPTS, Pool
 from pfcluster.pf.ruleset import (
     ICMP6_TYPES,
     ICMP_CODES,
@@ -120,11 +122,18 @@ def _load_services() -> dict[tuple[str, str], int]:
 
 SERVICES = _load_services()
 
+# Pool options (pfctl's pool_opts) and the rule options refused with a clear message.
+POOL_WORDS = ("bitmask", "random", "source-hash", "round-robin", "least-states",
+              "static-port", "sticky-address")
+UNSUPPORTED_OPTS = ("af-to", "route-to", "reply-to", "dup-to", "fastroute", "divert-to",
+                    "divert-reply", "divert-packet", "tag", "tagged", "rtable")
+
 KEYWORDS = frozenset((
     "pass", "block", "match", "in", "out", "log", "quick", "on", "inet", "inet6", "proto",
     "from", "to", "all", "any", "port", "flags", "icmp-type", "icmp6-type", "code", "keep",
     "no", "modulate", "synproxy", "state", "label", "table", "set", "persist", "const",
     "counters", "drop", "return", "return-rst", "return-icmp", "anchor",
+    "nat", "rdr", "binat", "nat-to", "rdr-to", "binat-to", *POOL_WORDS,
 ))
 
 STATE_FLAGS_OPTS = ("no-sync", "sloppy", "pflow", "if-bound", "floating")
@@ -313,6 +322,30 @@ class _RuleSpec:
     if_bound: bool | None = None
     timeouts: dict[int, int] = field(default_factory=dict)
     label: str | None = None
+    nat: _PoolSpec | None = None  # nat-to or binat-to
+    rdr: _PoolSpec | None = None
+    binat: bool = False
+    natpass: bool = False  # FreeBSD `nat pass`
+    no_xlate: bool = False  # FreeBSD `no nat`
+
+
+@dataclass
+class _PoolSpec:
+    """A translation pool as written (before the rule's address family is known)."""
+
+    tok: Tok  # the nat-to / rdr-to / binat-to / -> token
+    hosts: list[_Host] = field(default_factory=list)
+    ifname: str | None = None
+    if_noalias: bool = False
+    table: Table | None = None
+    port: tuple[int, int, bool] | None = None  # lo, hi, `lo:*`
+    port_tok: Tok | None = None
+    opts: str = "none"
+    opts_tok: Tok | None = None
+    hash_key: bytes = b""
+    sticky: bool = False
+    static_port: bool = False
+    static_tok: Tok | None = None
 
 
 class _Parser:
@@ -410,7 +443,7 @@ class _Parser:
             if self.accept("}"):
                 break
             if self.tok.kind == "word" and self.tok.text in ("pass", "block", "match", "set",
-                                                              "table"):
+                                                              "table", "nat", "rdr", "binat"):
                 raise self.error(open_tok, f"unterminated {what} list (missing '}}')")
             out.append(item())
             self.skip_nl()
@@ -429,10 +462,12 @@ class _Parser:
             if t.kind in ("word", "string") and self.peek2().kind == "punct" \
                     and self.peek2().text == "=":
                 self.macro()
-            elif t.kind == "word" and t.text in ("pass", "block"):
+            elif t.kind == "word" and t.text in ("pass", "block", "match"):
                 self.rule()
-            elif t.kind == "word" and t.text == "match":
-                raise self.error(t, "match rules are not supported")
+            elif t.kind == "word" and (t.text in ("nat", "rdr", "binat") or (
+                    t.text == "no" and self.peek2().kind == "word"
+                    and self.peek2().text in ("nat", "rdr", "binat"))):
+                self.translation_rule()
             elif t.kind == "word" and t.text in ("anchor", "nat-anchor", "rdr-anchor",
                                                  "binat-anchor", "load"):
                 raise self.error(t, f"'{t.text}' is not supported")
@@ -921,18 +956,303 @@ class _Parser:
                 if len(lt.text) >= 64:
                     raise self.error(lt, "label too long (max 63 characters)")
                 spec.label = lt.text
+            elif t.text in ("nat-to", "binat-to"):
+                if spec.nat is not None:
+                    raise self.error(t, "cannot respecify nat-to/binat-to")
+                self.advance()
+                spec.nat = self.pool_spec(t)
+                spec.binat = t.text == "binat-to"
+            elif t.text == "rdr-to":
+                if spec.rdr is not None:
+                    raise self.error(t, "cannot respecify rdr-to")
+                self.advance()
+                spec.rdr = self.pool_spec(t)
+            elif t.text in UNSUPPORTED_OPTS:
+                raise self.error(t, f"'{t.text}' is not supported")
+            elif t.text in POOL_WORDS:
+                raise self.error(t, f"'{t.text}' only follows a nat-to, rdr-to or binat-to "
+                                 "address")
             elif t.text in ("from", "to", "all", "port"):
                 raise self.error(t, f"'{t.text}' is out of place")
             else:
                 break
         self.expand(spec)
 
+    # -- FreeBSD translation rules (pfctl -sn) --
+    def translation_rule(self) -> None:
+        """`[no] nat|rdr|binat [pass] [log] [on if] [af] [proto] from .. to .. [-> pool]`.
+
+        They go to Ruleset.translation_rules, not the filter list: FreeBSD looks them up
+        before the filter rules (Ruleset.translate_lookup).
+        """
+        spec = _RuleSpec()
+        first = self.tok
+        if first.text == "no":
+            self.advance()
+            spec.no_xlate = True
+        at = self.advance()
+        spec.tok, spec.action = first, at.text
+        if self.at("pass"):
+            pt = self.advance()
+            if spec.no_xlate:
+                raise self.error(pt, '"pass" not valid with "no"')
+            spec.natpass = True
+        if self.accept("log"):
+            spec.log = True
+            if self.at("("):
+                self.advance()
+                lt = self.word("log option")
+                if lt.text != "all":
+                    raise self.error(lt, f"unknown log option '{lt.text}'")
+                spec.log_all = True
+                self.expect(")", "expected ')'")
+        if self.at("in") or self.at("out") or self.at("quick"):
+            raise self.error(self.tok, f"'{self.tok.text}' is not valid on a {at.text} rule")
+        if self.accept("on"):
+            spec.ifaces = self.list_items(self.iface_item, "interface")
+        if self.at("inet") or self.at("inet6"):
+            spec.af_tok = self.advance()
+            spec.af = AF_INET if spec.af_tok.text == "inet" else AF_INET6
+        if self.accept("proto"):
+            spec.protos = self.list_items(self.proto_item, "protocol")
+        if at.text == "binat":
+            kw = self.expect("from", "expected 'from'")
+            spec.src = self.hosts()
+            if self.at("to"):
+                self.advance()
+                spec.dst = self.hosts()
+            del kw
+        elif not self.accept("all"):
+            if self.at("from"):
+                kw = self.advance()
+                spec.src, spec.sports = self.ipportspec(kw)
+            if self.at("to"):
+                kw = self.advance()
+                spec.dst, spec.dports = self.ipportspec(kw)
+        if self.tok.kind == "word" and self.tok.text in UNSUPPORTED_OPTS:
+            raise self.error(self.tok, f"'{self.tok.text}' is not supported")
+        arrow = None
+        if self.at("-"):
+            arrow = self.advance()
+            if not self.at(">"):
+                raise self.unexpected("expected '->'")
+            self.advance()
+            spec.nat = self.pool_spec(arrow)
+        if spec.no_xlate and arrow is not None:
+            raise self.error(arrow, f"'no {at.text}' rule does not need '->'")
+        if not spec.no_xlate and arrow is None:
+            raise self.error(self.tok, f"'{at.text}' rule requires '-> address'")
+        self.expand_translation(spec)
+
+    def expand_translation(self, spec: _RuleSpec) -> None:
+        assert spec.tok is not None
+        action = spec.action
+        role = {"nat": "nat", "rdr": "rdr", "binat": "binat"}[action]
+        for ports in (spec.sports, spec.dports):
+            if ports:
+                for p, _t in spec.protos:
+                    if p not in (IPPROTO_TCP, IPPROTO_UDP):
+                        raise self.error(ports[0].tok, "port only applies to tcp/udp")
+        ps = spec.nat
+        if action == "rdr":
+            for port in spec.dports:
+                if port.spec[0] not in (PF_OP_EQ, PF_OP_RRG):
+                    raise self.error(port.tok, "invalid port operator for rdr destination port")
+            if ps is not None and ps.port is not None:
+                for p, _t in spec.protos:
+                    if p not in (IPPROTO_TCP, IPPROTO_UDP):
+                        raise self.error(ps.port_tok or ps.tok,
+                                         "rpool port only applies to tcp/udp")
+        if action == "binat":
+            self.check_binat(spec)
+        srcs = spec.src or [_Host(Addr(), spec.tok)]
+        dsts = spec.dst or [_Host(Addr(), spec.tok)]
+        sports: list[_Port | None] = list(spec.sports) or [None]
+        dports: list[_Port | None] = list(spec.dports) or [None]
+        made = 0
+        bad: Tok | None = None
+        for ifname, ifnot in spec.ifaces:
+            for proto, _pt in spec.protos:
+                for sh in srcs:
+                    for sp in sports:
+                        for dh in dsts:
+                            for dp in dports:
+                                af = spec.af
+                                ok = True
+                                for h in (sh, dh):
+                                    if h.addr.af:
+                                        if af and af != h.addr.af:
+                                            ok = False
+                                            bad = bad or h.tok
+                                        af = af or h.addr.af
+                                if not ok:
+                                    continue
+                                r = Rule()
+                                r.line = spec.tok.line
+                                r.action = action
+                                r.natpass = spec.natpass
+                                r.log, r.log_all = spec.log, spec.log_all
+                                r.ifname, r.ifnot = ifname, ifnot
+                                r.proto = proto
+                                r.src, r.dst = sh.addr, dh.addr
+                                r.sport = sp.spec if sp else None
+                                r.dport = dp.spec if dp else None
+                                if ps is not None:
+                                    pool, af = self.make_pool(ps, role if role != "binat"
+                                                              else "nat", af, dp, True)
+                                    pool.role = role
+                                    if action == "rdr":
+                                        r.rdr = pool
+                                    else:
+                                        r.nat = pool
+                                if action == "binat" and not af:
+                                    raise self.error(spec.tok, "address family (inet/inet6) "
+                                                     "undefined")
+                                r.af = af
+                                self.rs.translation_rules.append(r)
+                                made += 1
+        if not made:
+            raise self.error(bad or spec.tok, "address family mismatch: rule expands to no "
+                             "valid combination")
+
+    def check_binat(self, spec: _RuleSpec) -> None:
+        """FreeBSD's binatrule checks: one source, one redirect address, same netmask."""
+        assert spec.tok is not None
+        if len(spec.ifaces) > 1:
+            raise self.error(spec.tok, "binat takes a single interface")
+        if len(spec.protos) > 1:
+            raise self.error(spec.protos[1][1] or spec.tok, "binat takes a single protocol")
+        for hosts in (spec.src, spec.dst):
+            if len(hosts) > 1:
+                raise self.error(hosts[1].tok, "multiple binat ip addresses")
+        src = spec.src[0]
+        if src.addr.kind == "table":
+            assert src.addr.table is not None
+            raise self.error(src.tok, f"invalid use of table <{src.addr.table.name}> as the "
+                             "source address of a binat rule")
+        ps = spec.nat
+        if ps is None:
+            return
+        if ps.table is not None or ps.ifname is not None:
+            raise self.error(ps.tok, "binat rule must redirect to a single address")
+        if len(ps.hosts) != 1:
+            raise self.error(ps.hosts[1].tok if len(ps.hosts) > 1 else ps.tok,
+                             "binat rule must redirect to a single address")
+        if ps.port is not None or ps.opts != "none" or ps.sticky or ps.static_port:
+            raise self.error(ps.port_tok or ps.opts_tok or ps.static_tok or ps.tok,
+                             "binat rules take no port or pool options")
+        ext = ps.hosts[0].addr
+        if src.addr.kind == "net" and src.addr.af and src.addr.af != ext.af:
+            raise self.error(ps.hosts[0].tok, "binat ip versions must match")
+        if src.addr.kind == "net" and src.addr.plen and src.addr.plen != ext.plen:
+            raise self.error(ps.hosts[0].tok, "'binat' source mask and redirect mask must "
+                             "be the same")
+
+    # -- translation pools --
+    def pool_host(self) -> _Host:
+        t = self.tok
+        if self.at("!"):
+            raise self.error(t, "a translation address cannot be negated")
+        if t.kind == "word" and t.text not in KEYWORDS and not t.text[:1].isdigit() \
+                and ":" not in t.text:
+            raise self.error(t, f"invalid address '{t.text}' (an interface's address is "
+                             f"written ({t.text}))")
+        return _Host(self.address(), t)
+
+    def pool_spec(self, kw: Tok) -> _PoolSpec:
+        """nat-to/rdr-to/binat-to/`->` target: address(es), `(if)` or `<table>`, `port`,
+        then pool options (pfctl's redirpool and pool_opts)."""
+        ps = _PoolSpec(kw)
+        t = self.tok
+        if t.kind in ("nl", "eof"):
+            raise self.error(t, f"missing address after '{kw.text}'")
+        if self.at("("):
+            self.advance()
+            it = self.tok
+            if it.kind not in ("word", "string"):
+                raise self.unexpected("expected an interface name")
+            self.advance()
+            name, colon, mod = it.text.partition(":")
+            if colon and mod != "0":
+                raise self.error(it, f"interface modifier ':{mod}' is not supported in a "
+                                 "translation address")
+            if not name or len(name) >= 16 or any(
+                    c.isspace() or c in "{}()!,;\"'#$<>/" for c in name):
+                raise self.error(it, f"invalid interface name '{name}'")
+            self.expect(")", "expected ')' after the interface name")
+            ps.ifname, ps.if_noalias = name, bool(colon)
+        elif self.at("<"):
+            a = self.address()
+            ps.table = a.table
+        elif self.at("{"):
+            def item() -> _Host:
+                if self.at("<") or self.at("("):
+                    raise self.error(self.tok, "only addresses can be listed in a "
+                                     "translation pool")
+                return self.pool_host()
+            ps.hosts = self.list_items(item, "address")
+        else:
+            ps.hosts = [self.pool_host()]
+        if self.at("port"):
+            self.advance()
+            ps.port_tok = pt = self.tok
+            if pt.kind not in ("word", "string"):
+                raise self.unexpected("expected a port")
+            self.advance()
+            lo_s, colon, hi_s = pt.text.partition(":")
+            lo = self.port_value(pt, lo_s)
+            if colon and hi_s == "*":
+                ps.port = (lo, lo, True)
+            elif colon:
+                hi = self.port_value(pt, hi_s)
+                if lo > hi:
+                    raise self.error(pt, f"invalid port range {pt.text}")
+                ps.port = (lo, hi, False)
+            else:
+                ps.port = (lo, lo, False)
+        while self.tok.kind == "word" and self.tok.text in POOL_WORDS:
+            ot = self.advance()
+            if ot.text == "static-port":
+                if ps.static_port:
+                    raise self.error(ot, "static-port cannot be redefined")
+                ps.static_port, ps.static_tok = True, ot
+            elif ot.text == "sticky-address":
+                if ps.sticky:
+                    raise self.error(ot, "sticky-address cannot be redefined")
+                ps.sticky = True
+            elif ot.text == "least-states":
+                raise self.error(ot, "'least-states' is not supported")
+            else:
+                if ps.opts != "none":
+                    raise self.error(ot, "pool type cannot be redefined")
+                ps.opts, ps.opts_tok = ot.text, ot
+                if ot.text == "source-hash":
+                    ps.hash_key = self.hash_key()
+        return ps
+
+    def hash_key(self) -> bytes:
+        """`source-hash` key: 0x and 32 hex digits, or any other string (its MD5)."""
+        kt = self.tok
+        if kt.kind == "string" or (kt.kind == "word" and kt.text not in KEYWORDS
+                                   and kt.text not in UNSUPPORTED_OPTS):
+            self.advance()
+            if kt.text[:2] == "0x":
+                if len(kt.text) != 34:
+                    raise self.error(kt, "hex key must be 128 bits (32 hex digits) long")
+                try:
+                    return bytes.fromhex(kt.text[2:])
+                except ValueError:
+                    raise self.error(kt, "invalid hex key") from None
+            return hashlib.md5(kt.text.encode()).digest()
+        return b""
+
     # -- expansion (pfctl's expand_rule) --
     def expand(self, spec: _RuleSpec) -> None:
         assert spec.tok is not None
-        if spec.action == "block" and spec.state not in (None, "no"):
+        if spec.action in ("block", "match") and spec.state not in (None, "no"):
             raise self.error(spec.state_tok or spec.tok,
-                             "keep state on block rules doesn't make sense")
+                             f"keep state on {spec.action} rules doesn't make sense")
+        self.check_translation(spec)
         keep = spec.action == "pass" and spec.state != "no"
         state_type = (spec.state if spec.state in ("keep", "modulate", "synproxy") else
                       "keep") if keep else None
@@ -987,13 +1307,130 @@ class _Parser:
                                         bad = bad or spec.af_tok or sh.tok
                                     if not ok:
                                         continue
-                                    self.rs.rules.append(self.make_rule(
-                                        spec, ifname, ifnot, af, proto, sh, sp, dh, dp, ic,
-                                        keep, state_type))
+                                    r = self.make_rule(spec, ifname, ifnot, af, proto, sh, sp,
+                                                       dh, dp, ic, keep, state_type)
+                                    self.translate(spec, r, sh, sp, dh, dp)
                                     made += 1
         if not made:
             raise self.error(bad or spec.tok, "address family mismatch: rule expands to no "
                              "valid combination")
+
+    def check_translation(self, spec: _RuleSpec) -> None:
+        """pfctl's rule_consistent and binat-to checks that do not depend on expansion."""
+        nat, rdr = spec.nat, spec.rdr
+        if nat is None and rdr is None:
+            return
+        if spec.action != "match" and (spec.action != "pass" or spec.state == "no"):
+            raise self.error((nat or rdr).tok,  # type: ignore[union-attr]
+                             "nat-to and rdr-to require keep state")
+        direction = spec.direction
+        if nat is not None and spec.binat:
+            if direction != PF_INOUT:
+                raise self.error(nat.tok, "binat-to cannot be specified with a direction")
+            if rdr is not None:
+                raise self.error(rdr.tok, "rdr-to cannot be combined with binat-to")
+            if nat.table is not None or nat.ifname is not None or len(nat.hosts) != 1:
+                raise self.error(nat.tok, "binat-to requires a single redirect address")
+            if nat.port is not None:
+                raise self.error(nat.port_tok or nat.tok, "binat-to does not take a port")
+            direction = PF_OUT
+        if nat is not None and direction != PF_OUT:
+            raise self.error(nat.tok, "nat-to can only be used outbound")
+        if rdr is not None and direction != PF_IN:
+            raise self.error(rdr.tok, "rdr-to can only be used inbound")
+
+    def make_pool(self, ps: _PoolSpec, role: str, af: int, dport: _Port | None,
+                  freebsd: bool = False) -> tuple[Pool, int]:
+        """One expanded rule's Pool (pfctl's collapse_redirspec + apply_redirspec), and the
+        rule's address family, which a pool of addresses decides when the rule had none."""
+        pool = Pool(role)
+        if ps.hosts:
+            fams = {h.addr.af for h in ps.hosts}
+            if not af and len(fams) > 1:
+                raise self.error(ps.tok, "translation spec contains addresses with "
+                                 "different address families")
+            af = af or ps.hosts[0].addr.af
+            pool.addrs = [h.addr for h in ps.hosts if h.addr.af == af]
+            if not pool.addrs:
+                raise self.error(ps.hosts[0].tok, "af mismatch in translation spec")
+        pool.ifname, pool.if_noalias, pool.table = ps.ifname, ps.if_noalias, ps.table
+        pool.opts, pool.hash_key, pool.sticky = ps.opts, ps.hash_key, ps.sticky
+        if pool.opts == "none" and (pool.table is not None or len(pool.addrs) > 1
+                                    or pool.multi_addr()):
+            pool.opts = "round-robin"
+        dynamic = ("round-robin",) if freebsd else DYNAMIC_OPTS
+        where = ps.opts_tok or ps.tok
+        if pool.opts not in dynamic:
+            if len(pool.addrs) > 1:
+                raise self.error(where, "only round-robin valid for multiple redirection "
+                                 "addresses" if freebsd else "pool type is not valid for "
+                                 "multiple translation addresses")
+            if pool.table is not None:
+                raise self.error(where, "tables are only supported in round-robin "
+                                 "redirection pools" if freebsd else
+                                 "tables are not supported by pool type")
+            if pool.multi_addr():
+                raise self.error(where, f"interface ({pool.ifname}) is not supported by pool "
+                                 "type" if not freebsd else f"interface ({pool.ifname}) is "
+                                 "only supported in round-robin redirection pools")
+        if ps.port is not None:
+            lo, hi, star = ps.port
+            if role == "rdr" and star:
+                hi = lo
+                if dport is not None and dport.spec[0] == PF_OP_RRG:
+                    hi = lo + dport.spec[2] - dport.spec[1]
+                    if hi > 65535:
+                        raise self.error(ps.port_tok or ps.tok, "invalid rdr-to port range")
+            pool.proxy_port = (lo, hi)
+        if ps.static_port:
+            if role != "nat":
+                raise self.error(ps.static_tok or ps.tok, "the 'static-port' option is only "
+                                 "valid with nat rules")
+            lo, hi = pool.proxy_port
+            if ps.port is not None and lo != Pool.DEFAULT_NAT_PORTS[0] \
+                    and hi != Pool.DEFAULT_NAT_PORTS[1]:
+                raise self.error(ps.static_tok or ps.tok, "the 'static-port' option can't be "
+                                 "used when specifying a port range")
+            pool.proxy_port = (0, 0)
+            pool.static_port = True
+        return pool, af
+
+    def translate(self, spec: _RuleSpec, r: Rule, sh: _Host, sp: _Port | None, dh: _Host,
+                  dp: _Port | None) -> None:
+        """Attach the pools to an expanded rule and add it; binat-to adds two rules, the
+        outbound nat-to rule and the inbound rdr-to rule back (pfctl's expand_rule)."""
+        af = r.af
+        if spec.rdr is not None:
+            r.rdr, af = self.make_pool(spec.rdr, "rdr", af, dp)
+        if spec.nat is not None:
+            r.nat, af = self.make_pool(spec.nat, "nat", af, dp)
+        r.af = af
+        if not spec.binat:
+            self.rs.rules.append(r)
+            return
+        assert r.nat is not None and spec.nat is not None
+        if sh.addr.kind == "table":
+            assert sh.addr.table is not None
+            raise self.error(sh.tok, f"invalid use of table <{sh.addr.table.name}> as the "
+                             "source address of a binat-to rule")
+        if sh.addr.kind != "net" or sh.addr.neg:
+            raise self.error(sh.tok if spec.src else spec.nat.tok,
+                             "binat-to requires a specified source address")
+        ext = r.nat.addrs[0]
+        if ext.plen != sh.addr.plen:
+            raise self.error(spec.nat.hosts[0].tok, "binat-to source and redirect address "
+                             "must have the same netmask")
+        r.direction = PF_OUT
+        r.nat.static_port = True
+        self.rs.rules.append(r)
+        back = self.make_rule(spec, r.ifname, r.ifnot, af, r.proto, dh, dp,
+                              _Host(Addr("net", af=af, net=ext.net, plen=ext.plen), sh.tok),
+                              sp, _icmp_of(r), r.keep_state, r.state_type)
+        back.direction = PF_IN
+        back.rdr = Pool("rdr")
+        back.rdr.addrs = [Addr("net", af=af, net=sh.addr.net, plen=sh.addr.plen)]
+        back.rdr.sticky = r.nat.sticky
+        self.rs.rules.append(back)
 
     def make_rule(self, spec: _RuleSpec, ifname: str | None, ifnot: bool, af: int,
                   proto: int, sh: _Host, sp: _Port | None, dh: _Host, dp: _Port | None,
@@ -1036,6 +1473,10 @@ class _Parser:
             r.adaptive_default = True
         r.label = spec.label
         return r
+
+
+def _icmp_of(r: Rule) -> tuple[int, int | None] | None:
+    return None if r.icmp_type is None else (r.icmp_type, r.icmp_code)
 
 
 def parse_rules(text: str, filename: str = "pf.conf") -> Ruleset:

@@ -11,8 +11,8 @@ compares small ints.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 from pfcluster.packet import addr_str
 from pfcluster.pf.constants import (
@@ -34,6 +34,12 @@ from pfcluster.pf.constants import (
     flags_str,
     proto_name,
 )
+
+if TYPE_CHECKING:
+    from pfcluster.pf.pool import Pool
+
+# FreeBSD translation rules (pfctl -sn), kept apart from the filter rules.
+TRANSLATION_ACTIONS = ("nat", "rdr", "binat")
 
 # Skip-step slots, in pf's order (PF_SKIP_*).
 PF_SKIP_IFP = 0
@@ -239,9 +245,10 @@ class Rule:
     __slots__ = (
         "action", "adaptive_default", "af", "bytes", "direction", "dport", "dst",
         "evaluations", "flags", "flagset", "icmp_code", "icmp_type", "if_bound", "ifname",
-        "ifnot", "keep_state", "label", "line", "log", "log_all", "max_states", "no_sync",
-        "nr", "packets", "pflow", "policy", "proto", "quick", "return_mode", "skip",
-        "sloppy", "sport", "src", "state_type", "states_cur", "states_tot", "timeouts",
+        "ifnot", "keep_state", "label", "line", "log", "log_all", "max_states", "nat",
+        "natpass", "no_sync", "nr", "packets", "pflow", "policy", "proto", "quick", "rdr",
+        "return_mode", "skip", "sloppy", "sport", "src", "state_type", "states_cur",
+        "states_tot", "timeouts",
     )
 
     def __init__(self) -> None:
@@ -276,6 +283,11 @@ class Rule:
         self.timeouts: dict[int, int] = {}
         self.adaptive_default = False
         self.label: str | None = None
+        # Translation: nat-to / rdr-to on pass and match rules; on FreeBSD `nat`/`binat`
+        # rules the pool after `->` is `nat`, on `rdr` rules it is `rdr` (None: `no nat`).
+        self.nat: Pool | None = None
+        self.rdr: Pool | None = None
+        self.natpass = False  # FreeBSD `nat pass`: translated packets skip the filter rules
         self.evaluations = 0
         self.packets = 0
         self.bytes = 0
@@ -302,8 +314,46 @@ class Rule:
             opts.append(f"{names[idx]} {self.timeouts[idx]}")
         return opts
 
+    @property
+    def pool(self) -> Pool | None:
+        """A FreeBSD translation rule's pool (None for `no nat`/`no rdr`/`no binat`)."""
+        return self.rdr if self.action == "rdr" else self.nat
+
+    def _fromto(self, out: list[str]) -> None:
+        if (self.src.kind == "any" and not self.src.neg and self.dst.kind == "any"
+                and not self.dst.neg and self.sport is None and self.dport is None):
+            out.append("all")
+        else:
+            out.append(f"from {self.src}")
+            if self.sport is not None:
+                out.append(port_str(self.sport))
+            out.append(f"to {self.dst}")
+            if self.dport is not None:
+                out.append(port_str(self.dport))
+
+    def _translation_str(self) -> str:
+        """A FreeBSD translation rule as `pfctl -sn` prints it."""
+        pool = self.pool
+        out = [self.action if pool is not None else f"no {self.action}"]
+        if self.natpass:
+            out.append("pass")
+        if self.log:
+            out.append("log (all)" if self.log_all else "log")
+        if self.ifname is not None:
+            out.append(f"on ! {self.ifname}" if self.ifnot else f"on {self.ifname}")
+        if self.af:
+            out.append("inet" if self.af == AF_INET else "inet6")
+        if self.proto:
+            out.append(f"proto {proto_name(self.proto)}")
+        self._fromto(out)
+        if pool is not None:
+            out.append(f"-> {pool}")
+        return " ".join(out)
+
     def __str__(self) -> str:
-        """The rule as `pfctl -sr` prints it (ports numerically)."""
+        """The rule as `pfctl -sr` prints it (ports numerically); translation rules as -sn."""
+        if self.action in TRANSLATION_ACTIONS:
+            return self._translation_str()
         out = [self.action]
         if self.action == "block":
             out.append(self.return_mode or self.policy)
@@ -321,16 +371,7 @@ class Rule:
             out.append("inet" if self.af == AF_INET else "inet6")
         if self.proto:
             out.append(f"proto {proto_name(self.proto)}")
-        if (self.src.kind == "any" and not self.src.neg and self.dst.kind == "any"
-                and not self.dst.neg and self.sport is None and self.dport is None):
-            out.append("all")
-        else:
-            out.append(f"from {self.src}")
-            if self.sport is not None:
-                out.append(port_str(self.sport))
-            out.append(f"to {self.dst}")
-            if self.dport is not None:
-                out.append(port_str(self.dport))
+        self._fromto(out)
         if self.flags or self.flagset:
             out.append(f"flags {flags_str(self.flags)}/{flags_str(self.flagset)}")
         elif (self.action == "pass" and self.keep_state
@@ -352,6 +393,12 @@ class Rule:
                     out.append("(" + ", ".join(opts) + ")")
         if self.label is not None:
             out.append('label "' + self.label.replace("\\", "\\\\").replace('"', '\\"') + '"')
+        # print_rule shows the pools after label/tag/rtable; pfctl prints only nat-to when
+        # a rule has both, we print both so the text parses back to the same rule.
+        if self.nat is not None:
+            out.append(f"nat-to {self.nat}")
+        if self.rdr is not None:
+            out.append(f"rdr-to {self.rdr}")
         return " ".join(out)
 
     def __repr__(self) -> str:
@@ -408,6 +455,18 @@ class Ruleset:
         self.macros: dict[str, str] = {}
         self.checksum = b""
         self._prog: list[tuple[Any, ...]] = []
+        # FreeBSD `nat`/`rdr`/`binat` rules, looked up before the filter (translate_lookup).
+        self.translation_rules: list[Rule] = []
+        # Set by evaluate: the last matching rule, among the match rules and the deciding
+        # rule, that carries nat-to (resp. rdr-to) -- the one whose pool applies.
+        self.last_nat: Rule | None = None
+        self.last_rdr: Rule | None = None
+        # The NAT core's address/port choice for a match rule, so later rules see the
+        # packet as translated: (rule, pkt, src, sport, dst, dport) -> the new four.
+        # None: only choices that need no state are previewed (Pool.fixed_addr).
+        self.transaddr: Callable[[Rule, Any, int, int, int, int],
+                                 tuple[int, int, int, int]] | None = None
+        self._full = False  # any match rule or nat-to/rdr-to: the slower walk
 
     def block_return(self, rule: Rule) -> str:
         """The block mode in force for a rule: its own, or the ruleset's block-policy."""
@@ -415,12 +474,13 @@ class Ruleset:
 
     def finish(self) -> None:
         """Number the rules, compute skip steps, checksum and the evaluation program."""
-        for i, r in enumerate(self.rules):
-            r.nr = i
-            r.policy = self.block_policy
+        for rules in (self.translation_rules, self.rules):
+            for i, r in enumerate(rules):
+                r.nr = i
+                r.policy = self.block_policy
         calc_skip_steps(self.rules)
         md5 = hashlib.md5()
-        for r in self.rules:
+        for r in self.translation_rules + self.rules:  # no translation: same sum as before
             md5.update(str(r).encode())
             md5.update(b"\n")
         self.checksum = md5.digest()
@@ -437,9 +497,17 @@ class Ruleset:
                 if (r.icmp_type is not None or r.icmp_code is not None) else None,
             ))
         self._prog = prog
+        self._full = any(r.action == "match" or r.nat is not None or r.rdr is not None
+                         for r in self.rules)
 
     def evaluate(self, pkt: Any, direction: int, ifname: str) -> Rule | None:
-        """pf_test_rule's rule walk: the winning pass/block rule, or None (default pass)."""
+        """pf_test_rule's rule walk: the winning pass/block rule, or None (default pass).
+
+        Rulesets with match rules or nat-to/rdr-to take `_evaluate_full`; the others keep
+        this loop, whose only extra cost is the `_full` test (last_nat/last_rdr stay None).
+        """
+        if self._full:
+            return self._evaluate_full(pkt, direction, ifname)
         af = pkt.af
         proto = pkt.proto
         src = int.from_bytes(pkt.src, "big")
@@ -530,8 +598,194 @@ class Ruleset:
             i += 1
         return match
 
+    def _evaluate_full(self, pkt: Any, direction: int, ifname: str) -> Rule | None:
+        """The walk of `evaluate` with match rules and translation, as pf_match_rule.
+
+        A match rule never decides; when it carries nat-to/rdr-to, pf_get_transaddr runs at
+        once and the rules after it see the packet as translated -- pf.c tests them against
+        pd->nsaddr/ndaddr, and pf.conf(5) says so: "If specified on a match rule,
+        subsequent rules will see packets as they look after any addresses and ports have
+        been translated." A pass/block rule's own nat-to/rdr-to applies only if it decides
+        (pf_test_rule calls pf_get_transaddr for the final rule after the walk), so no
+        rule sees it. `quick` stops the walk on any rule, a match rule included.
+        last_nat/last_rdr name the rules whose pools apply; the caller translates.
+        """
+        self.last_nat = self.last_rdr = None
+        af = pkt.af
+        proto = pkt.proto
+        src = int.from_bytes(pkt.src, "big")
+        dst = int.from_bytes(pkt.dst, "big")
+        sport = pkt.sport
+        dport = pkt.dport
+        icmp_reply = False
+        if getattr(pkt, "frag_off", 0):
+            v = _V_FRAG
+        elif proto in (IPPROTO_TCP, IPPROTO_UDP):
+            v = _V_TCP if proto == IPPROTO_TCP else _V_UDP
+        elif proto in (IPPROTO_ICMP, IPPROTO_ICMPV6):
+            v = _V_ICMP
+            icmp_reply = pkt.icmp_type in (
+                ICMP6_REPLY_TYPES if proto == IPPROTO_ICMPV6 else ICMP4_REPLY_TYPES)
+        else:
+            v = _V_OTHER
+        prog = self._prog
+        n = len(prog)
+        match = last_nat = last_rdr = None
+        i = 0
+        while i < n:
+            r, sk, rif, rifnot, rdir, raf, rproto, sa, da, sp, dp, fl, ic = prog[i]
+            r.evaluations += 1
+            if rif is not None and (rif == ifname) is rifnot:
+                i = sk[PF_SKIP_IFP]
+                continue
+            if rdir and rdir != direction:
+                i = sk[PF_SKIP_DIR]
+                continue
+            if raf and raf != af:
+                i = sk[PF_SKIP_AF]
+                continue
+            if rproto and rproto != proto:
+                i = sk[PF_SKIP_PROTO]
+                continue
+            if sa is not None:
+                mask, net, neg, table = sa
+                if (((src & mask) == net) if table is None else table.contains(af, src)) is neg:
+                    i = sk[PF_SKIP_SRC_ADDR]
+                    continue
+            if da is not None:
+                mask, net, neg, table = da
+                if (((dst & mask) == net) if table is None else table.contains(af, dst)) is neg:
+                    i = sk[PF_SKIP_DST_ADDR]
+                    continue
+            if v == _V_TCP:
+                if fl is not None and (pkt.tcp_flags & fl[1]) != fl[0]:
+                    i += 1
+                    continue
+            elif v == _V_FRAG:
+                if sp is not None or dp is not None or ic is not None or (
+                        fl is not None and proto == IPPROTO_TCP):
+                    i += 1
+                    continue
+                sp = dp = None
+            elif v == _V_ICMP:
+                if ic is not None and (
+                        (ic[0] is not None and ic[0] != pkt.icmp_type)
+                        or (ic[1] is not None and ic[1] != pkt.icmp_code)):
+                    i += 1
+                    continue
+                if icmp_reply and r.keep_state and not r.sloppy:
+                    i += 1
+                    continue
+            if sp is not None and not port_match(sp[0], sp[1], sp[2], sport):
+                i = sk[PF_SKIP_SRC_PORT]
+                continue
+            if dp is not None and not port_match(dp[0], dp[1], dp[2], dport):
+                i = sk[PF_SKIP_DST_PORT]
+                continue
+            if r.action == "match":
+                if r.nat is not None or r.rdr is not None:
+                    if r.nat is not None:
+                        last_nat = r
+                    if r.rdr is not None:
+                        last_rdr = r
+                    hook = self.transaddr or _preview_transaddr
+                    src, sport, dst, dport = hook(r, pkt, src, sport, dst, dport)
+            else:
+                match = r
+            if r.quick:
+                break
+            i += 1
+        if match is not None:
+            if match.nat is not None:
+                last_nat = match
+            if match.rdr is not None:
+                last_rdr = match
+        self.last_nat = last_nat
+        self.last_rdr = last_rdr
+        return match
+
+    def translate_lookup(self, pkt: Any, direction: int, ifname: str) -> Rule | None:
+        """FreeBSD's pf_get_translation: the translation rule for a packet, or None.
+
+        FreeBSD looks these up before the filter rules, first match wins, in pf's order:
+        outbound the binat rules then the nat rules, inbound the rdr rules then the binat
+        rules. An inbound binat rule matches packets from its `to` address to its `->`
+        address (pf_match_translation). A `no nat`/`no rdr`/`no binat` rule is returned too
+        (its pool is None: do not translate).
+        """
+        rules = self.translation_rules
+        if not rules:
+            return None
+        order = ("binat", "nat") if direction == PF_OUT else ("rdr", "binat")
+        af = pkt.af
+        src = int.from_bytes(pkt.src, "big")
+        dst = int.from_bytes(pkt.dst, "big")
+        for action in order:
+            for r in rules:
+                if r.action != action:
+                    continue
+                r.evaluations += 1
+                if r.ifname is not None and (r.ifname == ifname) is r.ifnot:
+                    continue
+                if (r.af and r.af != af) or (r.proto and r.proto != pkt.proto):
+                    continue
+                if action == "binat" and direction == PF_IN:
+                    pool = r.nat
+                    if not _addr_match(r.dst, af, src):
+                        continue
+                    if pool is not None and pool.addrs and not _addr_match(
+                            pool.addrs[0], af, dst):
+                        continue
+                else:
+                    if not (_addr_match(r.src, af, src) and _addr_match(r.dst, af, dst)):
+                        continue
+                    if r.sport is not None and not port_match(*r.sport, pkt.sport):
+                        continue
+                    if r.dport is not None and not port_match(*r.dport, pkt.dport):
+                        continue
+                return r
+        return None
+
     def __str__(self) -> str:
-        return "\n".join(f"@{r.nr} {r}" for r in self.rules)
+        """`pfctl -sa` order: the translation rules (-sn) before the filter rules (-sr)."""
+        return "\n".join(f"@{r.nr} {r}" for r in self.translation_rules + self.rules)
+
+
+def _addr_match(a: Addr, af: int, addr: int) -> bool:
+    t = _addr_test(a)
+    if t is None:
+        return True
+    mask, net, neg, table = t
+    hit = ((addr & mask) == net) if table is None else table.contains(af, addr)
+    return hit is not neg
+
+
+def _preview_transaddr(r: Rule, pkt: Any, src: int, sport: int, dst: int,
+                       dport: int) -> tuple[int, int, int, int]:
+    """A match rule's translation where no choice or state is needed (no NAT core hook).
+
+    nat-to to one host (or a network with `bitmask`) gives the new source; rdr-to to one
+    host gives the new destination and its `port` the new destination port (a range keeps
+    the offset within the rule's port range, as pf's rdr does). Pools that need a choice
+    (round-robin, random, source-hash, tables, interfaces) leave the address as it was.
+    """
+    if r.nat is not None:
+        a = r.nat.fixed_addr(src)
+        if a is not None:
+            src = a
+        if r.nat.proxy_port[0] and r.nat.proxy_port[0] == r.nat.proxy_port[1]:
+            sport = r.nat.proxy_port[0]
+    if r.rdr is not None:
+        a = r.rdr.fixed_addr(dst)
+        if a is not None:
+            dst = a
+        lo, hi = r.rdr.proxy_port
+        if lo:
+            if hi > lo and r.dport is not None and r.dport[0] == PF_OP_RRG:
+                dport = lo + (dport - r.dport[1])
+            else:
+                dport = lo
+    return src, sport, dst, dport
 
 
 def _addr_test(a: Addr) -> tuple[int, int, bool, Table | None] | None:
