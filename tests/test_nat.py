@@ -86,7 +86,7 @@ def test_nat_to_translates_both_directions_and_prints_both_keys():
     nport = p[TCP].sport
     # pfctl -ss: the outbound state prints its wire key, the stack key in parentheses
     lines = [pfctl.format_state_line(st) for st in f.states]
-    assert f"em1 tcp {NATADDR}:{nport} ({CLIENT}:4321) -> {SERVER}:80" in " ".join(lines)
+    assert f"all tcp {NATADDR}:{nport} ({CLIENT}:4321) -> {SERVER}:80" in " ".join(lines)
     # the reply comes to the translated address and goes back to the client
     reply = bytes(IP(src=SERVER, dst=NATADDR) / TCP(sport=80, dport=nport, flags="SA",
                                                     seq=5000, ack=1001, window=65535))
@@ -182,7 +182,7 @@ pass out on {INSIDE} proto tcp
     p = IP(out)
     assert (p.dst, p[TCP].dport) == (CLIENT, 8080) and checksums_ok(out)
     lines = " ".join(pfctl.format_state_line(st) for st in f.states)
-    assert f"em1 tcp {CLIENT}:8080 ({NATADDR}:80) <- {SERVER}:5555" in lines
+    assert f"all tcp {CLIENT}:8080 ({NATADDR}:80) <- {SERVER}:5555" in lines
     reply = bytes(IP(src=CLIENT, dst=SERVER) / TCP(sport=8080, dport=5555, flags="SA", seq=9,
                                                    ack=8))
     rv2, out2 = through(f, reply, True)
@@ -327,7 +327,7 @@ def test_both_keys_and_nat_rule_round_trip_in_every_dialect(dialect: str):
 def test_replay_json_shows_the_translated_packet(tmp_path):
     from scapy.all import wrpcap
 
-    from pfcluster.cli.main import cli
+    from pfcluster.cli.main import main as cli
 
     conf = tmp_path / "pf.conf"
     conf.write_text("pass in on lan\npass out on wan inet nat-to (wan)\n")

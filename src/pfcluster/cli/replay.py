@@ -149,23 +149,26 @@ def replay(rules_path: str, ifaces: list[tuple[str, Network]], as_json: bool,
                 f".{pkt.dport} {proto_name(pkt.proto)}")
         if pkt.proto == IPPROTO_TCP:
             what += f" [{flags_str(pkt.tcp_flags) or '.'}]"
-        ends = packet_ends(pkt)
         in_if = pick_iface(ifaces, pkt.src, pkt.dst)
         # the route is chosen after the `in` test, which may have rewritten the
         # destination (rdr-to, or a reply to nat-to), as the daemon's PREROUTING does
         rv = route(filt, in_if, None, pkt, ts)
         v_in = rv.v_in
         assert v_in is not None
-        after_in = packet_ends(pkt)
+        after_in: dict[str, Any] | None = packet_ends(pkt)
         out_if = pick_iface(ifaces, pkt.dst, pkt.src)
         v_out = after_out = None
         logs = rv.log_lines()
+        translated = rv.payload is not None
         if rv.action != ROUTE_BLOCK:
             rv = route(filt, None, out_if, pkt, ts)
             v_out = rv.v_out
             after_out = packet_ends(pkt)
             logs += rv.log_lines()
+            translated = translated or rv.payload is not None
         action = rv.action
+        if not translated:  # the addresses and ports are shown only when they moved
+            after_in = after_out = None
         if as_json:
             rec = {"n": n, "ts": ts, "action": action, "in": verdict_json(v_in, after_in),
                    "out": verdict_json(v_out, after_out), "log": logs}
@@ -175,7 +178,7 @@ def replay(rules_path: str, ifaces: list[tuple[str, Network]], as_json: bool,
             if v_out is not None:
                 parts.append(f"out {out_if}: {_short(v_out)}")
             last_ends = after_out or after_in
-            if last_ends != ends:  # translated
+            if last_ends is not None:  # translated
                 parts.append(f"as {last_ends['src']}.{last_ends['sport']} > "
                              f"{last_ends['dst']}.{last_ends['dport']}")
             out.write(f"{n} {ts:.6f} {action:<5} {what}  " + "; ".join(parts) + "\n")

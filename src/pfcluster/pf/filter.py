@@ -69,6 +69,7 @@ from pfcluster.pf.state import (
     DST_STATE,
     SRC_STATE,
     NatInfo,
+    NatState,
     State,
     StateKey,
     StateTable,
@@ -441,7 +442,7 @@ class Filter:
                         return v
         return self._test_rules(direction, ifname, pkt, now)
 
-    def _lookup(self, key: tuple, now: float, direction: int) -> State | None:
+    def _lookup(self, key: tuple, now: float, direction: int = PF_IN) -> State | None:
         table = self.states
         table.searches += 1
         by_key = table.by_key
@@ -835,7 +836,9 @@ class Filter:
             key = (pkt.af, proto, src, dst, sp, dp)
         else:
             key = (pkt.af, proto, dst, src, dp, sp)
-        st = State(key, direction, self.creatorid, self.next_state_id(), now, rule)
+        translated = xl is not None and xl[1] != key
+        st = (NatState if translated else State)(
+            key, direction, self.creatorid, self.next_state_id(), now, rule)
         if proto == IPPROTO_TCP:
             tcpmod.init_src_peer(st, pkt)
         elif proto == IPPROTO_UDP:
@@ -857,7 +860,8 @@ class Filter:
         st.log = 1 if rule.log else 0
         st.packets0 = 1
         st.bytes0 = pkt.ip_len
-        if xl is not None and xl[1] != st.key:
+        if translated:
+            assert xl is not None
             # the packet's key is the wire key of an `in` state (rdr-to) and the stack
             # key of an `out` one (nat-to)
             if direction == PF_IN:

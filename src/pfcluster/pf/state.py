@@ -162,7 +162,6 @@ class State(_Base):
         "id",
         "ifname",
         "key",
-        "nat",
         "packets0",
         "packets1",
         "pfsync_sent",
@@ -175,8 +174,10 @@ class State(_Base):
     )
 
     key: StateKey
-    nat: NatInfo | None
     id: int
+    # None here; a NatState (a translated state) has its own slot: untranslated states,
+    # nearly all of them, do not pay 8 bytes for it
+    nat: NatInfo | None = None
     ifname: str
     rule: Rule | None
     creation: float
@@ -211,7 +212,6 @@ class State(_Base):
         else:
             self = _new_array(cls, "I", (*peers, 0, 0, direction, creatorid, 0, 0))
         self.key = key
-        self.nat = None
         self.id = state_id
         self.ifname = ifname
         self.rule = rule
@@ -289,6 +289,14 @@ class State(_Base):
         from pfcluster.pf.pfctl import format_state_line
 
         return f"<State {self.id:016x}/{self.creatorid:08x} {format_state_line(self)}>"
+
+
+class NatState(State):
+    """A translated state: `nat` holds its stack key (`key` is the wire key)."""
+
+    __slots__ = ("nat",)
+
+    nat: NatInfo | None
 
 
 class StateTable:

@@ -35,6 +35,7 @@ from pfcluster.pf.state import (
     PEER_LEN,
     SRC,
     NatInfo,
+    NatState,
     Peer,
     State,
     state_expires,
@@ -183,7 +184,8 @@ def _gen_importer(dialect: str) -> Any:
         "    else:",
         "        skey = None",
         f"    ifn = t[{ix['ifname']}]",
-        f"    st = State(key, direction, t[{ix['creatorid']}], t[{ix['id']}], now, None,"
+        f"    st = (State if skey is None else NatState)(key, direction, t[{ix['creatorid']}],"
+        f" t[{ix['id']}], now, None,"
         f" IFNAMES.get(ifn) or intern_ifname(ifn), (" + "".join(
             f"t[{base + j}], " for base in (src, dst) for j in range(len(PEER_TCP_FIELDS))) + "))",
         "    if skey is not None:",
@@ -211,7 +213,7 @@ def _gen_importer(dialect: str) -> Any:
         "PFTM_MAX": PFTM_MAX, "PEER_MAX": PF_TCPS_PROXY_DST, "AF_INET": AF_INET, "State": State,
         "ACK": PFSTATE_ACK, "ADDRS": _ADDRS, "intern_addr": _intern_addr,
         "PORTS": PORT_OBJECTS, "IFNAMES": _IFNAMES, "intern_ifname": _intern_ifname,
-        "NatInfo": NatInfo,
+        "NatInfo": NatInfo, "NatState": NatState,
     }
     src_text = "\n".join(lines) + "\n"
     return compile_generated(src_text, f"<pfsync-generated importer {dialect}>", env, name)
