@@ -8,7 +8,7 @@ Checksums are never recomputed over the data: each changed 16-bit word moves the
 one's complement sum by (new - old), and since 2**16 == 1 (mod 0xffff) an address or
 port of any width contributes ``int(new) - int(old)``; the stored checksum follows as in
 RFC 1624 (eqn. 3), keeping the sum in 1..0xffff as a full recomputation would (covered
-data is never all zero). An invalid checksum stays invalid by the same amount, as pf.
+data is never all zero). An invalid checksum stays invalid by the same amount, as in pf.
 
 What moves (OpenBSD pf_translate / pf_test_state_icmp):
 - IPv4 header checksum: the addresses.
@@ -21,8 +21,8 @@ What moves (OpenBSD pf_translate / pf_test_state_icmp):
   header checksum and its L4 checksum where the quote holds that field (UDP always, as
   its checksum is in the first 8 bytes; TCP only when 18 bytes of it are quoted; a quoted
   echo's ICMP checksum), then the outer ICMP checksum (it covers the quote) and the outer
-  addresses. Modern OpenBSD leaves quoted checksums stale ("doesn't trouble to fixup
-  quoted checksums"); fixing them costs nothing here and makes the quote what the host
+  addresses. OpenBSD's current pf (pf_translate_icmp) leaves the quoted checksums as
+  they were; fixing them costs little here and makes the quote exactly what the host
   sent, byte for byte.
 
 Not handled: IPv6 routing headers (the pseudo header would use the final destination,
