@@ -190,6 +190,8 @@ ERRORS = [
     ("pass out nat-to (em0:network)",
      "pf.conf:1:18: interface modifier ':network' is not supported in a translation address"),
     ("pass out nat-to ! 192.0.2.1", "pf.conf:1:17: a translation address cannot be negated"),
+    ("pass out nat-to any", "pf.conf:1:17: 'any' is not a translation address"),
+    ("nat on em0 inet6 all -> 192.0.2.1", "pf.conf:1:25: af mismatch in translation spec"),
     ("pass out nat-to { 192.0.2.1 <t> }",
      "pf.conf:1:29: only addresses can be listed in a translation pool"),
     ("pass out nat-to { 192.0.2.1 192.0.2.2 } bitmask",
