@@ -190,6 +190,8 @@ ERRORS = [
     ("pass out nat-to (em0:network)",
      "pf.conf:1:18: interface modifier ':network' is not supported in a translation address"),
     ("pass out nat-to ! 192.0.2.1", "pf.conf:1:17: a translation address cannot be negated"),
+    ("pass out nat-to any", "pf.conf:1:17: 'any' is not a translation address"),
+    ("nat on em0 inet6 all -> 192.0.2.1", "pf.conf:1:25: af mismatch in translation spec"),
     ("pass out nat-to { 192.0.2.1 <t> }",
      "pf.conf:1:29: only addresses can be listed in a translation pool"),
     ("pass out nat-to { 192.0.2.1 192.0.2.2 } bitmask",
@@ -484,3 +486,19 @@ def test_replay_accepts_translation_rules(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     lines = [json.loads(line) for line in res.output.splitlines()]
     assert lines[0]["action"] == "pass" and "summary" in lines[-1]
+
+
+def test_whole_ruleset_prints_and_reparses_to_itself() -> None:
+    text = FREEBSD + (
+        "table <pool> { 192.0.2.64/26 }\n"
+        "match out on em0 inet from 10.0.0.0/8 to any nat-to (em0)\n"
+        "match in on em0 proto tcp to 192.0.2.1 port 80 rdr-to 10.0.0.9 port 8080\n"
+        "pass out on em0 from 10.1.0.0/16 nat-to <pool> source-hash \"k\" sticky-address\n"
+        "pass on em0 from 10.0.0.8 binat-to 192.0.2.8\n"
+    )
+    rs = parse_rules(text)
+    printed = "\n".join(str(r) for r in rules_of(rs))
+    again = parse_rules("table <pool> { 192.0.2.64/26 }\n" + printed)
+    assert str(again) == str(rs)
+    assert again.checksum == rs.checksum
+    assert len(again.translation_rules) == 7 and len(again.rules) == 6  # binat-to: 2 rules

@@ -1,5 +1,10 @@
 """pf.conf filter subset: lexer and recursive-descent parser producing a `Ruleset`.
 
+Translation comes in both dialects: OpenBSD's nat-to/rdr-to/binat-to options on pass and
+match rules (binat-to expands into an outbound nat-to rule and the inbound rdr-to rule
+back, as pfctl does), and FreeBSD's `[no] nat|rdr|binat ... -> pool` rules, which land
+in Ruleset.translation_rules. Pools are `pfcluster.pf.pool.Pool`.
+
 Errors read like pfctl's (`file:line:col: message`, col 1-based at the offending token)
 so an operator can jump to the spot; the first error stops the load and nothing is
 returned, as pfctl loads all or nothing.
@@ -1157,7 +1162,10 @@ class _Parser:
                 and ":" not in t.text:
             raise self.error(t, f"invalid address '{t.text}' (an interface's address is "
                              f"written ({t.text}))")
-        return _Host(self.address(), t)
+        a = self.address()
+        if a.kind == "any":
+            raise self.error(t, "'any' is not a translation address")
+        return _Host(a, t)
 
     def pool_spec(self, kw: Tok) -> _PoolSpec:
         """nat-to/rdr-to/binat-to/`->` target: address(es), `(if)` or `<table>`, `port`,

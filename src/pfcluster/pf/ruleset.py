@@ -3,9 +3,10 @@
 The parser (`pfcluster.pf.rules`) builds these objects; the filter engine calls
 `Ruleset.evaluate` for packets that match no state. Evaluation follows pf_match_rule:
 top to bottom, skip steps on the eight skippable fields, the last matching pass/block
-rule wins and `quick` stops at once. Everything that can be decided at load time
-(masked address ints, port operators, skip targets) is, so the per-packet loop only
-compares small ints.
+rule wins and `quick` stops at once; match rules only carry translation (last_nat,
+last_rdr), and FreeBSD's translation rules are looked up apart (translate_lookup).
+Everything that can be decided at load time (masked address ints, port operators, skip
+targets) is, so the per-packet loop only compares small ints.
 """
 
 from __future__ import annotations
