@@ -33,6 +33,7 @@ from pfcluster.io.capture import (
 from pfcluster.packet import addr_str
 from pfcluster.pf import pfctl
 from pfcluster.pfsync import legacy, wire
+from pfcluster.pfsync.layout import STATE_LAYOUTS
 
 DIALECT_CHOICES = (*wire.DIALECTS, "v4", "auto")
 _V5_CANDIDATES = ("openbsd45", "freebsd1301", "freebsd1400")
@@ -108,11 +109,23 @@ def _sockaddr_str(raw: bytes, dialect: str) -> str:
     return raw.hex()
 
 
-def _state_dict(st: wire.State, dialect: str) -> dict[str, Any]:
+def record_layout(dialect: str, action_id: int | None) -> str:
+    """The dialect whose pfsync_state layout a section's records use: freebsd1400 keeps
+    the 1301 record under INS_1301, UPD_1301 and DEL (the sizes tell them apart)."""
+    wd = dialect if dialect in wire.DIALECTS else "openbsd45"
+    entry = wire.TABLES[wd].get(action_id) if action_id is not None else None
+    if entry is not None:
+        for d, lay in STATE_LAYOUTS.items():
+            if lay.size == entry[1]:
+                return d
+    return wd
+
+
+def _state_dict(st: wire.State, dialect: str, action_id: int | None) -> dict[str, Any]:
     wd = dialect if dialect in wire.DIALECTS else "openbsd45"
     af = wire.af_from_wire(wd, st.af)
     out: dict[str, Any] = {}
-    for name in wire.STATE_FIELDS[wd]:
+    for name in wire.STATE_FIELDS[record_layout(wd, action_id)]:
         v = getattr(st, name)
         if name == "key":
             keys = []
@@ -136,10 +149,11 @@ def _state_dict(st: wire.State, dialect: str) -> dict[str, Any]:
     return out
 
 
-def message_dict(msg: Any, dialect: str) -> Any:
-    """A message as JSON-able data with the C field names (DESIGN.md JSON rules)."""
+def message_dict(msg: Any, dialect: str, action_id: int | None = None) -> Any:
+    """A message as JSON-able data with the C field names (DESIGN.md JSON rules); a state
+    record shows the fields of the layout its section carries."""
     if isinstance(msg, wire.State):
-        return _state_dict(msg, dialect)
+        return _state_dict(msg, dialect, action_id)
     if isinstance(msg, bytes):  # RawMessage of a skipped section
         return msg.hex()
     out: dict[str, Any] = {}
@@ -175,7 +189,8 @@ def frame_dict(pkt: PfsyncPacket, dec: Decoded, extra_errors: list[str]) -> dict
     else:
         obj.update(version=f.version, len=f.len, pfcksum=bytes(f.pfcksum).hex(),
                    sections=[{"action": s.action, "action_id": s.action_id, "count": s.count,
-                              "messages": [message_dict(m, dec.dialect) for m in s.messages]}
+                              "messages": [message_dict(m, dec.dialect, s.action_id)
+                                           for m in s.messages]}
                              for s in f.sections])
         errors = list(f.errors)
     obj["errors"] = extra_errors + errors

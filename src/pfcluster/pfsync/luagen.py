@@ -141,8 +141,8 @@ def render() -> str:
     for d in DIALECTS:
         out.append(f"  {d} = {{version = {VERSION[d]}, actions = {{\n")
         for aid, entry in sorted(wire.TABLES[d].items()):
-            kind = message_kind(entry)
-            out.append(f'    [{aid}] = {{"{entry[0]}", {entry[1]}, {_lua_str(kind)}, '
+            mkind = message_kind(entry)
+            out.append(f'    [{aid}] = {{"{entry[0]}", {entry[1]}, {_lua_str(mkind)}, '
                        f"{_lua_str(_check_kind(d, entry))}}},\n")
         out.append("  }},\n")
     out.append("}\n")
