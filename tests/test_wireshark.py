@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import subprocess
 import tempfile
@@ -16,8 +17,9 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from pfcluster.cli.dump import dump
+from pfcluster.cli.dump import dump, frame_dict, guess_dialect
 from pfcluster.cli.wireshark import shipped_path, wireshark
+from pfcluster.io.capture import iter_pfsync
 from pfcluster.pfsync import luagen, wire
 from pfsync_samples import every_message, ip4, malformed, write_pcap
 
@@ -28,7 +30,7 @@ REQUIRED = ("pfsync.version", "pfsync.len", "pfsync.pfcksum", "pfsync.action", "
             "pfsync.state.key.addr", "pfsync.state.key.port", "pfsync.state.src.seqlo",
             "pfsync.state.dst.seqlo", "pfsync.eof.hmac")
 REASONS = ("hdrops", "badver", "badlen", "badact", "badval")
-SEP = "|"
+SEP = "\x1f"  # never in a field: the dissector escapes non-printable bytes
 
 
 def test_generated_tables_are_current() -> None:
@@ -174,8 +176,15 @@ def _same(expected: list[Any], shown: str) -> bool:
                for e, g in zip(expected, got, strict=True))
 
 
-def _compare(d: Path, pcap: Path) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
-    frames = _dump_json(pcap)
+def _dump_each(pcap: Path) -> list[dict[str, Any]]:
+    """What `dump --json` prints for each frame as the first of its capture (no dialect
+    carried over from the frame before, as the dissector has none)."""
+    return [frame_dict(p, guess_dialect(p.payload), []) for p in iter_pfsync(pcap)]
+
+
+def _compare(d: Path, pcap: Path, frames: list[dict[str, Any]] | None = None
+             ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    frames = _dump_json(pcap) if frames is None else frames
     expected = [_expected(f) for f in frames]
     names = sorted({n for e in expected for n in e} | set(REQUIRED) | {"pfsync.dialect"})
     rows = _tshark_fields(d, pcap, names)
@@ -236,3 +245,38 @@ def test_sample_capture_and_installed_plugin(shared_dir: Path) -> None:
     out = _tshark(shared_dir, pcap, ["-T", "fields", "-e", "pfsync.dialect", "-e", "pfsync.count"],
                   lua=False)
     assert out.split("\t")[0] == "openbsd6"
+
+
+def _mutants(n: int, seed: int = 13) -> list[bytes]:
+    """Valid frames of every dialect with bytes overwritten, cut or grown: the kinds of
+    damage the walkers must bound (counts, lengths, actions, af and timeout bytes)."""
+    rng = random.Random(seed)
+    good = [wire.encode(every_message(d), d) for d in wire.DIALECTS]
+    out = []
+    for _ in range(n):
+        b = bytearray(rng.choice(good))
+        for _ in range(rng.randint(1, 4)):
+            op = rng.random()
+            if op < 0.5:
+                b[rng.randrange(len(b))] = rng.randrange(256)
+            elif op < 0.7:  # keep a byte: IP does not call a dissector on no payload
+                del b[rng.randrange(1, len(b)):]
+            elif op < 0.85:
+                b += bytes(rng.randrange(256) for _ in range(rng.randint(1, 300)))
+            else:  # a subheader-looking spot: action or count
+                off = rng.choice([20, 24, 44, 64, 284])
+                if off + 4 <= len(b):
+                    b[off + rng.choice([0, 2, 3])] = rng.randrange(256)
+        out.append(bytes(b[:1400]))
+    return out
+
+
+def test_mutated_frames_match_dump(shared_dir: Path) -> None:
+    """On damaged frames the dissector never hits a Lua error, and shows what dump shows
+    for each frame on its own."""
+    mutants = _mutants(int(os.environ.get("PFCLUSTER_LUA_MUTANTS", "300")))
+    pcap = write_pcap(shared_dir / "mutants.pcap", [ip4(p) for p in mutants])
+    frames = _dump_each(pcap)
+    assert len(frames) == len(mutants)
+    assert sum(bool(f["errors"]) for f in frames) > len(mutants) // 2  # really damaged
+    _compare(shared_dir, pcap, frames)
