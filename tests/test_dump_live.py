@@ -77,12 +77,18 @@ def _pair(lab: Netlab) -> tuple[str, str]:
     return a, b
 
 
-def _start(lab: Netlab, ns: str, *args: str) -> tuple[subprocess.Popen[bytes], Path]:
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a shell starts a background job
+
+
+def _start(lab: Netlab, ns: str, *args: str, sigint_ignored: bool = False
+           ) -> tuple[subprocess.Popen[bytes], Path]:
     err = lab.tmp / f"dump{len(lab.procs)}.err"
     proc = subprocess.Popen(["ip", "netns", "exec", ns, *pfcluster_argv("dump", "-i", "sync0",
                                                                          *args)],
                             stdout=subprocess.PIPE, stderr=open(err, "w"),  # noqa: SIM115
-                            start_new_session=True)
+                            start_new_session=True,
+                            preexec_fn=_ignore_sigint if sigint_ignored else None)
     lab.procs.append(proc)
     assert wait_for(lambda: "listening on sync0" in err.read_text(), 15), err.read_text()
     return proc, err
@@ -92,10 +98,13 @@ def _send(lab: Netlab, ns: str, frames: list[bytes]) -> None:
     lab.exec(ns, [sys.executable, "-c", SEND, "192.0.2.2", *(f.hex() for f in frames)])
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_live_until_signal(netlab: Netlab, sig: int) -> None:
+@pytest.mark.parametrize("sig, ignored", [(signal.SIGINT, False), (signal.SIGTERM, False),
+                                          (signal.SIGINT, True)])
+def test_live_until_signal(netlab: Netlab, sig: int, ignored: bool) -> None:
+    """Stops cleanly on either signal, also when started with SIGINT ignored (`cmd &` in
+    a script), where Python alone would never raise KeyboardInterrupt."""
     a, b = _pair(netlab)
-    proc, err = _start(netlab, b, "--json")
+    proc, err = _start(netlab, b, "--json", sigint_ignored=ignored)
     frames = _frames()
     _send(netlab, a, frames)
     out = Lines(proc)

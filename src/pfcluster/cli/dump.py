@@ -19,7 +19,6 @@ cannot be opened: `pfcluster dump: IF: problem`, exit 1.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import signal
 import socket
@@ -365,10 +364,10 @@ class Captured(NamedTuple):
 
 
 class Stopped(Exception):
-    """SIGTERM arrived: stop like after Ctrl-C."""
+    """SIGINT or SIGTERM arrived: stop, say how many frames were seen, exit 0."""
 
 
-def _on_sigterm(signum: int, frame: Any) -> None:
+def _on_stop_signal(signum: int, frame: Any) -> None:
     raise Stopped
 
 
@@ -485,13 +484,15 @@ def _run_live(ifname: str, printer: _Printer, max_count: int | None, seconds: fl
     then say how many were seen, as tcpdump does."""
     cap = LiveCapture(ifname)
     writer: PcapWriter | None = None
-    old_term = signal.signal(signal.SIGTERM, _on_sigterm)
+    # both set explicitly, as tcpdump does: a shell starts background jobs with SIGINT
+    # ignored, and Python then never raises KeyboardInterrupt
+    old = {sig: signal.signal(sig, _on_stop_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        if write is not None:
-            writer = PcapWriter(write, cap.linktype)
-        click.echo(f"dump: listening on {ifname}, link type "
-                   f"{'EN10MB' if cap.linktype == LINKTYPE_ETHERNET else 'RAW'}", err=True)
-        with contextlib.suppress(KeyboardInterrupt, Stopped):
+        try:
+            if write is not None:
+                writer = PcapWriter(write, cap.linktype)
+            click.echo(f"dump: listening on {ifname}, link type "
+                       f"{'EN10MB' if cap.linktype == LINKTYPE_ETHERNET else 'RAW'}", err=True)
             for got in cap.frames(seconds):
                 if not printer.take(got.pkt, echo=writer is None or also_print):
                     continue
@@ -500,8 +501,11 @@ def _run_live(ifname: str, printer: _Printer, max_count: int | None, seconds: fl
                 sys.stdout.flush()
                 if max_count is not None and printer.shown >= max_count:
                     break
+        except Stopped:
+            pass
     finally:
-        signal.signal(signal.SIGTERM, old_term)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
         cap.close()
         if writer is not None:
             writer.close()
