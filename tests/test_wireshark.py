@@ -90,10 +90,10 @@ def _tshark(d: Path, pcap: Path, args: list[str], lua: bool = True) -> str:
     return res.stdout
 
 
-def _tshark_fields(d: Path, pcap: Path, names: list[str]) -> list[dict[str, str]]:
+def _tshark_fields(d: Path, pcap: Path, names: list[str], *extra: str) -> list[dict[str, str]]:
     cols = ["frame.number", "_ws.expert.message", *names]
     args = ["-T", "fields", "-E", "occurrence=a", "-E", f"aggregator={SEP}",
-            "-E", "separator=/t", "-Y", "ip.proto == 240"]
+            "-E", "separator=/t", "-Y", "ip.proto == 240", *extra]
     for c in cols:
         args += ["-e", c]
     out = _tshark(d, pcap, args)
@@ -280,3 +280,16 @@ def test_mutated_frames_match_dump(shared_dir: Path) -> None:
     assert len(frames) == len(mutants)
     assert sum(bool(f["errors"]) for f in frames) > len(mutants) // 2  # really damaged
     _compare(shared_dir, pcap, frames)
+
+
+def test_v5_layout_preference(shared_dir: Path) -> None:
+    """The preference forces a layout: an OpenBSD 4.5 frame read as FreeBSD 1301 ends in
+    the receiver's error (its EOF carries a body FreeBSD does not expect)."""
+    pcap = write_pcap(shared_dir / "pref.pcap",
+                      [ip4(wire.encode(every_message("openbsd45"), "openbsd45"))])
+    (auto,) = _tshark_fields(shared_dir, pcap, ["pfsync.dialect"])
+    (forced,) = _tshark_fields(shared_dir, pcap, ["pfsync.dialect"],
+                               "-o", "pfsync.v5_layout:freebsd1301")
+    assert auto["pfsync.dialect"] == "openbsd45" and "badlen" not in auto["_ws.expert.message"]
+    assert forced["pfsync.dialect"] == "freebsd1301"
+    assert "badlen" in forced["_ws.expert.message"] or "badact" in forced["_ws.expert.message"]
