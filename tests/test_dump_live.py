@@ -4,6 +4,7 @@ select frames and -w writes a pcap that tcpdump and our reader read back."""
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import shutil
@@ -151,3 +152,26 @@ def test_live_creatorid_filter_prints_text(netlab: Netlab) -> None:
     assert ["PFSYNCv5 len 1328" in heads[0], "PFSYNCv6 len 108" in heads[1]] == [True, True], heads
     assert lines[-1] == "    act UPD ST COMP count 1", lines
     assert "3 pfsync frames seen, 1 filtered out" in err.read_text()
+
+
+def test_verdict_hook_shows_with_each_frame(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hook the sync-key check plugs into: its string follows each frame's head line
+    (text) or sits under "verdict" (JSON); None adds nothing."""
+    from click.testing import CliRunner
+
+    from pfcluster.cli import dump as dump_mod
+    from pfsync_samples import ip4, write_pcap
+
+    pcap = write_pcap(tmp_path / "three.pcap", [ip4(f) for f in _frames()])
+    said = iter(["auth ok", None, "auth bad: counter replayed"])
+    monkeypatch.setattr(dump_mod, "make_verdict", lambda: lambda payload: next(said))
+    res = CliRunner().invoke(dump_mod.dump, [str(pcap)], catch_exceptions=False)
+    heads = [line for line in res.stdout.splitlines() if "PFSYNCv" in line]
+    assert [h.endswith(t) for h, t in zip(heads, ["(ttl 255) [auth ok]", "(ttl 255)",
+                                                  "(ttl 255) [auth bad: counter replayed]"],
+                                          strict=True)] == [True] * 3, heads
+    said = iter(["auth ok", None, "x"])
+    res = CliRunner().invoke(dump_mod.dump, [str(pcap), "--json"], catch_exceptions=False)
+    assert [json.loads(line).get("verdict") for line in res.stdout.splitlines()] == \
+        ["auth ok", None, "x"]
