@@ -5,6 +5,11 @@ Text output follows OpenBSD tcpdump's pfsync printer (``PFSYNCv5 len N``, one
 style); ``--json`` prints one object per frame per line with the keys DESIGN.md fixes.
 A frame that fails to decode prints what decoded plus the reason, then dumping goes on.
 
+Live (``-i IF``) it runs like tcpdump: frames print as they arrive until Ctrl-C or SIGTERM
+(or ``-c N`` / ``--seconds S``), then one stderr line says how many were seen; ``-w FILE``
+saves them as pcap instead; ``--action`` / ``--creatorid`` keep only matching frames (in
+files too). ``FrameVerdict`` is the hook a sync-key check plugs into (``make_verdict``).
+
 A capture that cannot be read (missing, unreadable, empty, not pcap/pcapng, unsupported
 link type) prints one line `pfcluster dump: FILE: problem` and exits 1. A capture cut
 inside a record prints every frame before the cut, then that line (`FILE: truncated dump
@@ -15,10 +20,12 @@ cannot be opened: `pfcluster dump: IF: problem`, exit 1.
 from __future__ import annotations
 
 import json
+import signal
 import socket
+import sys
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 import click
 
@@ -30,9 +37,11 @@ from pfcluster.io.capture import (
     iter_pfsync,
     pfsync_from_record,
 )
+from pfcluster.io.pcapwrite import PcapWriter
 from pfcluster.packet import addr_str
 from pfcluster.pf import pfctl
 from pfcluster.pfsync import legacy, wire
+from pfcluster.pfsync.layout import STATE_LAYOUTS
 
 DIALECT_CHOICES = (*wire.DIALECTS, "v4", "auto")
 _V5_CANDIDATES = ("openbsd45", "freebsd1301", "freebsd1400")
@@ -108,11 +117,23 @@ def _sockaddr_str(raw: bytes, dialect: str) -> str:
     return raw.hex()
 
 
-def _state_dict(st: wire.State, dialect: str) -> dict[str, Any]:
+def record_layout(dialect: str, action_id: int | None) -> str:
+    """The dialect whose pfsync_state layout a section's records use: freebsd1400 keeps
+    the 1301 record under INS_1301, UPD_1301 and DEL (the sizes tell them apart)."""
+    wd = dialect if dialect in wire.DIALECTS else "openbsd45"
+    entry = wire.TABLES[wd].get(action_id) if action_id is not None else None
+    if entry is not None:
+        for d, lay in STATE_LAYOUTS.items():
+            if lay.size == entry[1]:
+                return d
+    return wd
+
+
+def _state_dict(st: wire.State, dialect: str, action_id: int | None) -> dict[str, Any]:
     wd = dialect if dialect in wire.DIALECTS else "openbsd45"
     af = wire.af_from_wire(wd, st.af)
     out: dict[str, Any] = {}
-    for name in wire.STATE_FIELDS[wd]:
+    for name in wire.STATE_FIELDS[record_layout(wd, action_id)]:
         v = getattr(st, name)
         if name == "key":
             keys = []
@@ -136,10 +157,11 @@ def _state_dict(st: wire.State, dialect: str) -> dict[str, Any]:
     return out
 
 
-def message_dict(msg: Any, dialect: str) -> Any:
-    """A message as JSON-able data with the C field names (DESIGN.md JSON rules)."""
+def message_dict(msg: Any, dialect: str, action_id: int | None = None) -> Any:
+    """A message as JSON-able data with the C field names (DESIGN.md JSON rules); a state
+    record shows the fields of the layout its section carries."""
     if isinstance(msg, wire.State):
-        return _state_dict(msg, dialect)
+        return _state_dict(msg, dialect, action_id)
     if isinstance(msg, bytes):  # RawMessage of a skipped section
         return msg.hex()
     out: dict[str, Any] = {}
@@ -175,7 +197,8 @@ def frame_dict(pkt: PfsyncPacket, dec: Decoded, extra_errors: list[str]) -> dict
     else:
         obj.update(version=f.version, len=f.len, pfcksum=bytes(f.pfcksum).hex(),
                    sections=[{"action": s.action, "action_id": s.action_id, "count": s.count,
-                              "messages": [message_dict(m, dec.dialect) for m in s.messages]}
+                              "messages": [message_dict(m, dec.dialect, s.action_id)
+                                           for m in s.messages]}
                              for s in f.sections])
         errors = list(f.errors)
     obj["errors"] = extra_errors + errors
@@ -254,46 +277,144 @@ def frame_text(pkt: PfsyncPacket, dec: Decoded, verbose: int, extra_errors: list
     return "\n".join([head, *lines])
 
 
+# --------------------------------------------------------------------------- hooks
+
+FrameVerdict = Callable[[bytes], "str | None"]
+"""A per-frame judgement on the pfsync payload (from pfsync_header on): a short string
+shown with the frame ("auth ok", "auth bad: ..."), or None to say nothing."""
+
+
+def no_verdict(payload: bytes) -> str | None:
+    """The hook while no key is given: nothing to say about any frame.
+
+    The authenticated-sync work plugs in here: ``make_verdict`` returns a closure that
+    checks the EOF authenticator of each frame with the sync key.
+    """
+    return None
+
+
+def make_verdict() -> FrameVerdict:
+    """The verdict hook for this run (a key option will choose a verifying one)."""
+    return no_verdict
+
+
+# --------------------------------------------------------------------------- filters
+
+
+def _action_names() -> frozenset[str]:
+    return frozenset(n for names in wire.ACTIONS.values() for n in names)
+
+
+def _check_actions(ctx: click.Context, param: click.Parameter,
+                   value: tuple[str, ...]) -> frozenset[str]:
+    known = _action_names()
+    out = set()
+    for v in value:
+        name = v.upper()
+        if name not in known:
+            raise click.BadParameter(f"{v!r}: not a pfsync action (one of "
+                                     f"{', '.join(sorted(known))})")
+        out.add(name)
+    return frozenset(out)
+
+
+def _check_creatorids(ctx: click.Context, param: click.Parameter,
+                      value: tuple[str, ...]) -> frozenset[int]:
+    out = set()
+    for v in value:
+        text = v[2:] if v.lower().startswith("0x") else v
+        try:
+            n = int(text, 16)
+        except ValueError:
+            n = -1
+        if not 0 <= n <= 0xFFFFFFFF or not text:
+            raise click.BadParameter(f"{v!r}: not a 32-bit hex creator id (e.g. c0ffee01)")
+        out.add(n)
+    return frozenset(out)
+
+
+def frame_matches(dec: Decoded, actions: frozenset[str], creatorids: frozenset[int]) -> bool:
+    """Whether a decoded frame passes the filters: some section of one of ``actions``
+    and some message from one of ``creatorids`` (an empty set passes everything)."""
+    f = dec.frame
+    if f is None:
+        return not actions and not creatorids
+    if isinstance(f, legacy.V4Frame):
+        names = {f.action_name}
+        messages: list[Any] = list(f.messages)
+    else:
+        names = {s.action for s in f.sections}
+        messages = [m for s in f.sections for m in s.messages]
+    if actions and not names & actions:
+        return False
+    if creatorids:
+        return any(getattr(m, "creatorid", None) in creatorids for m in messages)
+    return True
+
+
 # --------------------------------------------------------------------------- sources
 
 
-def _live(ifname: str, count: int | None, seconds: float | None) -> Iterator[PfsyncPacket]:
-    """pfsync frames seen on ``ifname`` through an AF_PACKET socket (needs CAP_NET_RAW)."""
-    eth_p_all = 0x0003
-    try:
-        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(eth_p_all))
-    except OSError as exc:
-        raise CaptureError(ifname, f"cannot open a packet socket: {exc.strerror or exc} "
-                                   "(needs CAP_NET_RAW)") from exc
-    try:
+class Captured(NamedTuple):
+    """A pfsync frame seen live, with the raw link-layer bytes ``-w`` saves."""
+
+    linktype: int
+    raw: bytes
+    pkt: PfsyncPacket
+
+
+class Stopped(Exception):
+    """SIGINT or SIGTERM arrived: stop, say how many frames were seen, exit 0."""
+
+
+def _on_stop_signal(signum: int, frame: Any) -> None:
+    raise Stopped
+
+
+class LiveCapture:
+    """An AF_PACKET socket on one interface (needs CAP_NET_RAW); ``linktype`` is the
+    pcap link type of what it reads (Ethernet, or raw IP for tun-like devices)."""
+
+    __slots__ = ("ifname", "linktype", "sock")
+
+    def __init__(self, ifname: str) -> None:
+        self.ifname = ifname
+        eth_p_all = 0x0003
         try:
-            sock.bind((ifname, 0))
+            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(eth_p_all))
         except OSError as exc:
+            raise CaptureError(ifname, f"cannot open a packet socket: {exc.strerror or exc} "
+                                       "(needs CAP_NET_RAW)") from exc
+        try:
+            self.sock.bind((ifname, 0))
+        except OSError as exc:
+            self.sock.close()
             raise CaptureError(ifname, exc.strerror or str(exc)) from exc
+        hatype = self.sock.getsockname()[3]
+        self.linktype = LINKTYPE_ETHERNET if hatype in (1, 772) else 101
+
+    def frames(self, seconds: float | None) -> Iterator[Captured]:
+        """pfsync frames as they arrive, until ``seconds`` have passed (or forever)."""
         deadline = time.monotonic() + seconds if seconds is not None else None
-        seen = 0
-        while count is None or seen < count:
+        while True:
+            wait = 1.0
             if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
+                wait = deadline - time.monotonic()
+                if wait <= 0:
                     return
-                sock.settimeout(min(left, 1.0))
-            else:
-                sock.settimeout(1.0)
+            self.sock.settimeout(min(wait, 1.0))
             try:
-                buf, addr = sock.recvfrom(65535)
+                buf = self.sock.recv(262144)
             except TimeoutError:
                 continue
             except OSError as exc:  # e.g. ENETDOWN: the interface went away
-                raise CaptureError(ifname, exc.strerror or str(exc)) from exc
-            hatype = addr[3] if len(addr) > 3 else 1
-            linktype = LINKTYPE_ETHERNET if hatype in (1, 772) else 101
-            pkt = pfsync_from_record(time.time(), linktype, buf)
+                raise CaptureError(self.ifname, exc.strerror or str(exc)) from exc
+            pkt = pfsync_from_record(time.time(), self.linktype, buf)
             if pkt is not None:
-                seen += 1
-                yield pkt
-    finally:
-        sock.close()
+                yield Captured(self.linktype, buf, pkt)
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 def _check_ifname(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -304,6 +425,96 @@ def _check_ifname(ctx: click.Context, param: click.Parameter, value: str | None)
     return value
 
 
+class _Printer:
+    """Decodes, filters and prints frames; counts what it saw and showed."""
+
+    __slots__ = ("actions", "as_json", "creatorids", "dialect", "last_choice", "seen", "shown",
+                 "verbose", "verdict")
+
+    def __init__(self, dialect: str, as_json: bool, verbose: int, actions: frozenset[str],
+                 creatorids: frozenset[int], verdict: FrameVerdict) -> None:
+        self.dialect = dialect
+        self.as_json = as_json
+        self.verbose = verbose
+        self.actions = actions
+        self.creatorids = creatorids
+        self.verdict = verdict
+        self.last_choice: str | None = None
+        self.seen = 0
+        self.shown = 0
+
+    def take(self, pkt: PfsyncPacket, echo: bool = True) -> bool:
+        """Decode ``pkt``; print it when it passes the filters (and ``echo``). Returns
+        whether it passed."""
+        self.seen += 1
+        dialect = self.dialect
+        dec = guess_dialect(pkt.payload, self.last_choice) if dialect == "auto" \
+            else _try(pkt.payload, dialect)
+        if not frame_matches(dec, self.actions, self.creatorids):
+            return False
+        self.shown += 1
+        if not echo:
+            return True
+        if dialect == "auto" and dec.dialect != self.last_choice:
+            click.echo(f"dump: dialect {dec.dialect}", err=True)
+            self.last_choice = dec.dialect
+        extra: list[str] = []
+        if pkt.ttl is not None and pkt.ttl != wire.PFSYNC_DFLTTL:
+            has = dec.frame is not None and any(e.startswith("badttl") for e in dec.frame.errors)
+            if not has:
+                extra.append(f"badttl: ttl {pkt.ttl}")
+        said = self.verdict(pkt.payload)
+        if self.as_json:
+            obj = frame_dict(pkt, dec, extra)
+            if said is not None:
+                obj["verdict"] = said
+            click.echo(json.dumps(obj))
+        else:
+            text = frame_text(pkt, dec, self.verbose, extra)
+            if said is not None:
+                head, sep, rest = text.partition("\n")
+                text = f"{head} [{said}]{sep}{rest}"
+            click.echo(text)
+        return True
+
+
+def _run_live(ifname: str, printer: _Printer, max_count: int | None, seconds: float | None,
+              write: str | None, also_print: bool) -> None:
+    """Print (or save) frames until -c/--seconds is reached or SIGINT/SIGTERM arrives,
+    then say how many were seen, as tcpdump does."""
+    cap = LiveCapture(ifname)
+    writer: PcapWriter | None = None
+    # both set explicitly, as tcpdump does: a shell starts background jobs with SIGINT
+    # ignored, and Python then never raises KeyboardInterrupt
+    old = {sig: signal.signal(sig, _on_stop_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        try:
+            if write is not None:
+                writer = PcapWriter(write, cap.linktype)
+            click.echo(f"dump: listening on {ifname}, link type "
+                       f"{'EN10MB' if cap.linktype == LINKTYPE_ETHERNET else 'RAW'}", err=True)
+            for got in cap.frames(seconds):
+                if not printer.take(got.pkt, echo=writer is None or also_print):
+                    continue
+                if writer is not None:
+                    writer.write(got.pkt.ts, got.raw)
+                sys.stdout.flush()
+                if max_count is not None and printer.shown >= max_count:
+                    break
+        except Stopped:
+            pass
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        cap.close()
+        if writer is not None:
+            writer.close()
+    filtered = printer.seen - printer.shown
+    click.echo(f"dump: {printer.seen} pfsync frame{'s' if printer.seen != 1 else ''} seen"
+               + (f", {filtered} filtered out" if filtered else "")
+               + (f", {printer.shown} written to {write}" if write else ""), err=True)
+
+
 @click.command("dump", cls=ReportingCommand)
 @click.argument("capture", required=False, type=click.Path())
 @click.option("--dialect", type=click.Choice(DIALECT_CHOICES), default="auto", show_default=True,
@@ -311,40 +522,32 @@ def _check_ifname(ctx: click.Context, param: click.Parameter, value: str | None)
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per frame per line")
 @click.option("-v", "--verbose", count=True, help="print every message")
 @click.option("-i", "--interface", "ifname", callback=_check_ifname,
-              help="read live from this interface (AF_PACKET)")
-@click.option("--count", "max_count", type=click.IntRange(min=1), help="stop after N pfsync frames")
+              help="read live from this interface (AF_PACKET) until Ctrl-C or SIGTERM")
+@click.option("-c", "--count", "max_count", type=click.IntRange(min=1),
+              help="stop after N frames (that pass the filters)")
 @click.option("--seconds", type=click.FloatRange(min=0, min_open=True),
               help="stop live capture after S seconds")
+@click.option("-w", "write", type=click.Path(dir_okay=False),
+              help="live: save the frames (that pass the filters) to this pcap file instead "
+                   "of printing them")
+@click.option("--print", "also_print", is_flag=True, help="with -w: print the frames as well")
+@click.option("--action", "actions", multiple=True, callback=_check_actions,
+              help="only frames with a section of this action (INS, UPD_C, BUS, ...); repeatable")
+@click.option("--creatorid", "creatorids", multiple=True, callback=_check_creatorids,
+              help="only frames with a message from this creator id (hex); repeatable")
 def dump(capture: str | None, dialect: str, as_json: bool, verbose: int, ifname: str | None,
-         max_count: int | None, seconds: float | None) -> None:
+         max_count: int | None, seconds: float | None, write: str | None, also_print: bool,
+         actions: frozenset[str], creatorids: frozenset[int]) -> None:
     """Print every pfsync frame of CAPTURE (pcap/pcapng) or of a live interface."""
     if (capture is None) == (ifname is None):
         raise click.UsageError("give exactly one of CAPTURE or -i IF")
+    printer = _Printer(dialect, as_json, verbose, actions, creatorids, make_verdict())
     if ifname is not None:
-        if max_count is None and seconds is None:
-            raise click.UsageError("live capture needs --count and/or --seconds")
-        source: Iterator[PfsyncPacket] = _live(ifname, max_count, seconds)
-    else:
-        assert capture is not None
-        source = iter_pfsync(capture)
-    last_choice: str | None = None
-    for n, pkt in enumerate(source):
-        if max_count is not None and n >= max_count:
+        _run_live(ifname, printer, max_count, seconds, write, also_print)
+        return
+    if write is not None or seconds is not None:
+        raise click.UsageError("-w and --seconds go with -i IF")
+    assert capture is not None
+    for pkt in iter_pfsync(capture):
+        if printer.take(pkt) and max_count is not None and printer.shown >= max_count:
             break
-        dec = (
-            guess_dialect(pkt.payload, last_choice)
-            if dialect == "auto"
-            else _try(pkt.payload, dialect)
-        )
-        if dialect == "auto" and dec.dialect != last_choice:
-            click.echo(f"dump: dialect {dec.dialect}", err=True)
-            last_choice = dec.dialect
-        extra: list[str] = []
-        if pkt.ttl is not None and pkt.ttl != wire.PFSYNC_DFLTTL:
-            has = dec.frame is not None and any(e.startswith("badttl") for e in dec.frame.errors)
-            if not has:
-                extra.append(f"badttl: ttl {pkt.ttl}")
-        if as_json:
-            click.echo(json.dumps(frame_dict(pkt, dec, extra)))
-        else:
-            click.echo(frame_text(pkt, dec, verbose, extra))

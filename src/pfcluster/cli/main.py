@@ -25,6 +25,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "daemon": ("pfcluster.cli.daemon", "daemon"),
     "ctl": ("pfcluster.cli.ctl", "ctl"),
     "lab": ("pfcluster.cli.lab", "lab"),
+    "wireshark": ("pfcluster.cli.wireshark", "wireshark"),
 }
 
 
