@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import click
 
-from pfcluster.cli.errors import ReportingCommand, load_rules_file
+from pfcluster.cli.errors import CommandError, ReportingCommand, load_rules_file
 from pfcluster.packet import MalformedPacket, addr_str, parse
 from pfcluster.pf import pfctl
 from pfcluster.pf.constants import IPPROTO_TCP, flags_str, proto_name
@@ -83,13 +83,32 @@ def verdict_json(v: Verdict | None) -> dict[str, Any] | None:
 @click.option("--iface", "ifaces", multiple=True, required=True, metavar="NAME=CIDR",
               callback=_iface_option, help="an interface and the network behind it (repeat)")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per packet, then a summary")
+@click.option("--pflog", "pflog_path", metavar="FILE", default=None,
+              help="write the packets of `log` rules to FILE as a pflog pcap, with the "
+              "capture's times (tcpdump -n -e -r FILE)")
 @click.argument("capture", type=click.Path())
 def replay(rules_path: str, ifaces: list[tuple[str, Network]], as_json: bool,
-           capture: str) -> None:
+           pflog_path: str | None, capture: str) -> None:
     """Replay CAPTURE (pcap/pcapng) through the filter as a router."""
     from pfcluster.io.capture import iter_ip_packets
+    from pfcluster.io.pflog import PflogError, PflogWriter
 
     ruleset = load_rules_file(rules_path)
+    pflog = None
+    if pflog_path is not None:
+        try:
+            pflog = PflogWriter(pflog_path, rate=None, fresh=True)
+        except PflogError as exc:
+            raise CommandError(str(exc)) from exc
+    try:
+        _replay(ruleset, ifaces, as_json, capture, iter_ip_packets, pflog)
+    finally:
+        if pflog is not None:
+            pflog.close()
+
+
+def _replay(ruleset: Any, ifaces: list[tuple[str, Network]], as_json: bool, capture: str,
+            iter_ip_packets: Any, pflog: Any) -> None:
     cut: list[Exception] = []
     filt: Filter | None = None
     out = sys.stdout
@@ -115,6 +134,8 @@ def replay(rules_path: str, ifaces: list[tuple[str, Network]], as_json: bool,
         in_if = pick_iface(ifaces, pkt.src, pkt.dst)
         out_if = pick_iface(ifaces, pkt.dst, pkt.src)
         rv = route(filt, in_if, out_if, pkt, ts)
+        if pflog is not None:
+            pflog.route(rv, in_if, out_if, raw, len(raw), ts, ts)
         v_in, v_out = rv.v_in, rv.v_out
         assert v_in is not None
         logs = rv.log_lines()

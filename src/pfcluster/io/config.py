@@ -17,6 +17,10 @@
     copy_range = 256           # bytes of each packet copied from the kernel (headers)
     hostid = 0x1234            # pfsync creatorid; random when absent
     syslog = false
+    metrics = "127.0.0.1:9107" # Prometheus /metrics here (off when absent)
+    pflog = "/var/log/pfcluster/pflog"  # pcap of `log` rules' packets (off when absent)
+    pflog_size = 100           # MiB before FILE is renamed FILE.1 and a new one begun
+    pflog_rate = 1000          # packets per second written at most (the rest counted)
 """
 
 from __future__ import annotations
@@ -59,6 +63,10 @@ class DaemonConfig:
     hostid: int | None = None
     syslog: bool = False
     verbose: bool = False
+    metrics: str | None = None
+    pflog: str | None = None
+    pflog_size: int = 100
+    pflog_rate: int = 1000
     # set only in the processes a `--workers N` supervisor starts (never from a file)
     worker: int | None = None
 
@@ -96,6 +104,17 @@ class DaemonConfig:
                               f"{DEFAULT_COPY_RANGE}..{MAX_COPY_RANGE}")
         if not 1 <= self.maxupd <= 255:
             raise ConfigError(f"maxupd: {self.maxupd} is not 1..255")
+        if self.metrics is not None:
+            from pfcluster.io.metrics import MetricsError, parse_listen
+
+            try:
+                parse_listen(self.metrics)
+            except MetricsError as exc:
+                raise ConfigError(f"metrics: {exc}") from exc
+        if not 1 <= self.pflog_size <= 1 << 20:
+            raise ConfigError(f"pflog_size: {self.pflog_size} is not 1..{1 << 20} MiB")
+        if not 1 <= self.pflog_rate <= 1_000_000:
+            raise ConfigError(f"pflog_rate: {self.pflog_rate} is not 1..1000000")
         if self.hostid is not None and not 0 < self.hostid <= 0xFFFFFFFF:
             raise ConfigError(f"hostid: {self.hostid} is not a non-zero 32-bit value")
         return self
@@ -106,7 +125,8 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "maxupd": (int,), "defer": (bool,), "dialect": (str,), "protocol": (str,), "merge": (str,),
     "queue": (int,), "workers": (int,),
     "control": (str,), "fail_open": (bool,), "copy_range": (int,), "hostid": (int,),
-    "syslog": (bool,), "verbose": (bool,),
+    "syslog": (bool,), "verbose": (bool,), "metrics": (str,), "pflog": (str,),
+    "pflog_size": (int,), "pflog_rate": (int,),
 }
 
 
@@ -144,7 +164,9 @@ def load_config(path: str | None, overrides: dict[str, Any], *,
 def worker_config(cfg: DaemonConfig, index: int, hostid: int) -> DaemonConfig:
     """What worker `index` of a `--workers N` firewall runs: its own queue of the balanced
     range, its own control socket beside the firewall's, and its own pfsync creator id
-    (each worker is a pfsync node; see io/siblings.py)."""
+    (each worker is a pfsync node; see io/siblings.py). The supervisor serves the
+    metrics of all; each worker writes its own pflog file, FILE.w<index>."""
     return replace(cfg, worker=index, queue=cfg.queue + index,
-                   control=f"{cfg.control}.w{index}",
+                   control=f"{cfg.control}.w{index}", metrics=None,
+                   pflog=None if cfg.pflog is None else f"{cfg.pflog}.w{index}",
                    hostid=(hostid + index - 1) % 0xFFFFFFFF + 1).validate()

@@ -157,6 +157,8 @@ class Dataplane:
     fail_open: bool = False
     # Packets read per wakeup at most, so the control socket and timers get their turn.
     budget: int = 4096
+    # --pflog: the writer of logged packets (io/pflog.py), or None
+    pflog: Any = None
 
     def __post_init__(self) -> None:
         if self.dispatch is None:
@@ -279,6 +281,8 @@ class Dataplane:
         v = rv.v_out
         if v is not None and (v.log or v.reply):
             self._emit(v)
+        if self.pflog is not None:
+            self.pflog.route(rv, in_if, out_if, qp.payload, qp.wire_len, now)
         action = rv.action
         if action == ROUTE_BLOCK:
             c.blocked += 1
