@@ -137,7 +137,8 @@ def open_metrics(cfg: DaemonConfig, sel: selectors.BaseSelector,
     except OSError as exc:
         raise SetupError(f"metrics {cfg.metrics}: {exc.strerror or exc}") from exc
     sel.register(server, selectors.EVENT_READ, (kind, None))
-    log.info("metrics: http://%s/metrics", cfg.metrics)
+    host, port = server.address
+    log.info("metrics: http://%s/metrics", f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
     return server
 
 

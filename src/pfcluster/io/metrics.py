@@ -58,8 +58,8 @@ def parse_listen(text: str) -> tuple[str, int]:
     if not sep or not port_s.isdigit():
         raise MetricsError(f"{text!r}: expected ADDR:PORT, e.g. 127.0.0.1:9107")
     port = int(port_s)
-    if not 0 < port <= 65535:
-        raise MetricsError(f"{text!r}: port {port} is not 1..65535")
+    if port > 65535:
+        raise MetricsError(f"{text!r}: port {port} is not 0..65535 (0: any free port)")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     if host:

@@ -648,16 +648,19 @@ class Engine:
         self._note_peers(sections, now)
 
     def _note_peers(self, sections: list[tuple[str, list[Any]]], now: float) -> None:
-        """When each creator id last spoke: the first message of each section names one
-        (per section, not per message: a frame's states are mostly its sender's)."""
+        """When a frame last carried each peer's states: the first message of each
+        section names a creator id (per section, not per message: a frame's states are
+        mostly its sender's). Our own id (an INS_ACK or update request for our states)
+        and 0 (a bulk request) name no peer."""
         seen = self.peer_seen
         cid_at = self._fields.creatorid
+        own = self.filter.creatorid
         for _action, msgs in sections:
             if not msgs:
                 continue
             m = msgs[0]
             cid = m[cid_at] if isinstance(m, tuple) else getattr(m, "creatorid", 0)
-            if not cid:
+            if not cid or cid == own:
                 continue
             if cid not in seen and len(seen) >= MAX_PEERS:
                 del seen[min(seen, key=seen.__getitem__)]  # forget the longest silent
