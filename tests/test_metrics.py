@@ -6,6 +6,7 @@ from __future__ import annotations
 import selectors
 import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -202,7 +203,10 @@ def test_http_answers() -> None:
         with urllib.request.urlopen(srv.url + "/metrics", timeout=5) as resp:
             assert resp.status == 200
         assert srv.server.scrapes == 4
-        assert srv.server.clients == {}  # every connection closed after its answer
+        deadline = time.monotonic() + 5  # every connection closed after its answer
+        while srv.server.clients and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert srv.server.clients == {}
     finally:
         srv.close()
 
@@ -219,3 +223,18 @@ def test_port_in_use_is_one_line(tmp_path: Any) -> None:
         open_metrics(cfg, sel, dict)
     holder.close()
     assert str(exc.value) == f"metrics 127.0.0.1:{port}: Address already in use"
+
+
+def test_grafana_dashboard_names_only_metrics_we_export(node_b: Daemon) -> None:
+    import json
+    import re
+    from pathlib import Path
+
+    dash = json.loads((Path(__file__).resolve().parent.parent / "docs" /
+                       "grafana-pfcluster.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    used = {m for e in exprs for m in re.findall(r"\b(?:pf|pfsync|pfcluster)_[a-z_]+", e)}
+    data = node_b.counters(node_b.clock())
+    data["dataplane"] = {"passed": 1}
+    exported = {name for name, _labels in samples(exposition(lambda: data))}
+    assert used and used <= exported, used - exported
