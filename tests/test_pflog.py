@@ -58,6 +58,7 @@ def test_pfloghdr_layout() -> None:
     assert (length, af, action, reason) == (61, 24, 1, 10)  # PFLOG_REAL_HDRLEN, BSD AF_INET6
     assert h[4:20].rstrip(b"\0") == b"c0" and h[20:36] == bytes(16)  # ifname, main ruleset
     assert struct.unpack_from("!II", h, 36) == (7, 0xFFFFFFFF)  # rulenr, no subrule
+    assert struct.unpack_from("!IiIi", h, 44) == (0xFFFFFFFF, -1, 0xFFFFFFFF, -1)  # no uid/pid
     assert h[60] == 2  # dir PF_OUT
     long = pfloghdr(0, 0, "x" * 40, 1, 1, 2)
     assert long[4:20] == b"x" * 15 + b"\0"  # IFNAMSIZ with its NUL
@@ -189,9 +190,9 @@ def test_tshark_decodes_the_pflog_header(tmp_path: Path) -> None:
     out = replay_pflog(tmp_path)
     res = subprocess.run(["tshark", "-r", str(out), "-T", "fields", "-e", "pflog.rulenr",
                           "-e", "pflog.action", "-e", "pflog.dir", "-e", "pflog.ifname",
-                          "-e", "pflog.reason", "-e", "tcp.dstport"],
+                          "-e", "pflog.reason", "-e", "tcp.dstport", "-e", "pflog.pid"],
                          capture_output=True, text=True, timeout=60, check=True)
     rows = {tuple(line.split("\t")) for line in res.stdout.splitlines() if line}
-    assert ("0", "1", "1", "em0", "0", "22") in rows, rows  # block in on em0, port 22
-    assert ("1", "0", "1", "em0", "0", "5201") in rows, rows  # pass in on em0
-    assert ("1", "0", "2", "em0", "0", "40000") in rows, rows  # the reply, out on em0
+    assert ("0", "1", "1", "em0", "0", "22", "-1") in rows, rows  # block in on em0, port 22
+    assert ("1", "0", "1", "em0", "0", "5201", "-1") in rows, rows  # pass in on em0
+    assert ("1", "0", "2", "em0", "0", "40000", "-1") in rows, rows  # the reply, out on em0

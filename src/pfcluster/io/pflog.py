@@ -4,7 +4,7 @@ Each record is a `struct pfloghdr` and the packet, as pflogd writes them, so
 `tcpdump -n -e -r FILE` prints `rule 3/0(match): block in on c0: ...` and Wireshark's
 pflog dissector reads it. The header is the layout OpenBSD (before 5.x) and FreeBSD share
 up to `dir`: length 61 (`PFLOG_REAL_HDRLEN`, the readers' signature), padded to 64 (the
-readers skip BPF_WORDALIGN(length)); multi-byte fields in network byte order, address
+readers skip BPF_WORDALIGN(length)); rule numbers in network byte order, address
 families as BSD numbers them (AF_INET 2, AF_INET6 24), so readers on any system decode it.
 
 What is logged, as pf_test decides it: a packet that a `log` rule matched (the rule's
@@ -42,8 +42,11 @@ BSD_AF_INET = 2
 BSD_AF_INET6 = 24
 PF_PASS = 0
 PF_DROP = 1
-UID_NONE = 0xFFFFFFFF  # UID_MAX: no socket owner looked up
-NO_PID = 100000  # OpenBSD's NO_PID (PID_MAX + 1)
+# No socket owner looked up. pf writes uid and pid in its host's byte order (only rulenr
+# and subrulenr are in network order), so readers differ; all-ones reads the same in
+# either: tcpdump omits the [uid] then, Wireshark shows -1.
+UID_NONE = 0xFFFFFFFF
+NO_PID = -1
 SUBRULE_NONE = 0xFFFFFFFF  # the main ruleset: tcpdump prints `rule N/`
 PCAP_HEADER = struct.Struct("<IHHiIII")
 PCAP_RECORD = struct.Struct("<IIII")
@@ -209,12 +212,13 @@ class PflogWriter:
     def route(self, rv: Any, in_if: str | None, out_if: str | None,
               payload: bytes | memoryview, wire_len: int, now: float,
               ts: float | None = None) -> None:
-        """Both tests of a routed packet (`pf.router.route`'s result), each if pf logs it."""
+        """Both tests of a routed packet (`pf.router.route`'s result), each if pf logs it.
+        Runs for every packet: a verdict whose rule has no `log` costs two lookups."""
         v = rv.v_in
-        if v is not None and wanted(v):
+        if v is not None and v.rule is not None and v.rule.log and wanted(v):
             self.packet(v, PF_IN, in_if, payload, wire_len, now, ts)
         v = rv.v_out
-        if v is not None and wanted(v):
+        if v is not None and v.rule is not None and v.rule.log and wanted(v):
             self.packet(v, PF_OUT, out_if, payload, wire_len, now, ts)
 
     def flush(self) -> None:
