@@ -238,3 +238,39 @@ def test_grafana_dashboard_names_only_metrics_we_export(node_b: Daemon) -> None:
     data["dataplane"] = {"passed": 1}
     exported = {name for name, _labels in samples(exposition(lambda: data))}
     assert used and used <= exported, used - exported
+
+
+def test_peer_clock_bounded_and_total_on_any_bytes() -> None:
+    from hypothesis import given
+    from hypothesis import strategies as hs
+
+    from conftest import FUZZ_EXAMPLES, fuzz_settings
+    from pfcluster.pfsync import wire
+    from pfcluster.pfsync.engine import MAX_PEERS
+
+    c = Cluster(link=SyncLink(latency=0.001))
+    c.run_until(1.5)
+    c.transfer(TcpTransfer(total_bytes=20_000), "A", "B", rate_pps=5000, max_time=5)
+    a, b = c.node("A"), c.node("B")
+    b.engine.take_output()
+    frame = None
+    for st in list(a.filter.states)[:1]:
+        a.engine.state_updated(st, c.now)
+        a.engine.flush(c.now)
+        frame = a.engine.take_output()[0]  # from the pfsync header on
+    assert frame is not None
+    eng = b.engine
+    eng.peer_seen.clear()
+    eng.receive(frame, c.now)
+    assert list(eng.peer_seen) == [a.filter.creatorid]
+    for cid in range(1, MAX_PEERS + 50):  # many creator ids: the longest silent go
+        eng._note_peers([("DEL_C", [wire.DelC(1, cid)])], float(cid))
+    assert len(eng.peer_seen) == MAX_PEERS and min(eng.peer_seen) == 50
+
+    @fuzz_settings(max(100, FUZZ_EXAMPLES // 100))
+    @given(hs.binary(max_size=len(frame)), hs.integers(0, len(frame) - 1))
+    def receive(noise: bytes, at: int) -> None:
+        eng.receive(frame[:at] + noise + frame[at + len(noise):], c.now)  # never raises
+        assert len(eng.peer_seen) <= MAX_PEERS
+
+    receive()
