@@ -46,6 +46,20 @@ pass in proto udp to port 5201
 pass out proto udp to port 5201
 """
 
+# --watching: the same rules with `log` on the pass rule (each flow's first packet and the
+# blocked ones go to the pflog file), for the daemon with and without --metrics/--pflog
+RULES_LOG = RULES.replace("block all", "block log all").replace(
+    f"pass in proto tcp to port {PORTS}", f"pass in log proto tcp to port {PORTS}")
+METRICS_AT = "127.0.0.1:9107"
+# a Prometheus stand-in inside the firewall's namespace: one scrape a second
+SCRAPER = r"""
+import sys, time, urllib.request
+while True:
+    with urllib.request.urlopen("http://%s/metrics" % sys.argv[1], timeout=5) as r:
+        r.read()
+    time.sleep(1)
+"""
+
 ACCEPT_ALL = r"""
 import signal, sys
 from netfilterqueue import NetfilterQueue
@@ -166,9 +180,10 @@ def _iperf_flows(lab: Lab, c: str, s: str, fw: str, seconds: float) -> dict[str,
     return res
 
 
-def _start_daemon(lab: Lab, fw: str, argv: Sequence[str], name: str) -> tuple[Any, str]:
+def _start_daemon(lab: Lab, fw: str, argv: Sequence[str], name: str,
+                  rules: str = RULES) -> tuple[Any, str]:
     conf = lab.path("pf.conf")
-    conf.write_text(RULES)
+    conf.write_text(rules)
     ctl = str(lab.path(f"{name}.sock"))
     daemon = lab.spawn(name, fw, [*argv, "--rules", str(conf), "--syncdev", "sync0",
                                   "--control", ctl, "--queue", str(QUEUE)])
@@ -220,8 +235,45 @@ def _workers_run(lab: Lab, c: str, s: str, fw: str, seconds: float, argv: Sequen
     return res
 
 
+def _watching(lab: Lab, c: str, s: str, fw: str, seconds: float, argv: Sequence[str],
+              rounds: int) -> dict[str, Any]:
+    """The daemon without and with --metrics (scraped every second) and --pflog, back to
+    back, the order swapped each round; pps medians and their ratio."""
+    runs: dict[str, list[dict[str, Any]]] = {"plain": [], "watching": []}
+    for r in range(rounds):
+        order = ("plain", "watching") if r % 2 == 0 else ("watching", "plain")
+        for variant in order:
+            extra = [] if variant == "plain" else \
+                ["--metrics", METRICS_AT, "--pflog", str(lab.path(f"pflog.{r}"))]
+            daemon, ctl = _start_daemon(lab, fw, [*argv, *extra], f"{variant}{r}", RULES_LOG)
+            scraper = lab.spawn(f"scraper{r}", fw, [sys.executable, "-c", SCRAPER, METRICS_AT]) \
+                if variant == "watching" else None
+            try:
+                res = _measure(lab, c, s, fw, seconds)
+                from pfcluster.io.control import request
+
+                with contextlib.suppress(Exception):
+                    res["pflog"] = request(ctl, "info")["data"].get("pflog")
+                runs[variant].append(res)
+            finally:
+                if scraper is not None:
+                    lab.stop(scraper)
+                lab.stop(daemon, grace=10.0)
+    out: dict[str, Any] = {"rounds": rounds, "runs": runs}
+    for proto in ("tcp", "udp64"):
+        med = {}
+        for variant, results in runs.items():
+            pps = sorted(x.get(proto, {}).get("pps") or 0 for x in results)
+            med[variant] = pps[len(pps) // 2]
+        out[f"{proto}_pps_median"] = med
+        if med["plain"]:
+            out[f"{proto}_watching_vs_plain"] = round(med["watching"] / med["plain"], 3)
+    return out
+
+
 def run_bench(seconds: float = 3.0, daemon_argv: Sequence[str] | None = None,
-              kernel_baseline: bool = True, workers: bool = True) -> dict[str, Any]:
+              kernel_baseline: bool = True, workers: bool = True,
+              watching: int = 0) -> dict[str, Any]:
     """The three measurements in one lab; raises if the lab cannot be built."""
     if daemon_argv is None:
         daemon_argv = [sys.executable, "-m", "pfcluster.cli.main", "daemon"]
@@ -275,6 +327,10 @@ def run_bench(seconds: float = 3.0, daemon_argv: Sequence[str] | None = None,
                 figures["daemon"]["dataplane"] = info.get("dataplane")
         finally:
             figures["daemon_exit"] = lab.stop(daemon, grace=10.0)
+
+        # (a') the daemon without and with --metrics and --pflog, `watching` rounds
+        if watching:
+            figures["watching"] = _watching(lab, c, s, fw, seconds, daemon_argv, watching)
 
         # (c) FLOWS flows through 1 worker, then through 2
         if workers:

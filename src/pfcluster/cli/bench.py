@@ -53,9 +53,12 @@ _in_process("parse", "Packet parser: parses per second of typical packets (parse
 @click.option("--seconds", type=float, default=3.0, show_default=True, help="iperf3 run length")
 @click.option("--workers/--no-workers", default=True, show_default=True,
               help="also 4 flows through --workers 1 and --workers 2 (workers_scaling)")
-def bench_daemon(json_path: str | None, seconds: float, workers: bool) -> None:
+@click.option("--watching", type=click.IntRange(0, 20), default=0, show_default=True,
+              metavar="ROUNDS", help="also ROUNDS back-to-back runs without and with "
+              "--metrics (scraped every second) and --pflog, rules with `log`")
+def bench_daemon(json_path: str | None, seconds: float, workers: bool, watching: int) -> None:
     """One daemon in namespaces: pps through it vs. a queue that accepts everything (root)."""
     check_output_file(json_path)
     from pfcluster.bench.daemon import run
 
-    write_json(json_path, run(seconds, workers=workers))
+    write_json(json_path, run(seconds, workers=workers, watching=watching))

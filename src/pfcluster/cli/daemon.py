@@ -151,6 +151,17 @@ def preload(d: object, n: int) -> None:
               help="remove the rules of --queue for good (chain PFCLUSTER-<queue> and its "
               "jumps, IPv4 and IPv6), print what was removed and exit; refused while a "
               "process has the queue bound")
+@click.option("--metrics", metavar="ADDR:PORT", default=None,
+              help="serve Prometheus metrics at http://ADDR:PORT/metrics (e.g. "
+              "127.0.0.1:9107; default off); with --workers the supervisor serves the sum")
+@click.option("--pflog", metavar="FILE", default=None,
+              help="write the packets of `log` rules to FILE as a pflog pcap (tcpdump -n -e "
+              "-r FILE); SIGHUP reopens it; with --workers each worker writes FILE.wN")
+@click.option("--pflog-size", "pflog_size", type=click.IntRange(1, 1 << 20), default=None,
+              help="MiB before FILE is renamed FILE.1 and a new one begun (default 100)")
+@click.option("--pflog-rate", "pflog_rate", type=click.IntRange(1, 1_000_000), default=None,
+              help="pflog packets per second at most, the rest counted as dropped "
+              "(default 1000)")
 @click.option("--hostid", type=str, default=None, help="pfsync creatorid (hex or decimal)")
 @click.option("--syslog/--stderr", "syslog", default=None, help="where log lines go")
 @click.option("-v", "--verbose", is_flag=True, default=None)

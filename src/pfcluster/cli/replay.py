@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import click
 
-from pfcluster.cli.errors import ReportingCommand, load_rules_file
+from pfcluster.cli.errors import CommandError, ReportingCommand, load_rules_file
 from pfcluster.packet import MalformedPacket, addr_str, parse
 from pfcluster.pf import pfctl
 from pfcluster.pf.constants import IPPROTO_TCP, flags_str, proto_name
@@ -114,13 +114,32 @@ def iface_addresses(ifaces: list[tuple[str, Network]],
 @click.option("--iface", "ifaces", multiple=True, required=True, metavar="NAME=CIDR",
               callback=_iface_option, help="an interface and the network behind it (repeat)")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per packet, then a summary")
+@click.option("--pflog", "pflog_path", metavar="FILE", default=None,
+              help="write the packets of `log` rules to FILE as a pflog pcap, with the "
+              "capture's times (tcpdump -n -e -r FILE)")
 @click.argument("capture", type=click.Path())
 def replay(rules_path: str, ifaces: list[tuple[str, Network]], as_json: bool,
-           capture: str) -> None:
+           pflog_path: str | None, capture: str) -> None:
     """Replay CAPTURE (pcap/pcapng) through the filter as a router."""
     from pfcluster.io.capture import iter_ip_packets
+    from pfcluster.io.pflog import PflogError, PflogWriter
 
     ruleset = load_rules_file(rules_path)
+    pflog = None
+    if pflog_path is not None:
+        try:
+            pflog = PflogWriter(pflog_path, rate=None, fresh=True)
+        except PflogError as exc:
+            raise CommandError(str(exc)) from exc
+    try:
+        _replay(ruleset, ifaces, as_json, capture, iter_ip_packets, pflog)
+    finally:
+        if pflog is not None:
+            pflog.close()
+
+
+def _replay(ruleset: Any, ifaces: list[tuple[str, Network]], as_json: bool, capture: str,
+            iter_ip_packets: Any, pflog: Any) -> None:
     cut: list[Exception] = []
     filt: Filter | None = None
     out = sys.stdout
@@ -153,6 +172,8 @@ def replay(rules_path: str, ifaces: list[tuple[str, Network]], as_json: bool,
         # the route is chosen after the `in` test, which may have rewritten the
         # destination (rdr-to, or a reply to nat-to), as the daemon's PREROUTING does
         rv = route(filt, in_if, None, pkt, ts)
+        if pflog is not None:
+            pflog.route(rv, in_if, None, raw, len(raw), ts, ts)
         v_in = rv.v_in
         assert v_in is not None
         after_in: dict[str, Any] | None = packet_ends(pkt)
@@ -162,6 +183,8 @@ def replay(rules_path: str, ifaces: list[tuple[str, Network]], as_json: bool,
         translated = rv.payload is not None
         if rv.action != ROUTE_BLOCK:
             rv = route(filt, None, out_if, pkt, ts)
+            if pflog is not None:
+                pflog.route(rv, None, out_if, bytes(pkt.raw), len(pkt.raw), ts, ts)
             v_out = rv.v_out
             after_out = packet_ends(pkt)
             logs += rv.log_lines()

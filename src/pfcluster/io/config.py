@@ -18,6 +18,10 @@
     hostid = 0x1234            # pfsync creatorid; random when absent
     nat_slice = "1/2"          # this firewall owns slice K of N of every NAT port range
     syslog = false
+    metrics = "127.0.0.1:9107" # Prometheus /metrics here (off when absent)
+    pflog = "/var/log/pfcluster/pflog"  # pcap of `log` rules' packets (off when absent)
+    pflog_size = 100           # MiB before FILE is renamed FILE.1 and a new one begun
+    pflog_rate = 1000          # packets per second written at most (the rest counted)
 """
 
 from __future__ import annotations
@@ -62,6 +66,10 @@ class DaemonConfig:
     nat_slice: str = "1/1"
     syslog: bool = False
     verbose: bool = False
+    metrics: str | None = None
+    pflog: str | None = None
+    pflog_size: int = 100
+    pflog_rate: int = 1000
     # set only in the processes a `--workers N` supervisor starts (never from a file)
     worker: int | None = None
 
@@ -103,6 +111,17 @@ class DaemonConfig:
             NatSlice.parse(self.nat_slice)
         except ValueError as exc:
             raise ConfigError(f"nat_slice: {exc}") from exc
+        if self.metrics is not None:
+            from pfcluster.io.metrics import MetricsError, parse_listen
+
+            try:
+                parse_listen(self.metrics)
+            except MetricsError as exc:
+                raise ConfigError(f"metrics: {exc}") from exc
+        if not 1 <= self.pflog_size <= 1 << 20:
+            raise ConfigError(f"pflog_size: {self.pflog_size} is not 1..{1 << 20} MiB")
+        if not 1 <= self.pflog_rate <= 1_000_000:
+            raise ConfigError(f"pflog_rate: {self.pflog_rate} is not 1..1000000")
         if self.hostid is not None and not 0 < self.hostid <= 0xFFFFFFFF:
             raise ConfigError(f"hostid: {self.hostid} is not a non-zero 32-bit value")
         return self
@@ -114,7 +133,8 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "queue": (int,), "workers": (int,),
     "control": (str,), "fail_open": (bool,), "copy_range": (int,), "hostid": (int,),
     "nat_slice": (str,),
-    "syslog": (bool,), "verbose": (bool,),
+    "syslog": (bool,), "verbose": (bool,), "metrics": (str,), "pflog": (str,),
+    "pflog_size": (int,), "pflog_rate": (int,),
 }
 
 
@@ -152,7 +172,9 @@ def load_config(path: str | None, overrides: dict[str, Any], *,
 def worker_config(cfg: DaemonConfig, index: int, hostid: int) -> DaemonConfig:
     """What worker `index` of a `--workers N` firewall runs: its own queue of the balanced
     range, its own control socket beside the firewall's, and its own pfsync creator id
-    (each worker is a pfsync node; see io/siblings.py)."""
+    (each worker is a pfsync node; see io/siblings.py). The supervisor serves the
+    metrics of all; each worker writes its own pflog file, FILE.w<index>."""
     return replace(cfg, worker=index, queue=cfg.queue + index,
-                   control=f"{cfg.control}.w{index}",
+                   control=f"{cfg.control}.w{index}", metrics=None,
+                   pflog=None if cfg.pflog is None else f"{cfg.pflog}.w{index}",
                    hostid=(hostid + index - 1) % 0xFFFFFFFF + 1).validate()

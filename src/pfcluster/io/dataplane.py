@@ -167,6 +167,8 @@ class Dataplane:
     budget: int = 4096
     # the `in` test at PREROUTING, the `out` test at FORWARD/LOCAL_OUT (translation)
     split_hooks: bool = False
+    # --pflog: the writer of logged packets (io/pflog.py), or None
+    pflog: Any = None
 
     def __post_init__(self) -> None:
         if self.dispatch is None:
@@ -296,6 +298,8 @@ class Dataplane:
         v = rv.v_out
         if v is not None and (v.log or v.reply):
             self._emit(v)
+        if self.pflog is not None:
+            self.pflog.route(rv, in_if, out_if, qp.payload, qp.wire_len, now)
         action = rv.action
         if action == ROUTE_BLOCK:
             c.blocked += 1

@@ -36,6 +36,7 @@ from typing import Any
 
 from pfcluster.io.config import MAX_WORKERS, DaemonConfig
 from pfcluster.io.control import ControlError, ControlServer
+from pfcluster.io.holdtimes import HoldTimes
 from pfcluster.io.iptables import IptablesError, IptablesRules, queue_owner
 from pfcluster.io.nfq import MAX_COPY_RANGE
 from pfcluster.io.siblings import SiblingBus
@@ -52,7 +53,7 @@ log = logging.getLogger("pfcluster.daemon")
 MAX_TIMEOUT = 1.0
 
 # selector keys' data: what kind of fd it is
-K_QUEUE, K_SYNC, K_LISTEN, K_CLIENT, K_SIGNAL, K_BUS = range(6)
+K_QUEUE, K_SYNC, K_LISTEN, K_CLIENT, K_SIGNAL, K_BUS, K_METRICS, K_MCLIENT = range(8)
 
 
 class SetupError(RuntimeError):
@@ -153,6 +154,35 @@ def open_control(path: str, handler: Callable[[dict[str, Any]], dict[str, Any]]
         raise SetupError(f"control socket {path}: {exc.strerror or exc}") from exc
 
 
+def open_metrics(cfg: DaemonConfig, sel: selectors.BaseSelector,
+                 source: Callable[[], dict[str, Any]], kind: int = K_METRICS) -> Any:
+    """--metrics: the HTTP endpoint in `sel` (key data `(kind, None)`), or None."""
+    if not cfg.metrics:
+        return None
+    from pfcluster.io.metrics import MetricsServer
+
+    try:
+        server = MetricsServer(cfg.metrics, source)
+    except OSError as exc:
+        raise SetupError(f"metrics {cfg.metrics}: {exc.strerror or exc}") from exc
+    sel.register(server, selectors.EVENT_READ, (kind, None))
+    host, port = server.address
+    log.info("metrics: http://%s/metrics", f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    return server
+
+
+def open_pflog(cfg: DaemonConfig) -> Any:
+    """--pflog: the writer of logged packets, or None."""
+    if not cfg.pflog:
+        return None
+    from pfcluster.io.pflog import PflogWriter
+
+    try:
+        return PflogWriter(cfg.pflog, max_bytes=cfg.pflog_size << 20, rate=cfg.pflog_rate)
+    except OSError as exc:
+        raise SetupError(f"pflog {exc}") from exc
+
+
 class Daemon:
     """One firewall node. `core` and `loader` replace the real core in tests."""
 
@@ -186,6 +216,9 @@ class Daemon:
         self.iptables: IptablesRules | None = None
         self.replies: Any = None
         self.engine_errors = 0
+        self.metrics: Any = None  # --metrics: io/metrics.MetricsServer
+        self.pflog: Any = None  # --pflog: io/pflog.PflogWriter
+        self.hold_times = HoldTimes()  # deferred packets' hold times
 
     # --- setup / teardown -----------------------------------------------------
 
@@ -210,6 +243,8 @@ class Daemon:
             self.sel.register(self.bus, selectors.EVENT_READ, (K_BUS, self.bus))
         self.control = open_control(cfg.control, self.handle_request)
         self.sel.register(self.control, selectors.EVENT_READ, (K_LISTEN, None))
+        self.metrics = open_metrics(cfg, self.sel, lambda: self.counters(self.clock()))
+        self.pflog = open_pflog(cfg)
         try:
             self.replies = ReplySender()
         except OSError as exc:  # raw sockets: root (CAP_NET_RAW) needed
@@ -226,7 +261,8 @@ class Daemon:
                                        dispatch=self._dispatch,
                                        copy_range=MAX_COPY_RANGE if self.translating
                                        else cfg.copy_range,
-                                       fail_open=cfg.fail_open, split_hooks=self.translating)
+                                       fail_open=cfg.fail_open, split_hooks=self.translating,
+                                       pflog=self.pflog)
         except OSError as exc:
             owner = queue_owner(cfg.queue)
             if owner is not None:
@@ -306,6 +342,12 @@ class Daemon:
         if self.control is not None:
             with contextlib.suppress(Exception):
                 self.control.close()
+        if self.metrics is not None:
+            with contextlib.suppress(Exception):
+                self.metrics.close(self.sel)
+        if self.pflog is not None:
+            self.pflog.flush()
+            self.pflog.close()
         self.sync.close()
         if self.bus is not None:
             self.bus.close()
@@ -320,6 +362,8 @@ class Daemon:
             if isinstance(ev, Released):
                 if self.dataplane is not None:
                     self.dataplane.apply_release(ev.handle, ev.accept)
+                if ev.since:
+                    self.hold_times.observe(self.clock() - ev.since)
             elif isinstance(ev, SyncOk):
                 if ev.ok:
                     log.info("pfsync: sync_ok (bulk update done or not needed)")
@@ -370,6 +414,10 @@ class Daemon:
                     self._bus_readable()
                 elif kind == K_SIGNAL:
                     self.signals.drain()
+                elif kind == K_METRICS:
+                    self.metrics.accept_into(sel, K_MCLIENT)
+                elif kind == K_MCLIENT:
+                    self.metrics.service(sel, obj, mask, K_MCLIENT)
             now = self.clock()
             d = self.engine.next_deadline()
             if d is not None and d <= now:
@@ -378,6 +426,8 @@ class Daemon:
             if d is not None and d <= now:
                 self.filter.expire(now)
             self._flush()
+            if self.pflog is not None and self.pflog.dirty:
+                self.pflog.flush()
             self._handle_signals()
 
     def _flush(self) -> None:
@@ -434,12 +484,18 @@ class Daemon:
                 log.exception("pfsync frame from %s dropped after an internal error", src)
 
     def _handle_signals(self) -> None:
-        sig = self.signals.take(self.reload)
+        sig = self.signals.take(self.hangup)
         if sig is not None:
             log.info("%s: shutting down", signal.Signals(sig).name)
             self.stop_signal = sig
 
     # --- control -------------------------------------------------------------------
+
+    def hangup(self) -> dict[str, Any]:
+        """SIGHUP: a new pflog file (after logrotate moved the old one), then reload."""
+        if self.pflog is not None:
+            self.pflog.reopen()
+        return self.reload()
 
     def reload(self) -> dict[str, Any]:
         """Parse the file again; swap atomically only if it is valid."""
@@ -476,6 +532,19 @@ class Daemon:
         pfsync["engine_errors"] = self.engine_errors
         if self.bus is not None:
             pfsync.update(self.bus.counters.as_dict())
+        seen = getattr(self.engine, "peer_seen", {})
+        extra: dict[str, Any] = {
+            "deferred_packets": self.dataplane.pending if self.dataplane else 0,
+            "defer_seconds": self.hold_times.as_dict(),
+            "peers": {
+                "last_frame_seconds": {f"{cid:08x}": round(now - t, 3)
+                                       for cid, t in seen.items()},
+                "states": {f"{cid:08x}": n
+                           for cid, n in self.filter.states.count_by_creator().items()},
+            },
+        }
+        if self.pflog is not None:
+            extra["pflog"] = self.pflog.counters()
         return {
             "pf": pfctl.counters_dict(self.filter, now),
             "pfsync": pfsync,
@@ -484,6 +553,7 @@ class Daemon:
             "states": len(self.filter.states),
             "uptime": round(now - self.started, 3),
             "pid": os.getpid(),
+            **extra,
         }
 
     def handle_request(self, req: dict[str, Any]) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from pfcluster.io.loop import (
     leave_rules,
     load_ruleset,
     open_control,
+    open_metrics,
     skip_ifaces,
     translates,
 )
@@ -50,7 +51,7 @@ from pfcluster.procfs import cpu_seconds
 
 log = logging.getLogger("pfcluster.workers")
 
-K_LISTEN, K_CLIENT, K_SIGNAL = range(3)
+K_LISTEN, K_CLIENT, K_SIGNAL, K_METRICS, K_MCLIENT = range(5)
 START_TIMEOUT = 30.0
 POLL = 0.25
 MAX_RESTARTS = 5  # per worker within RESTART_WINDOW, then the firewall stops (closed)
@@ -58,7 +59,7 @@ RESTART_WINDOW = 60.0
 STOP_GRACE = 10.0
 # Figures a table-wide view takes from worker 0 instead of summing: every worker holds
 # the same table, and a sum would count each state N times.
-TABLE_KEYS = frozenset({"current", "limit", "running_seconds"})
+TABLE_KEYS = frozenset({"current", "limit", "running_seconds", "peers"})
 
 
 def worker_argv(cfg: DaemonConfig, index: int, hostid: int) -> list[str]:
@@ -74,6 +75,9 @@ def worker_argv(cfg: DaemonConfig, index: int, hostid: int) -> list[str]:
         argv += ["--syncpeer", cfg.syncpeer]
     if cfg.syncgroup6:
         argv += ["--syncgroup6", cfg.syncgroup6]
+    if cfg.pflog:  # each worker writes FILE.w<index> (see config.worker_config)
+        argv += ["--pflog", cfg.pflog, "--pflog-size", str(cfg.pflog_size),
+                 "--pflog-rate", str(cfg.pflog_rate)]
     if cfg.verbose:
         argv.append("-v")
     return argv
@@ -132,6 +136,7 @@ class Supervisor:
         self.sel = selectors.DefaultSelector()
         self.signals = SignalWakeup()
         self.control: Any = None
+        self.metrics: Any = None  # --metrics: one endpoint, the workers' figures summed
         self.iptables: IptablesRules | None = None
         self.stop_signal: int | None = None
         self.status = 0
@@ -213,6 +218,7 @@ class Supervisor:
         self.signals.install(self.sel, (K_SIGNAL, None))
         self.control = open_control(cfg.control, self.handle_request)
         self.sel.register(self.control, selectors.EVENT_READ, (K_LISTEN, None))
+        self.metrics = open_metrics(cfg, self.sel, self._figures, K_METRICS)
         for w in self.workers:
             self._spawn(w)
         deadline = time.monotonic() + START_TIMEOUT
@@ -245,6 +251,10 @@ class Supervisor:
                     self.control.service(self.sel, obj, mask, K_CLIENT)
                 elif kind == K_SIGNAL:
                     self.signals.drain()
+                elif kind == K_METRICS:
+                    self.metrics.accept_into(self.sel, K_MCLIENT)
+                elif kind == K_MCLIENT:
+                    self.metrics.service(self.sel, obj, mask, K_MCLIENT)
             self._handle_signals()
             if self.stop_signal is None:
                 self._check_workers(time.monotonic())
@@ -262,6 +272,9 @@ class Supervisor:
         if self.control is not None:
             with contextlib.suppress(Exception):
                 self.control.close()
+        if self.metrics is not None:
+            with contextlib.suppress(Exception):
+                self.metrics.close(self.sel)
         self.signals.restore()
         self.sel.close()
 
@@ -308,6 +321,9 @@ class Supervisor:
             "dataplane": sum_figures([d["dataplane"] for d in datas]),
             "sync_ok": all(d["sync_ok"] for d in datas),
             "states": datas[0]["states"],
+            **{key: sum_figures([d[key] for d in datas])
+               for key in ("deferred_packets", "defer_seconds", "peers", "pflog")
+               if all(key in d for d in datas)},
             "uptime": round(now - self.started, 3),
             "pid": os.getpid(),
             "workers": [self._worker_line(w, d) for w, d in zip(self.workers, datas)],
@@ -321,6 +337,14 @@ class Supervisor:
                         f"cpu {wl['cpu_seconds']:>9.2f} s  sync_ok "
                         f"{str(wl['sync_ok']).lower()}")
         return {"ok": True, "text": text, "data": data}
+
+    def _figures(self) -> dict[str, Any]:
+        """What a scrape reads: `info`'s data (the workers asked in turn, as `ctl info`)."""
+        answer = self.info()
+        if not answer["ok"]:
+            raise RuntimeError(answer["error"])
+        data: dict[str, Any] = answer["data"]
+        return data
 
     def _worker_line(self, w: Worker, d: dict[str, Any]) -> dict[str, Any]:
         return {"index": w.index, "pid": d.get("pid"), "queue": w.cfg.queue,

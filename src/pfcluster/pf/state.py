@@ -384,6 +384,10 @@ class StateTable:
     def by_creator(self, creatorid: int) -> list[State]:
         return list(self._by_id.get(creatorid, {}).values())
 
+    def count_by_creator(self) -> dict[int, int]:
+        """States per creator id (one len() per creator, for metrics)."""
+        return {cid: len(ids) for cid, ids in self._by_id.items() if ids}
+
     def next_purge_slice(self, count: int) -> list[State]:
         """The next `count` states of the purge walk; a new snapshot starts each lap."""
         if self._scan_pos >= len(self._scan):

@@ -50,7 +50,7 @@ class Deferrals:
             return
         if not accept:
             self.counters["defer_dropped"] += 1
-        self.events.append(Released(held[0], accept))
+        self.events.append(Released(held[0], accept, held[1] - self.timeout))
 
     def next_deadline(self) -> float | None:
         for _handle, deadline in self._held.values():

@@ -67,6 +67,9 @@ log = logging.getLogger("pfcluster.pfsync")
 
 DEFAULT_TTL = 255
 # Drop reasons, named as pfsyncstats names them.
+# creator ids whose last frame time is kept (a hostile peer could name many)
+MAX_PEERS = 256
+
 STAT_NAMES = (
     "ipackets", "opackets", "obytes", "ibytes", "badif", "badttl", "hdrops", "badver",
     "badlen", "badact", "badval", "badauth", "badstate", "badproto", "stale", "stale_echo",
@@ -191,6 +194,8 @@ class Engine:
         self.bulk_send = BulkSend(cfg.bulk_tick, cfg.bulk_frames_per_tick)
         self.bulk_request = BulkRequest(cfg.bulk_retry, cfg.bulk_max_tries)
         self.sync_ok = True
+        # creator id -> when a frame last carried its messages (metrics; MAX_PEERS ids)
+        self.peer_seen: dict[int, float] = {}
         self._bind_rules = False
         self._acks_inserts = True
         sd = policy.state_dialect
@@ -640,6 +645,26 @@ class Engine:
             handler = handlers.get(action)
             if handler is not None:
                 handler(msgs, now)
+        self._note_peers(sections, now)
+
+    def _note_peers(self, sections: list[tuple[str, list[Any]]], now: float) -> None:
+        """When a frame last carried each peer's states: the first message of each
+        section names a creator id (per section, not per message: a frame's states are
+        mostly its sender's). Our own id (an INS_ACK or update request for our states)
+        and 0 (a bulk request) name no peer."""
+        seen = self.peer_seen
+        cid_at = self._fields.creatorid
+        own = self.filter.creatorid
+        for _action, msgs in sections:
+            if not msgs:
+                continue
+            m = msgs[0]
+            cid = m[cid_at] if isinstance(m, tuple) else getattr(m, "creatorid", 0)
+            if not cid or cid == own:
+                continue
+            if cid not in seen and len(seen) >= MAX_PEERS:
+                del seen[min(seen, key=seen.__getitem__)]  # forget the longest silent
+            seen[cid] = now
 
     def _in_clr(self, msgs: list[Any], now: float) -> None:
         filt = self.filter

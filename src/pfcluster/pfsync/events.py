@@ -5,13 +5,15 @@ from __future__ import annotations
 
 
 class Released:
-    """A held (deferred) packet's verdict: give it now, before any later packet's."""
+    """A held (deferred) packet's verdict: give it now, before any later packet's.
+    `since` is when it was held (the caller's clock), for the hold-time histogram."""
 
-    __slots__ = ("accept", "handle")
+    __slots__ = ("accept", "handle", "since")
 
-    def __init__(self, handle: object, accept: bool) -> None:
+    def __init__(self, handle: object, accept: bool, since: float = 0.0) -> None:
         self.handle = handle
         self.accept = accept
+        self.since = since
 
     def __repr__(self) -> str:
         return f"Released({self.handle!r}, {self.accept})"
