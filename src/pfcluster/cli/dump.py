@@ -22,7 +22,7 @@ from typing import Any
 
 import click
 
-from pfcluster.cli.errors import ReportingCommand
+from pfcluster.cli.errors import CommandError, ReportingCommand
 from pfcluster.io.capture import (
     LINKTYPE_ETHERNET,
     CaptureError,
@@ -32,7 +32,7 @@ from pfcluster.io.capture import (
 )
 from pfcluster.packet import addr_str
 from pfcluster.pf import pfctl
-from pfcluster.pfsync import legacy, wire
+from pfcluster.pfsync import auth, legacy, wire
 
 DIALECT_CHOICES = (*wire.DIALECTS, "v4", "auto")
 _V5_CANDIDATES = ("openbsd45", "freebsd1301", "freebsd1400")
@@ -254,6 +254,49 @@ def frame_text(pkt: PfsyncPacket, dec: Decoded, verbose: int, extra_errors: list
     return "\n".join([head, *lines])
 
 
+# --------------------------------------------------------------------------- --sync-key
+
+
+class AuthView:
+    """The authenticator of each frame (pfsync/auth.py) and, with ``--key``, its verdict;
+    one Verifier per placement, so replays within the capture show as ``replay``."""
+
+    def __init__(self, keys: auth.KeyRing | None) -> None:
+        self.verifiers = ({d: auth.Verifier(keys, d) for d in ("openbsd45", "openbsd6")}
+                          if keys is not None else {})
+
+    @staticmethod
+    def strip(payload: bytes, dialect: str) -> bytes:
+        """The frame without a trailer authenticator (dialects other than 4.5)."""
+        if dialect in auth.EMBEDDED or dialect == "v4" or payload[:1] not in (b"\5", b"\6") \
+                or auth.locate(payload, "openbsd6") is None:
+            return payload
+        return payload[: -auth.AUTH_LEN]
+
+    def show(self, payload: bytes, dialect: str) -> dict[str, Any] | None:
+        """The fields and verdict, or None for a frame with no authenticator and no key."""
+        where = "openbsd45" if dialect in auth.EMBEDDED else "openbsd6"
+        fields = None if dialect == "v4" else auth.read(payload, where)
+        if fields is not None and where == "openbsd45" and fields.key_id == 0:
+            fields = None  # an unkeyed 4.5 sender's EOF body
+        if fields is None and not self.verifiers:
+            return None
+        out: dict[str, Any] = {"verdict": None}
+        if fields is not None:
+            out.update(key_id=fields.key_id, sender=f"{fields.sender:08x}",
+                       counter=fields.counter, tag=fields.tag.hex())
+        if self.verifiers:
+            out["verdict"] = self.verifiers[where].check(payload)[0] if dialect != "v4" \
+                else auth.NONE
+        return out
+
+
+def auth_line(view: dict[str, Any]) -> str:
+    head = (f"    auth: key {view['key_id']} sender {view['sender']} counter "
+            f"{view['counter']} tag {view['tag']}" if "key_id" in view else "    auth: none")
+    return head + (f" [{view['verdict']}]" if view["verdict"] else "")
+
+
 # --------------------------------------------------------------------------- sources
 
 
@@ -315,9 +358,21 @@ def _check_ifname(ctx: click.Context, param: click.Parameter, value: str | None)
 @click.option("--count", "max_count", type=click.IntRange(min=1), help="stop after N pfsync frames")
 @click.option("--seconds", type=click.FloatRange(min=0, min_open=True),
               help="stop live capture after S seconds")
+@click.option("--key", "key_path", type=click.Path(dir_okay=False),
+              help="a daemon's --sync-key file: verify each frame's authenticator "
+              "(ok, mac, keyid, none, replay)")
 def dump(capture: str | None, dialect: str, as_json: bool, verbose: int, ifname: str | None,
-         max_count: int | None, seconds: float | None) -> None:
+         max_count: int | None, seconds: float | None, key_path: str | None = None) -> None:
     """Print every pfsync frame of CAPTURE (pcap/pcapng) or of a live interface."""
+    keys = None
+    if key_path is not None:
+        from pfcluster.io.keyfile import load_key_file
+
+        try:
+            keys = load_key_file(key_path)
+        except auth.KeyError_ as exc:
+            raise CommandError(str(exc)) from None
+    auth_view = AuthView(keys)
     if (capture is None) == (ifname is None):
         raise click.UsageError("give exactly one of CAPTURE or -i IF")
     if ifname is not None:
@@ -331,11 +386,13 @@ def dump(capture: str | None, dialect: str, as_json: bool, verbose: int, ifname:
     for n, pkt in enumerate(source):
         if max_count is not None and n >= max_count:
             break
+        frame = auth_view.strip(pkt.payload, dialect)
         dec = (
-            guess_dialect(pkt.payload, last_choice)
+            guess_dialect(frame, last_choice)
             if dialect == "auto"
-            else _try(pkt.payload, dialect)
+            else _try(frame, dialect)
         )
+        shown = auth_view.show(pkt.payload, dec.dialect)
         if dialect == "auto" and dec.dialect != last_choice:
             click.echo(f"dump: dialect {dec.dialect}", err=True)
             last_choice = dec.dialect
@@ -345,6 +402,10 @@ def dump(capture: str | None, dialect: str, as_json: bool, verbose: int, ifname:
             if not has:
                 extra.append(f"badttl: ttl {pkt.ttl}")
         if as_json:
-            click.echo(json.dumps(frame_dict(pkt, dec, extra)))
+            obj = frame_dict(pkt, dec, extra)
+            if shown is not None:
+                obj["auth"] = shown
+            click.echo(json.dumps(obj))
         else:
-            click.echo(frame_text(pkt, dec, verbose, extra))
+            text = frame_text(pkt, dec, verbose, extra)
+            click.echo(text if shown is None else f"{text}\n{auth_line(shown)}")

@@ -16,6 +16,7 @@
                                # removed on exit
     copy_range = 256           # bytes of each packet copied from the kernel (headers)
     hostid = 0x1234            # pfsync creatorid; random when absent
+    sync_key = "/etc/pfcluster/sync.key"  # authenticated sync (mode 0600; README)
     syslog = false
 """
 
@@ -57,6 +58,7 @@ class DaemonConfig:
     fail_open: bool = False
     copy_range: int = DEFAULT_COPY_RANGE
     hostid: int | None = None
+    sync_key: str | None = None
     syslog: bool = False
     verbose: bool = False
     # set only in the processes a `--workers N` supervisor starts (never from a file)
@@ -96,6 +98,9 @@ class DaemonConfig:
                               f"{DEFAULT_COPY_RANGE}..{MAX_COPY_RANGE}")
         if not 1 <= self.maxupd <= 255:
             raise ConfigError(f"maxupd: {self.maxupd} is not 1..255")
+        if self.sync_key is not None and self.protocol == "v4":
+            raise ConfigError("sync_key: pfsync v4 frames have no place for an "
+                              "authenticator; use --protocol v5")
         if self.hostid is not None and not 0 < self.hostid <= 0xFFFFFFFF:
             raise ConfigError(f"hostid: {self.hostid} is not a non-zero 32-bit value")
         return self
@@ -106,7 +111,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "maxupd": (int,), "defer": (bool,), "dialect": (str,), "protocol": (str,), "merge": (str,),
     "queue": (int,), "workers": (int,),
     "control": (str,), "fail_open": (bool,), "copy_range": (int,), "hostid": (int,),
-    "syslog": (bool,), "verbose": (bool,),
+    "sync_key": (str,), "syslog": (bool,), "verbose": (bool,),
 }
 
 
@@ -132,8 +137,9 @@ def load_config(path: str | None, overrides: dict[str, Any], *,
             if not isinstance(value, want):
                 raise ConfigError(f"{path}: {key} must be {want[0].__name__}")
             values[key] = value
-        if "rules" in values and not Path(values["rules"]).is_absolute():
-            values["rules"] = str(Path(path).parent / values["rules"])
+        for key in ("rules", "sync_key"):  # relative to the config file
+            if key in values and not Path(values[key]).is_absolute():
+                values[key] = str(Path(path).parent / values[key])
     for key, value in overrides.items():
         if value is not None:
             values[key] = value

@@ -37,17 +37,21 @@ from typing import Any
 from pfcluster.io.config import MAX_WORKERS, DaemonConfig
 from pfcluster.io.control import ControlError, ControlServer
 from pfcluster.io.iptables import IptablesError, IptablesRules, queue_owner
+from pfcluster.io.keyfile import load_key_file
 from pfcluster.io.siblings import SiblingBus
 from pfcluster.io.signals import SignalWakeup
 from pfcluster.io.syncsock import SyncSet, SyncSocket
 from pfcluster.pf import pfctl
 from pfcluster.pfsync.api import SyncEngine
+from pfcluster.pfsync.auth import Sealer, Verifier, overhead
 from pfcluster.pfsync.events import Event, Released, SyncOk
 from pfcluster.tuning import tune_gc
 
 log = logging.getLogger("pfcluster.daemon")
 
 MAX_TIMEOUT = 1.0
+SYNC_MTU = 1500
+AUTH_LOG_LINES = 10  # frames dropped for authentication logged per daemon, then counted
 
 # selector keys' data: what kind of fd it is
 K_QUEUE, K_SYNC, K_LISTEN, K_CLIENT, K_SIGNAL, K_BUS = range(6)
@@ -76,7 +80,10 @@ def make_core(cfg: DaemonConfig, ruleset: Any, now: float) -> tuple[Any, SyncEng
     if cfg.worker is not None:
         seed = seed * MAX_WORKERS + cfg.worker
     filt = Filter(ruleset, hostid=cfg.hostid, now=now, id_seed=seed)
+    # a key's trailer (dialects whose EOF has no hmac field) must fit in the MTU too
+    mtu = SYNC_MTU - (overhead(cfg.dialect) if cfg.sync_key else 0)
     engine = attach(filt, dialect=cfg.dialect, protocol=cfg.protocol, maxupd=cfg.maxupd,
+                    mtu=mtu,
                     defer=cfg.defer and cfg.sync_enabled, merge=cfg.merge, now=now,
                     answers_bulk=not cfg.worker)  # one worker answers for the firewall
     return filt, engine
@@ -145,6 +152,15 @@ class Daemon:
         self.ruleset = self.loader(cfg.rules)  # a broken file stops us before touching anything
         self.filter, engine = (core or make_core)(cfg, self.ruleset, self.started)
         self.engine: SyncEngine = engine
+        # --sync-key: every frame we send is sealed, every frame we receive verified
+        # before the engine sees it (pfsync/auth.py); a bad key file stops us here
+        self.sealer: Sealer | None = None
+        self.verifier: Verifier | None = None
+        self.auth_logged = 0
+        if cfg.sync_key:
+            keys = load_key_file(cfg.sync_key)
+            self.sealer = Sealer(keys, self.filter.creatorid, cfg.dialect)
+            self.verifier = Verifier(keys, cfg.dialect)
         self.sel = selectors.DefaultSelector()
         self.stop_signal: int | None = None
         self.signals = SignalWakeup()
@@ -343,7 +359,10 @@ class Daemon:
 
     def _send(self, frames: list[bytes]) -> None:
         bus = self.bus
+        sealer = self.sealer
         for frame in frames:
+            if sealer is not None:
+                frame = sealer.seal(frame)
             self.sync.send(frame)
             if bus is not None:
                 bus.send(frame)
@@ -380,6 +399,17 @@ class Daemon:
 
     def _receive(self, payload: bytes, now: float, src: str, *, ttl: int = 255,
                  sibling: bool = False) -> None:
+        verifier = self.verifier
+        if verifier is not None:
+            verdict, body = verifier.check(payload)
+            if body is None:  # no, unknown or bad MAC, or a replay: no state touched
+                self.auth_logged += 1
+                if self.auth_logged <= AUTH_LOG_LINES:
+                    log.warning("pfsync: frame from %s dropped: authentication %s%s", src,
+                                verdict, " (further drops only counted)"
+                                if self.auth_logged == AUTH_LOG_LINES else "")
+                return
+            payload = body
         try:
             self.engine.receive(payload, now, src=src, ttl=ttl, sibling=sibling)
         except Exception:  # the engine promises counters, not exceptions; be sure
@@ -396,11 +426,17 @@ class Daemon:
     # --- control -------------------------------------------------------------------
 
     def reload(self) -> dict[str, Any]:
-        """Parse the file again; swap atomically only if it is valid."""
+        """Parse the rules (and the sync key file) again; swap only if both are valid.
+        New keys keep the replay windows: a sender's counter outlives its key."""
         try:
             ruleset = self.loader(self.cfg.rules)
-        except Exception as exc:  # RuleSyntaxError, OSError: old rules stay
+            keys = load_key_file(self.cfg.sync_key) if self.cfg.sync_key else None
+        except Exception as exc:  # RuleSyntaxError, OSError, KeyError_: old ones stay
             return {"ok": False, "error": str(exc)}
+        if keys is not None and self.sealer is not None and self.verifier is not None:
+            self.sealer.keys = self.verifier.keys = keys
+            log.info("sync key reloaded: sending with key %d, accepting %s", keys.send_id,
+                     ", ".join(map(str, keys.ids)))
         self.filter.load(ruleset)
         old_skip = self.skip_ifaces()
         self.ruleset = ruleset
@@ -422,6 +458,9 @@ class Daemon:
             else:
                 pfsync[f"sock_{key}"] = value
         pfsync["engine_errors"] = self.engine_errors
+        if self.verifier is not None:  # badauth: the engine's (never set) + ours
+            for key, value in self.verifier.counters.items():
+                pfsync[key] = pfsync.get(key, 0) + value
         if self.bus is not None:
             pfsync.update(self.bus.counters.as_dict())
         return {
