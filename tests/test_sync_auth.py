@@ -250,11 +250,14 @@ def test_daemon_drops_forged_and_replayed_frames(tmp_path: Path, dialect: str) -
     info = b.counters(2.0)["pfsync"]
     assert (info["badauth"], info["auth_replay"], info["auth_ok"]) == (4, 3, 2)
     assert info["ins_received"] == 2 and info["clr_received"] == 0
-    # what B sends is sealed with its own creator id, and A's verifier accepts it
+    # what B sends is sealed with its own creator id, and A's verifier accepts it; B's
+    # own frame played back to B is a replay (B has no window for itself)
     b.engine.clear_states(3.0)
     b._flush()
     assert b.sent and auth.read(b.sent[-1], dialect).sender == 0x0B0B0B0B  # type: ignore[union-attr]
     assert auth.Verifier(load_key_file(key), dialect).check(b.sent[-1])[0] == auth.OK
+    b._receive(b.sent[-1], 3.1, "192.0.2.66")
+    assert b.verifier.counters["auth_replay"] == 4 and b.engine.counters["clr_received"] == 0
 
 
 def test_without_a_key_the_same_frames_apply(tmp_path: Path) -> None:

@@ -160,7 +160,7 @@ class Daemon:
         if cfg.sync_key:
             keys = load_key_file(cfg.sync_key)
             self.sealer = Sealer(keys, self.filter.creatorid, cfg.dialect)
-            self.verifier = Verifier(keys, cfg.dialect)
+            self.verifier = Verifier(keys, cfg.dialect, own=self.filter.creatorid)
         self.sel = selectors.DefaultSelector()
         self.stop_signal: int | None = None
         self.signals = SignalWakeup()

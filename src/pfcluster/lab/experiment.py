@@ -130,6 +130,7 @@ class RunConfig:
     keep_logs: bool = False
     merge: str | None = None  # daemon --merge edges|thesis (None: the daemon's default)
     workers: int = 1  # daemon --workers N (flows spread by client/server address pair)
+    sync_key: str | None = None  # daemon --sync-key FILE (authenticated sync)
 
     def label(self) -> str:
         if self.name:
@@ -236,6 +237,8 @@ class DaemonRunner:
             argv += ["--merge", cfg.merge]
         if cfg.workers > 1:
             argv += ["--workers", str(cfg.workers)]
+        if cfg.sync_key and cfg.sync != "off":
+            argv += ["--sync-key", cfg.sync_key]
         return argv
 
     def start(self, lab: Lab, topo: Topology, cfg: RunConfig) -> None:

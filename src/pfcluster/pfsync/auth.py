@@ -30,7 +30,8 @@ attempt, and every attempt is one frame the victim receives and counts (``badaut
 
 Replay window: per sender, the highest counter accepted and the last WINDOW counters
 accepted. A counter above the highest passes; one at or below the window's floor, or one
-already seen, is a replay. Frames reordered by fewer than WINDOW frames still pass.
+already seen, is a replay. Frames reordered by fewer than WINDOW frames still pass. A
+frame that claims our own sender id is one of ours played back: a replay too.
 """
 
 from __future__ import annotations
@@ -228,10 +229,14 @@ class Verifier:
     """Checks the frames a node receives. ``check`` never raises: any bytes give a
     verdict, and the window moves only for a frame whose tag verified."""
 
-    __slots__ = ("_embedded", "counters", "keys", "windows")
+    __slots__ = ("_embedded", "counters", "keys", "own", "windows")
 
-    def __init__(self, keys: KeyRing, dialect: str) -> None:
+    def __init__(self, keys: KeyRing, dialect: str, own: int | None = None) -> None:
         self.keys = keys
+        # our own sender id: no peer sends with it, so such a frame is one of ours
+        # played back (a receiver has no window for itself; without this, the first
+        # replay of our own frame would open one)
+        self.own = own
         self._embedded = dialect in EMBEDDED
         self.windows: dict[int, _Window] = {}
         self.counters: dict[str, int] = dict.fromkeys(
@@ -268,6 +273,8 @@ class Verifier:
         want = hmac.digest(key, memoryview(payload)[:end], hashlib.sha256)[:TAG_LEN]
         if not hmac.compare_digest(want, payload[end:]):
             return MAC, None
+        if sender == self.own:
+            return REPLAY, None
         counter = int.from_bytes(payload[at + 5 : end], "big")
         window = self.windows.get(sender)
         if window is None:
