@@ -372,6 +372,18 @@ def test_fuzz_mutated_sealed_frame(flips: list[tuple[int, int]], cut: bool) -> N
     assert body is None or body == _SEALED
 
 
+def test_mac_is_hmac_sha256() -> None:
+    """auth.Mac (precomputed pads) gives what the hmac module gives, key sizes 0..100."""
+    import hmac
+
+    for n in (0, 1, 16, 32, 63, 64, 65, 100):
+        key = secrets.token_bytes(n)
+        for msg in (b"", b"x", secrets.token_bytes(1500)):
+            want = hmac.digest(key, msg, "sha256")[: auth.TAG_LEN]
+            assert auth.Mac(key).tag(msg) == want
+            assert auth.Mac(key).tag(memoryview(msg)) == want
+
+
 def test_random_keys_round_trip() -> None:
     frame = clr_frame("openbsd6")
     for _ in range(50):

@@ -46,6 +46,7 @@ def _in_process(name: str, summary: str) -> None:
 _in_process("engine", "pf engine: fast path, rule evaluation, state inserts, bytes per state.")
 _in_process("sync", "pfsync: codec rates, bulk transfer, split-path overhead v5 vs v4.")
 _in_process("parse", "Packet parser: parses per second of typical packets (parse and parse_into).")
+_in_process("auth", "--sync-key: frames sealed and verified per second (beside decoding them).")
 
 
 @bench.command("daemon")
@@ -53,9 +54,17 @@ _in_process("parse", "Packet parser: parses per second of typical packets (parse
 @click.option("--seconds", type=float, default=3.0, show_default=True, help="iperf3 run length")
 @click.option("--workers/--no-workers", default=True, show_default=True,
               help="also 4 flows through --workers 1 and --workers 2 (workers_scaling)")
-def bench_daemon(json_path: str | None, seconds: float, workers: bool) -> None:
+@click.option("--sync-key", "sync_key", type=click.Path(dir_okay=False),
+              help="run the daemon with this --sync-key file (its frames sealed)")
+def bench_daemon(json_path: str | None, seconds: float, workers: bool,
+                 sync_key: str | None) -> None:
     """One daemon in namespaces: pps through it vs. a queue that accepts everything (root)."""
     check_output_file(json_path)
+    import sys
+
     from pfcluster.bench.daemon import run
 
-    write_json(json_path, run(seconds, workers=workers))
+    argv = [sys.executable, "-m", "pfcluster.cli.main", "daemon"]
+    if sync_key:
+        argv += ["--sync-key", sync_key]
+    write_json(json_path, run(seconds, workers=workers, daemon_argv=argv))

@@ -56,7 +56,8 @@ MAX_KEYS = 2  # the sending key and, during a rotation, one more accepted
 LABEL = b"pfcluster pfsync v5 auth key "
 EMBEDDED = frozenset({"openbsd45"})  # dialects whose EOF body holds the authenticator
 
-_HEAD = struct.Struct("!BI")  # key id, sender; the 7-byte counter follows
+# key id, sender, counter (56 bits as 8 + 16 + 32): the 12 bytes before the tag
+_HEAD = struct.Struct("!BIBHI")
 _LEN = struct.Struct("!H")
 
 # Verdicts of Verifier.check; every one but OK drops the frame.
@@ -74,7 +75,33 @@ def overhead(dialect: str) -> int:
 
 
 def _derive(key: bytes, key_id: int) -> bytes:
-    return hmac.digest(key, LABEL + bytes((key_id,)), hashlib.sha256)
+    return hmac.digest(key, LABEL + bytes((key_id,)), "sha256")
+
+
+class Mac:
+    """HMAC-SHA256 under one key, truncated to TAG_LEN, with the keyed inner and outer
+    hash states computed once (RFC 2104: H(K^opad, H(K^ipad, m))): per frame, two hash
+    copies instead of hmac.digest's key schedule, a third of the time
+    (tests/test_sync_auth.py checks it against hmac.digest)."""
+
+    __slots__ = ("_inner", "_outer")
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) > 64:  # the SHA-256 block size; ours are 32-byte derived keys
+            key = hashlib.sha256(key).digest()
+        block = key.ljust(64, b"\0")
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in block))
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in block))
+
+    def tag(self, data: bytes | bytearray | memoryview, more: bytes = b"") -> bytes:
+        """The tag of ``data`` followed by ``more``."""
+        inner = self._inner.copy()
+        inner.update(data)
+        if more:
+            inner.update(more)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()[:TAG_LEN]
 
 
 class KeyRing:
@@ -86,7 +113,7 @@ class KeyRing:
         keys = list(keys)
         if not 1 <= len(keys) <= MAX_KEYS:
             raise KeyError_(f"{len(keys)} keys: a key file holds 1 or {MAX_KEYS}")
-        self.derived: dict[int, bytes] = {}
+        self.derived: dict[int, Mac] = {}
         for kid, key in keys:
             if not 1 <= kid <= 255:
                 raise KeyError_(f"key id {kid} is not 1..255")
@@ -94,7 +121,7 @@ class KeyRing:
                 raise KeyError_(f"key id {kid} appears twice")
             if not MIN_KEY <= len(key) <= MAX_KEY:
                 raise KeyError_(f"key {kid}: {len(key)} bytes, want {MIN_KEY}..{MAX_KEY}")
-            self.derived[kid] = _derive(key, kid)
+            self.derived[kid] = Mac(_derive(key, kid))
         self.ids = tuple(kid for kid, _ in keys)
         self.send_id = self.ids[0]
 
@@ -153,17 +180,10 @@ class Sealer:
             if len(frame) < HEADER_LEN + SUBHEADER_LEN + AUTH_LEN or \
                     frame[-AUTH_LEN - SUBHEADER_LEN] != ACT_EOF:
                 raise ValueError("an openbsd45 frame must end with its EOF message")
-            buf = bytearray(frame)
-            at = len(buf) - AUTH_LEN
-        else:
-            buf = bytearray(frame) + bytes(AUTH_LEN)
-            at = len(frame)
-        _HEAD.pack_into(buf, at, kid, self.sender)
-        buf[at + 5 : at + TAG_AT] = counter.to_bytes(7, "big")
-        end = at + TAG_AT
-        buf[end:] = hmac.digest(self.keys.derived[kid], memoryview(buf)[:end],
-                                hashlib.sha256)[:TAG_LEN]
-        return bytes(buf)
+            frame = frame[:-AUTH_LEN]
+        head = _HEAD.pack(kid, self.sender, counter >> 48, (counter >> 32) & 0xFFFF,
+                          counter & 0xFFFFFFFF)
+        return b"".join((frame, head, self.keys.derived[kid].tag(frame, head)))
 
 
 @dataclass(slots=True)
@@ -194,9 +214,9 @@ def read(payload: bytes | bytearray | memoryview, dialect: str) -> Authenticator
     at = locate(payload, dialect)
     if at is None:
         return None
-    kid, sender = _HEAD.unpack_from(payload, at)
-    counter = int.from_bytes(payload[at + 5 : at + TAG_AT], "big")
-    return Authenticator(kid, sender, counter, bytes(payload[at + TAG_AT : at + AUTH_LEN]))
+    kid, sender, c0, c1, c2 = _HEAD.unpack_from(payload, at)
+    return Authenticator(kid, sender, c0 << 48 | c1 << 32 | c2,
+                         bytes(payload[at + TAG_AT : at + AUTH_LEN]))
 
 
 class _Window:
@@ -263,19 +283,19 @@ class Verifier:
         at = n - AUTH_LEN
         if not self._embedded and _LEN.unpack_from(payload, 2)[0] != at:
             return NONE, None
-        kid, sender = _HEAD.unpack_from(payload, at)
+        kid, sender, c0, c1, c2 = _HEAD.unpack_from(payload, at)
         if kid == 0:
             return NONE, None
-        key = self.keys.derived.get(kid)
-        if key is None:
+        mac = self.keys.derived.get(kid)
+        if mac is None:
             return KEYID, None
         end = at + TAG_AT
-        want = hmac.digest(key, memoryview(payload)[:end], hashlib.sha256)[:TAG_LEN]
+        want = mac.tag(memoryview(payload)[:end])
         if not hmac.compare_digest(want, payload[end:]):
             return MAC, None
         if sender == self.own:
             return REPLAY, None
-        counter = int.from_bytes(payload[at + 5 : end], "big")
+        counter = c0 << 48 | c1 << 32 | c2
         window = self.windows.get(sender)
         if window is None:
             window = self.windows[sender] = _Window()
@@ -297,6 +317,7 @@ __all__ = [
     "Authenticator",
     "KeyError_",
     "KeyRing",
+    "Mac",
     "Sealer",
     "Verifier",
     "locate",
