@@ -392,3 +392,17 @@ def test_random_keys_round_trip() -> None:
         sealed = auth.Sealer(r, 9, "openbsd6").seal(frame)
         assert auth.Verifier(r, "openbsd6").check(sealed) == (auth.OK, frame)
         assert auth.Verifier(ring((kid, K1)), "openbsd6").check(sealed)[0] == auth.MAC
+
+
+def test_workers_get_the_key_and_a_bad_key_stops_the_supervisor(tmp_path: Path) -> None:
+    from pfcluster.io.workers import Supervisor, worker_argv
+
+    rules = tmp_path / "pf.conf"
+    rules.write_text(RULES)
+    key = _key_file(tmp_path, "k", f"1 {K1.hex()}\n")
+    cfg = DaemonConfig(rules=str(rules), syncdev="sync0", workers=2, sync_key=key).validate()
+    argv = worker_argv(cfg, 1, 0x100)
+    assert argv[argv.index("--sync-key") + 1] == key
+    os.chmod(key, 0o604)
+    with pytest.raises(auth.KeyError_, match="mode 0604"):
+        Supervisor(cfg, install_iptables=False)

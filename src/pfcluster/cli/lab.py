@@ -137,6 +137,8 @@ def lab() -> None:
 @click.option("--dialect", type=click.Choice(DIALECTS), default=None, help="daemon --dialect")
 @click.option("--syncpeer", is_flag=True, help="unicast to the peer instead of multicast")
 @click.option("--keep-logs", is_flag=True, help="keep daemon and iperf3 logs (prints the dir)")
+@click.option("--sync-key", "sync_key", type=click.Path(dir_okay=False), default=None,
+              help="daemon --sync-key FILE on every firewall (authenticated sync)")
 @workers_option
 def run_cmd(json_path: str | None, integrity_mb: int, **opts: Any) -> None:
     """One configuration: build, start firewalls, iperf3, counters, tear down."""

@@ -238,7 +238,7 @@ class DaemonRunner:
         if cfg.workers > 1:
             argv += ["--workers", str(cfg.workers)]
         if cfg.sync_key and cfg.sync != "off":
-            argv += ["--sync-key", cfg.sync_key]
+            argv += ["--sync-key", str(Path(cfg.sync_key).resolve())]
         return argv
 
     def start(self, lab: Lab, topo: Topology, cfg: RunConfig) -> None:
