@@ -46,6 +46,7 @@ def _in_process(name: str, summary: str) -> None:
 _in_process("engine", "pf engine: fast path, rule evaluation, state inserts, bytes per state.")
 _in_process("sync", "pfsync: codec rates, bulk transfer, split-path overhead v5 vs v4.")
 _in_process("parse", "Packet parser: parses per second of typical packets (parse and parse_into).")
+_in_process("auth", "--sync-key: frames sealed and verified per second (beside decoding them).")
 
 
 @bench.command("daemon")
@@ -56,9 +57,17 @@ _in_process("parse", "Packet parser: parses per second of typical packets (parse
 @click.option("--watching", type=click.IntRange(0, 20), default=0, show_default=True,
               metavar="ROUNDS", help="also ROUNDS back-to-back runs without and with "
               "--metrics (scraped every second) and --pflog, rules with `log`")
-def bench_daemon(json_path: str | None, seconds: float, workers: bool, watching: int) -> None:
+@click.option("--sync-key", "sync_key", type=click.Path(dir_okay=False),
+              help="run the daemon with this --sync-key file (its frames sealed)")
+def bench_daemon(json_path: str | None, seconds: float, workers: bool, watching: int,
+                 sync_key: str | None) -> None:
     """One daemon in namespaces: pps through it vs. a queue that accepts everything (root)."""
     check_output_file(json_path)
+    import sys
+
     from pfcluster.bench.daemon import run
 
-    write_json(json_path, run(seconds, workers=workers, watching=watching))
+    argv = [sys.executable, "-m", "pfcluster.cli.main", "daemon"]
+    if sync_key:
+        argv += ["--sync-key", sync_key]
+    write_json(json_path, run(seconds, workers=workers, watching=watching, daemon_argv=argv))

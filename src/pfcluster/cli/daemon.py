@@ -163,6 +163,11 @@ def preload(d: object, n: int) -> None:
               help="pflog packets per second at most, the rest counted as dropped "
               "(default 1000)")
 @click.option("--hostid", type=str, default=None, help="pfsync creatorid (hex or decimal)")
+@click.option("--sync-key", "sync_key", type=click.Path(dir_okay=False), default=None,
+              help="authenticate pfsync: seal every frame sent, drop every frame received "
+              "without a valid HMAC (counted badauth) or replayed; the file (mode 0600) holds "
+              "`ID HEX` lines, the first sends, all are accepted (README: Securing the sync "
+              "link)")
 @click.option("--syslog/--stderr", "syslog", default=None, help="where log lines go")
 @click.option("-v", "--verbose", is_flag=True, default=None)
 def daemon(config_path: str | None, hostid: str | None, uninstall: bool,

@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 
 import click
 
-from pfcluster.cli.errors import ReportingCommand
+from pfcluster.cli.errors import CommandError, ReportingCommand
 from pfcluster.io.capture import (
     LINKTYPE_ETHERNET,
     CaptureError,
@@ -40,7 +40,7 @@ from pfcluster.io.capture import (
 from pfcluster.io.pcapwrite import PcapWriter
 from pfcluster.packet import addr_str
 from pfcluster.pf import pfctl
-from pfcluster.pfsync import legacy, wire
+from pfcluster.pfsync import auth, legacy, wire
 from pfcluster.pfsync.layout import STATE_LAYOUTS
 
 DIALECT_CHOICES = (*wire.DIALECTS, "v4", "auto")
@@ -352,6 +352,49 @@ def frame_matches(dec: Decoded, actions: frozenset[str], creatorids: frozenset[i
     return True
 
 
+# --------------------------------------------------------------------------- --sync-key
+
+
+class AuthView:
+    """The authenticator of each frame (pfsync/auth.py) and, with ``--key``, its verdict;
+    one Verifier per placement, so replays within the capture show as ``replay``."""
+
+    def __init__(self, keys: auth.KeyRing | None) -> None:
+        self.verifiers = ({d: auth.Verifier(keys, d) for d in ("openbsd45", "openbsd6")}
+                          if keys is not None else {})
+
+    @staticmethod
+    def strip(payload: bytes, dialect: str) -> bytes:
+        """The frame without a trailer authenticator (dialects other than 4.5)."""
+        if dialect in auth.EMBEDDED or dialect == "v4" or payload[:1] not in (b"\5", b"\6") \
+                or auth.locate(payload, "openbsd6") is None:
+            return payload
+        return payload[: -auth.AUTH_LEN]
+
+    def show(self, payload: bytes, dialect: str) -> dict[str, Any] | None:
+        """The fields and verdict, or None for a frame with no authenticator and no key."""
+        where = "openbsd45" if dialect in auth.EMBEDDED else "openbsd6"
+        fields = None if dialect == "v4" else auth.read(payload, where)
+        if fields is not None and where == "openbsd45" and fields.key_id == 0:
+            fields = None  # an unkeyed 4.5 sender's EOF body
+        if fields is None and not self.verifiers:
+            return None
+        out: dict[str, Any] = {"verdict": None}
+        if fields is not None:
+            out.update(key_id=fields.key_id, sender=f"{fields.sender:08x}",
+                       counter=fields.counter, tag=fields.tag.hex())
+        if self.verifiers:
+            out["verdict"] = self.verifiers[where].check(payload)[0] if dialect != "v4" \
+                else auth.NONE
+        return out
+
+
+def auth_line(view: dict[str, Any]) -> str:
+    head = (f"    auth: key {view['key_id']} sender {view['sender']} counter "
+            f"{view['counter']} tag {view['tag']}" if "key_id" in view else "    auth: none")
+    return head + (f" [{view['verdict']}]" if view["verdict"] else "")
+
+
 # --------------------------------------------------------------------------- sources
 
 
@@ -428,11 +471,13 @@ def _check_ifname(ctx: click.Context, param: click.Parameter, value: str | None)
 class _Printer:
     """Decodes, filters and prints frames; counts what it saw and showed."""
 
-    __slots__ = ("actions", "as_json", "creatorids", "dialect", "last_choice", "seen", "shown",
-                 "verbose", "verdict")
+    __slots__ = ("actions", "as_json", "auth_view", "creatorids", "dialect", "last_choice",
+                 "seen", "shown", "verbose", "verdict")
 
     def __init__(self, dialect: str, as_json: bool, verbose: int, actions: frozenset[str],
-                 creatorids: frozenset[int], verdict: FrameVerdict) -> None:
+                 creatorids: frozenset[int], verdict: FrameVerdict,
+                 auth_view: AuthView | None = None) -> None:
+        self.auth_view = auth_view or AuthView(None)
         self.dialect = dialect
         self.as_json = as_json
         self.verbose = verbose
@@ -448,8 +493,9 @@ class _Printer:
         whether it passed."""
         self.seen += 1
         dialect = self.dialect
-        dec = guess_dialect(pkt.payload, self.last_choice) if dialect == "auto" \
-            else _try(pkt.payload, dialect)
+        frame = self.auth_view.strip(pkt.payload, dialect)
+        dec = guess_dialect(frame, self.last_choice) if dialect == "auto" \
+            else _try(frame, dialect)
         if not frame_matches(dec, self.actions, self.creatorids):
             return False
         self.shown += 1
@@ -464,17 +510,20 @@ class _Printer:
             if not has:
                 extra.append(f"badttl: ttl {pkt.ttl}")
         said = self.verdict(pkt.payload)
+        shown = self.auth_view.show(pkt.payload, dec.dialect)
         if self.as_json:
             obj = frame_dict(pkt, dec, extra)
             if said is not None:
                 obj["verdict"] = said
+            if shown is not None:
+                obj["auth"] = shown
             click.echo(json.dumps(obj))
         else:
             text = frame_text(pkt, dec, self.verbose, extra)
             if said is not None:
                 head, sep, rest = text.partition("\n")
                 text = f"{head} [{said}]{sep}{rest}"
-            click.echo(text)
+            click.echo(text if shown is None else f"{text}\n{auth_line(shown)}")
         return True
 
 
@@ -535,13 +584,26 @@ def _run_live(ifname: str, printer: _Printer, max_count: int | None, seconds: fl
               help="only frames with a section of this action (INS, UPD_C, BUS, ...); repeatable")
 @click.option("--creatorid", "creatorids", multiple=True, callback=_check_creatorids,
               help="only frames with a message from this creator id (hex); repeatable")
+@click.option("--key", "key_path", type=click.Path(dir_okay=False),
+              help="a daemon's --sync-key file: verify each frame's authenticator "
+              "(ok, mac, keyid, none, replay)")
 def dump(capture: str | None, dialect: str, as_json: bool, verbose: int, ifname: str | None,
          max_count: int | None, seconds: float | None, write: str | None, also_print: bool,
-         actions: frozenset[str], creatorids: frozenset[int]) -> None:
+         actions: frozenset[str], creatorids: frozenset[int],
+         key_path: str | None = None) -> None:
     """Print every pfsync frame of CAPTURE (pcap/pcapng) or of a live interface."""
+    keys = None
+    if key_path is not None:
+        from pfcluster.io.keyfile import load_key_file
+
+        try:
+            keys = load_key_file(key_path)
+        except auth.KeyError_ as exc:
+            raise CommandError(str(exc)) from None
+    auth_view = AuthView(keys)
     if (capture is None) == (ifname is None):
         raise click.UsageError("give exactly one of CAPTURE or -i IF")
-    printer = _Printer(dialect, as_json, verbose, actions, creatorids, make_verdict())
+    printer = _Printer(dialect, as_json, verbose, actions, creatorids, make_verdict(), auth_view)
     if ifname is not None:
         _run_live(ifname, printer, max_count, seconds, write, also_print)
         return

@@ -140,6 +140,8 @@ def lab() -> None:
 @click.option("--nat", is_flag=True,
               help="the firewalls translate the clients to one address (nat-to, "
               "--nat-slice K/N per firewall); the JSON says what the server saw")
+@click.option("--sync-key", "sync_key", type=click.Path(dir_okay=False), default=None,
+              help="daemon --sync-key FILE on every firewall (authenticated sync)")
 @workers_option
 def run_cmd(json_path: str | None, integrity_mb: int, **opts: Any) -> None:
     """One configuration: build, start firewalls, iperf3, counters, tear down."""

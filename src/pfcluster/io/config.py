@@ -17,6 +17,7 @@
     copy_range = 256           # bytes of each packet copied from the kernel (headers)
     hostid = 0x1234            # pfsync creatorid; random when absent
     nat_slice = "1/2"          # this firewall owns slice K of N of every NAT port range
+    sync_key = "/etc/pfcluster/sync.key"  # authenticated sync (mode 0600; README)
     syslog = false
     metrics = "127.0.0.1:9107" # Prometheus /metrics here (off when absent)
     pflog = "/var/log/pfcluster/pflog"  # pcap of `log` rules' packets (off when absent)
@@ -64,6 +65,7 @@ class DaemonConfig:
     copy_range: int = DEFAULT_COPY_RANGE
     hostid: int | None = None
     nat_slice: str = "1/1"
+    sync_key: str | None = None
     syslog: bool = False
     verbose: bool = False
     metrics: str | None = None
@@ -122,6 +124,9 @@ class DaemonConfig:
             raise ConfigError(f"pflog_size: {self.pflog_size} is not 1..{1 << 20} MiB")
         if not 1 <= self.pflog_rate <= 1_000_000:
             raise ConfigError(f"pflog_rate: {self.pflog_rate} is not 1..1000000")
+        if self.sync_key is not None and self.protocol == "v4":
+            raise ConfigError("sync_key: pfsync v4 frames have no place for an "
+                              "authenticator; use --protocol v5")
         if self.hostid is not None and not 0 < self.hostid <= 0xFFFFFFFF:
             raise ConfigError(f"hostid: {self.hostid} is not a non-zero 32-bit value")
         return self
@@ -132,7 +137,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "maxupd": (int,), "defer": (bool,), "dialect": (str,), "protocol": (str,), "merge": (str,),
     "queue": (int,), "workers": (int,),
     "control": (str,), "fail_open": (bool,), "copy_range": (int,), "hostid": (int,),
-    "nat_slice": (str,),
+    "nat_slice": (str,), "sync_key": (str,),
     "syslog": (bool,), "verbose": (bool,), "metrics": (str,), "pflog": (str,),
     "pflog_size": (int,), "pflog_rate": (int,),
 }
@@ -160,8 +165,9 @@ def load_config(path: str | None, overrides: dict[str, Any], *,
             if not isinstance(value, want):
                 raise ConfigError(f"{path}: {key} must be {want[0].__name__}")
             values[key] = value
-        if "rules" in values and not Path(values["rules"]).is_absolute():
-            values["rules"] = str(Path(path).parent / values["rules"])
+        for key in ("rules", "sync_key"):  # relative to the config file
+            if key in values and not Path(values[key]).is_absolute():
+                values[key] = str(Path(path).parent / values[key])
     for key, value in overrides.items():
         if value is not None:
             values[key] = value

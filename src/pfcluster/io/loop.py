@@ -38,6 +38,7 @@ from pfcluster.io.config import MAX_WORKERS, DaemonConfig
 from pfcluster.io.control import ControlError, ControlServer
 from pfcluster.io.holdtimes import HoldTimes
 from pfcluster.io.iptables import IptablesError, IptablesRules, queue_owner
+from pfcluster.io.keyfile import load_key_file
 from pfcluster.io.nfq import MAX_COPY_RANGE
 from pfcluster.io.siblings import SiblingBus
 from pfcluster.io.signals import SignalWakeup
@@ -45,12 +46,15 @@ from pfcluster.io.syncsock import SyncSet, SyncSocket
 from pfcluster.pf import pfctl
 from pfcluster.pf.nat import NatSlice
 from pfcluster.pfsync.api import SyncEngine
+from pfcluster.pfsync.auth import Sealer, Verifier, overhead
 from pfcluster.pfsync.events import Event, Released, SyncOk
 from pfcluster.tuning import tune_gc
 
 log = logging.getLogger("pfcluster.daemon")
 
 MAX_TIMEOUT = 1.0
+SYNC_MTU = 1500
+AUTH_LOG_LINES = 10  # frames dropped for authentication logged per daemon, then counted
 
 # selector keys' data: what kind of fd it is
 K_QUEUE, K_SYNC, K_LISTEN, K_CLIENT, K_SIGNAL, K_BUS, K_METRICS, K_MCLIENT = range(8)
@@ -80,7 +84,10 @@ def make_core(cfg: DaemonConfig, ruleset: Any, now: float) -> tuple[Any, SyncEng
         seed = seed * MAX_WORKERS + cfg.worker
     filt = Filter(ruleset, hostid=cfg.hostid, now=now, id_seed=seed)
     filt.nat.slice = NatSlice.parse(cfg.nat_slice)
+    # a key's trailer (dialects whose EOF has no hmac field) must fit in the MTU too
+    mtu = SYNC_MTU - (overhead(cfg.dialect) if cfg.sync_key else 0)
     engine = attach(filt, dialect=cfg.dialect, protocol=cfg.protocol, maxupd=cfg.maxupd,
+                    mtu=mtu,
                     defer=cfg.defer and cfg.sync_enabled, merge=cfg.merge, now=now,
                     answers_bulk=not cfg.worker)  # one worker answers for the firewall
     return filt, engine
@@ -206,6 +213,15 @@ class Daemon:
         self.translating = translates(self.ruleset)
         self.filter, engine = (core or make_core)(cfg, self.ruleset, self.started)
         self.engine: SyncEngine = engine
+        # --sync-key: every frame we send is sealed, every frame we receive verified
+        # before the engine sees it (pfsync/auth.py); a bad key file stops us here
+        self.sealer: Sealer | None = None
+        self.verifier: Verifier | None = None
+        self.auth_logged = 0
+        if cfg.sync_key:
+            keys = load_key_file(cfg.sync_key)
+            self.sealer = Sealer(keys, self.filter.creatorid, cfg.dialect)
+            self.verifier = Verifier(keys, cfg.dialect, own=self.filter.creatorid)
         self.sel = selectors.DefaultSelector()
         self.stop_signal: int | None = None
         self.signals = SignalWakeup()
@@ -439,7 +455,10 @@ class Daemon:
 
     def _send(self, frames: list[bytes]) -> None:
         bus = self.bus
+        sealer = self.sealer
         for frame in frames:
+            if sealer is not None:
+                frame = sealer.seal(frame)
             self.sync.send(frame)
             if bus is not None:
                 bus.send(frame)
@@ -476,6 +495,17 @@ class Daemon:
 
     def _receive(self, payload: bytes, now: float, src: str, *, ttl: int = 255,
                  sibling: bool = False) -> None:
+        verifier = self.verifier
+        if verifier is not None:
+            verdict, body = verifier.check(payload)
+            if body is None:  # no, unknown or bad MAC, or a replay: no state touched
+                self.auth_logged += 1
+                if self.auth_logged <= AUTH_LOG_LINES:
+                    log.warning("pfsync: frame from %s dropped: authentication %s%s", src,
+                                verdict, " (further drops only counted)"
+                                if self.auth_logged == AUTH_LOG_LINES else "")
+                return
+            payload = body
         try:
             self.engine.receive(payload, now, src=src, ttl=ttl, sibling=sibling)
         except Exception:  # the engine promises counters, not exceptions; be sure
@@ -498,15 +528,21 @@ class Daemon:
         return self.reload()
 
     def reload(self) -> dict[str, Any]:
-        """Parse the file again; swap atomically only if it is valid."""
+        """Parse the rules (and the sync key file) again; swap only if both are valid.
+        New keys keep the replay windows: a sender's counter outlives its key."""
         try:
             ruleset = self.loader(self.cfg.rules)
-        except Exception as exc:  # RuleSyntaxError, OSError: old rules stay
+            keys = load_key_file(self.cfg.sync_key) if self.cfg.sync_key else None
+        except Exception as exc:  # RuleSyntaxError, OSError, KeyError_: old ones stay
             return {"ok": False, "error": str(exc)}
         if translates(ruleset) and not self.translating:
             return {"ok": False, "error": "the new rules translate addresses, which needs the "
                     "PREROUTING hook this daemon did not start with: restart it with them "
                     "(the old rules stay)"}
+        if keys is not None and self.sealer is not None and self.verifier is not None:
+            self.sealer.keys = self.verifier.keys = keys
+            log.info("sync key reloaded: sending with key %d, accepting %s", keys.send_id,
+                     ", ".join(map(str, keys.ids)))
         self.filter.load(ruleset)
         if self.translating:
             self._learn_addresses()
@@ -530,6 +566,9 @@ class Daemon:
             else:
                 pfsync[f"sock_{key}"] = value
         pfsync["engine_errors"] = self.engine_errors
+        if self.verifier is not None:  # badauth: the engine's (never set) + ours
+            for key, value in self.verifier.counters.items():
+                pfsync[key] = pfsync.get(key, 0) + value
         if self.bus is not None:
             pfsync.update(self.bus.counters.as_dict())
         seen = getattr(self.engine, "peer_seen", {})

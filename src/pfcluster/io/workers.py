@@ -35,6 +35,7 @@ from typing import Any
 from pfcluster.io.config import DaemonConfig, worker_config
 from pfcluster.io.control import ControlError, request
 from pfcluster.io.iptables import IptablesError, IptablesRules
+from pfcluster.io.keyfile import load_key_file
 from pfcluster.io.loop import (
     SetupError,
     leave_rules,
@@ -78,6 +79,8 @@ def worker_argv(cfg: DaemonConfig, index: int, hostid: int) -> list[str]:
     if cfg.pflog:  # each worker writes FILE.w<index> (see config.worker_config)
         argv += ["--pflog", cfg.pflog, "--pflog-size", str(cfg.pflog_size),
                  "--pflog-rate", str(cfg.pflog_rate)]
+    if cfg.sync_key:
+        argv += ["--sync-key", cfg.sync_key]
     if cfg.verbose:
         argv.append("-v")
     return argv
@@ -130,6 +133,8 @@ class Supervisor:
         self.install_iptables = install_iptables
         self.command = list(command or [sys.executable, "-m", "pfcluster.cli.main", "daemon"])
         self.ruleset = load_ruleset(cfg.rules)  # a broken file stops us before anything
+        if cfg.sync_key:  # so does an unusable sync key, before any worker starts
+            load_key_file(cfg.sync_key)
         self.hostid = cfg.hostid or new_creatorid()
         self.workers = [Worker(worker_config(cfg, i, self.hostid), i)
                         for i in range(cfg.workers)]

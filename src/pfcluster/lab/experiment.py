@@ -151,6 +151,7 @@ class RunConfig:
     merge: str | None = None  # daemon --merge edges|thesis (None: the daemon's default)
     workers: int = 1  # daemon --workers N (flows spread by client/server address pair)
     nat: bool = False  # the firewalls translate the clients to NAT_ADDR4 (nat-to)
+    sync_key: str | None = None  # daemon --sync-key FILE (authenticated sync)
 
     def label(self) -> str:
         if self.name:
@@ -263,6 +264,8 @@ class DaemonRunner:
             argv += ["--workers", str(cfg.workers)]
         if cfg.nat:
             argv += ["--nat-slice", f"{fw.index}/{len(topo.fws)}"]
+        if cfg.sync_key and cfg.sync != "off":
+            argv += ["--sync-key", str(Path(cfg.sync_key).resolve())]
         return argv
 
     def start(self, lab: Lab, topo: Topology, cfg: RunConfig) -> None:
