@@ -147,6 +147,12 @@ def preload(d: object, n: int) -> None:
               help="remove the rules of --queue for good (chain PFCLUSTER-<queue> and its "
               "jumps, IPv4 and IPv6), print what was removed and exit; refused while a "
               "process has the queue bound")
+@click.option("--track-file", "track_file", default=None,
+              help="keepalived track_file this daemon writes: 0 while sync_ok, "
+              "-TRACK_DEMOTE until its bulk update is done and after it stops")
+@click.option("--track-demote", "track_demote", type=click.IntRange(1, 254), default=None,
+              help="demotion written to --track-file (default 253: priority 1 with weight "
+              "1; 254: FAULT)")
 @click.option("--hostid", type=str, default=None, help="pfsync creatorid (hex or decimal)")
 @click.option("--syslog/--stderr", "syslog", default=None, help="where log lines go")
 @click.option("-v", "--verbose", is_flag=True, default=None)

@@ -17,6 +17,8 @@
     copy_range = 256           # bytes of each packet copied from the kernel (headers)
     hostid = 0x1234            # pfsync creatorid; random when absent
     syslog = false
+    track_file = "/run/pfcluster/vrrp-track"  # keepalived track_file: 0 when sync_ok,
+    track_demote = 253         # -track_demote until the bulk update is done (254: FAULT)
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ class DaemonConfig:
     hostid: int | None = None
     syslog: bool = False
     verbose: bool = False
+    track_file: str | None = None
+    track_demote: int = 253
     # set only in the processes a `--workers N` supervisor starts (never from a file)
     worker: int | None = None
 
@@ -96,6 +100,8 @@ class DaemonConfig:
                               f"{DEFAULT_COPY_RANGE}..{MAX_COPY_RANGE}")
         if not 1 <= self.maxupd <= 255:
             raise ConfigError(f"maxupd: {self.maxupd} is not 1..255")
+        if not 1 <= self.track_demote <= 254:
+            raise ConfigError(f"track_demote: {self.track_demote} is not 1..254")
         if self.hostid is not None and not 0 < self.hostid <= 0xFFFFFFFF:
             raise ConfigError(f"hostid: {self.hostid} is not a non-zero 32-bit value")
         return self
@@ -106,7 +112,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "maxupd": (int,), "defer": (bool,), "dialect": (str,), "protocol": (str,), "merge": (str,),
     "queue": (int,), "workers": (int,),
     "control": (str,), "fail_open": (bool,), "copy_range": (int,), "hostid": (int,),
-    "syslog": (bool,), "verbose": (bool,),
+    "syslog": (bool,), "verbose": (bool,), "track_file": (str,), "track_demote": (int,),
 }
 
 
@@ -145,6 +151,6 @@ def worker_config(cfg: DaemonConfig, index: int, hostid: int) -> DaemonConfig:
     """What worker `index` of a `--workers N` firewall runs: its own queue of the balanced
     range, its own control socket beside the firewall's, and its own pfsync creator id
     (each worker is a pfsync node; see io/siblings.py)."""
-    return replace(cfg, worker=index, queue=cfg.queue + index,
+    return replace(cfg, worker=index, queue=cfg.queue + index, track_file=None,
                    control=f"{cfg.control}.w{index}",
                    hostid=(hostid + index - 1) % 0xFFFFFFFF + 1).validate()

@@ -37,9 +37,11 @@ from typing import Any
 from pfcluster.io.config import MAX_WORKERS, DaemonConfig
 from pfcluster.io.control import ControlError, ControlServer
 from pfcluster.io.iptables import IptablesError, IptablesRules, queue_owner
+from pfcluster.io.sdnotify import sd_notify
 from pfcluster.io.siblings import SiblingBus
 from pfcluster.io.signals import SignalWakeup
 from pfcluster.io.syncsock import SyncSet, SyncSocket
+from pfcluster.io.vrrp import TrackFile, Transitions, notify_request, syncok_answer
 from pfcluster.pf import pfctl
 from pfcluster.pfsync.api import SyncEngine
 from pfcluster.pfsync.events import Event, Released, SyncOk
@@ -155,6 +157,8 @@ class Daemon:
         self.iptables: IptablesRules | None = None
         self.replies: Any = None
         self.engine_errors = 0
+        self.track = TrackFile(cfg.track_file, cfg.track_demote)  # keepalived's view
+        self.vrrp = Transitions()
 
     # --- setup / teardown -----------------------------------------------------
 
@@ -165,6 +169,7 @@ class Daemon:
         from pfcluster.io.dataplane import Dataplane, ReplySender
 
         cfg = self.cfg
+        self.track.write(False)  # demoted until our bulk update is done
         self.signals.install(self.sel, (K_SIGNAL, None))
         if cfg.sync_enabled:
             self._open_sync()
@@ -212,6 +217,9 @@ class Daemon:
         if cfg.sync_enabled:
             self.engine.start(now)  # bulk update request; sync_ok once answered
         self._flush()
+        self.track.write(bool(self.engine.sync_ok))  # no pfsync: nothing to wait for
+        if cfg.worker is None:  # the supervisor speaks for a --workers firewall
+            sd_notify(f"READY=1\nMAINPID={os.getpid()}")
         log.info("pfcluster daemon up: syncdev %s, %s, dialect %s, protocol %s, queue %d, "
                  "control %s%s", cfg.syncdev,
                  f"peer {cfg.syncpeer}" if cfg.syncpeer else "multicast", cfg.dialect,
@@ -236,6 +244,9 @@ class Daemon:
         is queued to nobody); with fail_open they are removed first, before the queue is
         unbound. Held (deferred) packets get the engine's verdicts, the peers get what
         the engine still had queued, then the queue is unbound and the sockets closed."""
+        self.track.write(False)  # keepalived moves the address away first
+        if self.cfg.worker is None:
+            sd_notify("STOPPING=1")
         leave_rules(self.iptables, self.cfg)
         if self.dataplane is not None:
             try:
@@ -275,6 +286,7 @@ class Daemon:
                 if self.dataplane is not None:
                     self.dataplane.apply_release(ev.handle, ev.accept)
             elif isinstance(ev, SyncOk):
+                self.track.write(ev.ok)
                 if ev.ok:
                     log.info("pfsync: sync_ok (bulk update done or not needed)")
                 else:
@@ -432,6 +444,7 @@ class Daemon:
             "states": len(self.filter.states),
             "uptime": round(now - self.started, 3),
             "pid": os.getpid(),
+            "vrrp": self.vrrp.as_dict(),
         }
 
     def handle_request(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -445,6 +458,7 @@ class Daemon:
             data = self.counters(now)
             text = pfctl.format_daemon_info(self.filter, now, data["pfsync"], data["sync_ok"],
                                             data["dataplane"])
+            text.extend(self.vrrp.lines())
             return {"ok": True, "text": text, "data": data}
         if cmd == "rules":
             rules = pfctl.format_rules(getattr(self.ruleset, "rules", ()))
@@ -473,5 +487,9 @@ class Daemon:
             return {"ok": True, "text": [f"{n} states cleared"], "data": {"flushed": n}}
         if cmd == "reload":
             return self.reload()
+        if cmd == "syncok":
+            return syncok_answer(bool(self.engine.sync_ok))
+        if cmd == "notify":
+            return notify_request(req, self.vrrp, bool(self.engine.sync_ok))
         return {"ok": False, "error": f"unknown command {cmd!r}"}
 
