@@ -322,3 +322,28 @@ def test_lab_vrrp_failover_and_rolling(need_root: None) -> None:
     assert len(doc["steps"]["rolling"]["steps"]) == 2
     assert doc["ok"] is True
 
+
+
+def test_supervisor_track_file_follows_every_worker(tmp_path: Path) -> None:
+    """A --workers firewall is synced only when every worker is; one that does not answer
+    (dead, restarting) counts as not synced."""
+    from pfcluster.io.workers import Supervisor
+
+    rules = tmp_path / "pf.conf"
+    rules.write_text(GOOD)
+    track = tmp_path / "track"
+    sup = Supervisor(DaemonConfig(rules=str(rules), syncdev="sync0", workers=2,
+                                  track_file=str(track)))
+    answers: list[dict[str, Any]] = []
+    sup._ask_all = lambda cmd, **args: list(answers)  # type: ignore[method-assign]
+    answers[:] = [{"ok": True, "data": {"sync_ok": True}}] * 2
+    assert sup.handle_request({"cmd": "syncok"})["data"] == {"sync_ok": True}
+    sup.track.write(sup.sync_ok())
+    assert track.read_text() == "0\n"
+    answers[1] = {"ok": False, "error": "worker 1: gone"}
+    assert sup.sync_ok() is False
+    sup.track.write(sup.sync_ok())
+    assert track.read_text() == "-253\n"
+    res = sup.handle_request({"cmd": "notify", "state": "FAULT", "name": "FW"})
+    assert res["ok"] and res["data"]["sync_ok"] is False
+    assert [w.cfg.track_file for w in sup.workers] == [None, None]
