@@ -100,6 +100,9 @@ def test_loop_lifecycle(netlab: Netlab, tmp_path: Path, sig: int) -> None:
         rules.write_text(RULES + "pass in proto tcp to port\n")
         proc.send_signal(signal.SIGHUP)
         assert wait_for(lambda: "reload refused" in (netlab.tmp / "daemon.log").read_text(), 5)
+        assert "pf.conf:6:" in (netlab.tmp / "daemon.log").read_text()  # file:line:col logged
+        assert ctl(netlab, t, sock, "rules").stdout == before  # the SIGHUP kept the old set
+        assert connect(netlab, t, 23).startswith("refused")  # and they still filter
         bad = ctl(netlab, t, sock, "reload")
         assert bad.returncode == 1 and "pf.conf:6:" in bad.stderr
         bad_json = json.loads(ctl(netlab, t, sock, "reload", "--json").stdout)

@@ -102,3 +102,50 @@ def kill(ctx: click.Context, host: tuple[str, ...], state_id: str | None,
 def flush(ctx: click.Context, what: str, as_json: bool) -> None:
     """Flush the state table (pfctl -F states); peers get a CLR."""
     _call(ctx, "flush", as_json, what=what)
+
+
+@ctl.command()
+@json_option
+@click.pass_context
+def syncok(ctx: click.Context, as_json: bool) -> None:
+    """Exit 0 if the bulk update is done (sync_ok), 1 if not or no daemon answers: a
+    keepalived track_script (see docs/keepalived.conf)."""
+    path = ctx.obj["control"]
+    resp = request(path, "syncok", timeout=2.0)
+    if not resp.get("ok"):
+        raise CommandError(str(resp.get("error", "failed")))
+    data = resp.get("data")
+    if not isinstance(data, dict) or not isinstance(data.get("sync_ok"), bool):
+        raise ControlError(f"{path}: bad answer (no boolean sync_ok)")
+    if as_json or ctx.obj.get("json"):
+        click.echo(json.dumps(data))
+    else:
+        click.echo(f"sync_ok {str(data['sync_ok']).lower()}")
+    sys.exit(0 if data["sync_ok"] else 1)
+
+
+@ctl.command(context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, required=True)
+@json_option
+@click.pass_context
+def notify(ctx: click.Context, args: tuple[str, ...], as_json: bool) -> None:
+    """Record a VRRP transition: `notify STATE`, or keepalived's notify arguments
+    `TYPE NAME STATE [PRIORITY]` (keepalived.conf: notify "/usr/bin/pfcluster ctl notify").
+
+    \b
+    STATE is MASTER, BACKUP, FAULT, STOP or DELETED; the daemon logs it with its sync_ok
+    and shows the last state per instance in `ctl info`."""
+    req: dict[str, Any] = {}
+    if len(args) == 1:
+        req["state"] = args[0]
+    elif 3 <= len(args) <= 4:
+        req["kind"], req["name"], req["state"] = args[:3]
+        if len(args) == 4:
+            try:
+                req["priority"] = int(args[3])
+            except ValueError:
+                raise click.BadParameter(f"{args[3]!r} is not a number",
+                                         param_hint="PRIORITY") from None
+    else:
+        raise click.UsageError("give STATE, or TYPE NAME STATE [PRIORITY]")
+    _call(ctx, "notify", as_json, **req)

@@ -162,6 +162,12 @@ def preload(d: object, n: int) -> None:
 @click.option("--pflog-rate", "pflog_rate", type=click.IntRange(1, 1_000_000), default=None,
               help="pflog packets per second at most, the rest counted as dropped "
               "(default 1000)")
+@click.option("--track-file", "track_file", default=None,
+              help="keepalived track_file this daemon writes: 0 while sync_ok, "
+              "-TRACK_DEMOTE until its bulk update is done and after it stops")
+@click.option("--track-demote", "track_demote", type=click.IntRange(1, 254), default=None,
+              help="demotion written to --track-file (default 253: priority 1 with weight "
+              "1; 254: FAULT)")
 @click.option("--hostid", type=str, default=None, help="pfsync creatorid (hex or decimal)")
 @click.option("--sync-key", "sync_key", type=click.Path(dir_okay=False), default=None,
               help="authenticate pfsync: seal every frame sent, drop every frame received "

@@ -143,9 +143,20 @@ def lab() -> None:
 @click.option("--sync-key", "sync_key", type=click.Path(dir_okay=False), default=None,
               help="daemon --sync-key FILE on every firewall (authenticated sync)")
 @workers_option
-def run_cmd(json_path: str | None, integrity_mb: int, **opts: Any) -> None:
+@click.option("--vrrp", is_flag=True,
+              help="keepalived on 2 firewalls, hosts routed via virtual gateways; with "
+              "--failover (kill the master, rejoin) and/or --rolling (restart each daemon)")
+@click.option("--rolling", is_flag=True, help="--vrrp: rolling restart of the daemons")
+@click.option("--hold", type=click.FloatRange(0, 30), default=3.0, show_default=True,
+              help="--vrrp --failover: the rejoining fw1 runs keepalived this long before "
+              "its daemon")
+def run_cmd(json_path: str | None, integrity_mb: int, vrrp: bool, rolling: bool, hold: float,
+            **opts: Any) -> None:
     """One configuration: build, start firewalls, iperf3, counters, tear down."""
     check_output_file(json_path, make_parents=True)
+    if vrrp or rolling:
+        _run_vrrp(json_path, opts, rolling, hold)
+        return
     if opts.get("rules"):
         load_rules_file(opts["rules"])
     _need_root()
@@ -167,6 +178,26 @@ def run_cmd(json_path: str | None, integrity_mb: int, **opts: Any) -> None:
     if cfg.integrity_bytes and not doc["integrity"]["intact"]:
         failed = True
     sys.exit(1 if failed else 0)
+
+
+def _run_vrrp(json_path: str | None, opts: dict[str, Any], rolling: bool, hold: float) -> None:
+    """`lab run --vrrp`: see pfcluster.lab.vrrp."""
+    from pfcluster.lab.vrrp import VrrpConfig, run_vrrp, vrrp_lines
+
+    cfg = VrrpConfig(seconds=opts["seconds"], streams=opts["streams"],
+                     failover=opts["failover"], rolling=rolling, hold=hold,
+                     keep_logs=opts["keep_logs"])
+    try:
+        cfg.check()
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    _need_root()
+    doc = _run_single("run", "vrrp", lambda progress: run_vrrp(cfg, progress), json_path)
+    for line in vrrp_lines(doc):
+        click.echo(line)
+    for err in doc["errors"]:
+        console.print(f"[yellow]{err}[/]")
+    sys.exit(0 if doc["ok"] else 1)
 
 
 @lab.command("compare")

@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("pfcluster.cli.bench", "bench"),
     "daemon": ("pfcluster.cli.daemon", "daemon"),
     "ctl": ("pfcluster.cli.ctl", "ctl"),
+    "check": ("pfcluster.cli.check", "check"),
     "lab": ("pfcluster.cli.lab", "lab"),
     "wireshark": ("pfcluster.cli.wireshark", "wireshark"),
 }

@@ -23,6 +23,8 @@
     pflog = "/var/log/pfcluster/pflog"  # pcap of `log` rules' packets (off when absent)
     pflog_size = 100           # MiB before FILE is renamed FILE.1 and a new one begun
     pflog_rate = 1000          # packets per second written at most (the rest counted)
+    track_file = "/run/pfcluster/vrrp-track"  # keepalived track_file: 0 when sync_ok,
+    track_demote = 253         # -track_demote until the bulk update is done (254: FAULT)
 """
 
 from __future__ import annotations
@@ -72,6 +74,8 @@ class DaemonConfig:
     pflog: str | None = None
     pflog_size: int = 100
     pflog_rate: int = 1000
+    track_file: str | None = None
+    track_demote: int = 253
     # set only in the processes a `--workers N` supervisor starts (never from a file)
     worker: int | None = None
 
@@ -127,6 +131,8 @@ class DaemonConfig:
         if self.sync_key is not None and self.protocol == "v4":
             raise ConfigError("sync_key: pfsync v4 frames have no place for an "
                               "authenticator; use --protocol v5")
+        if not 1 <= self.track_demote <= 254:
+            raise ConfigError(f"track_demote: {self.track_demote} is not 1..254")
         if self.hostid is not None and not 0 < self.hostid <= 0xFFFFFFFF:
             raise ConfigError(f"hostid: {self.hostid} is not a non-zero 32-bit value")
         return self
@@ -139,7 +145,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "control": (str,), "fail_open": (bool,), "copy_range": (int,), "hostid": (int,),
     "nat_slice": (str,), "sync_key": (str,),
     "syslog": (bool,), "verbose": (bool,), "metrics": (str,), "pflog": (str,),
-    "pflog_size": (int,), "pflog_rate": (int,),
+    "pflog_size": (int,), "pflog_rate": (int,), "track_file": (str,), "track_demote": (int,),
 }
 
 
@@ -179,8 +185,9 @@ def worker_config(cfg: DaemonConfig, index: int, hostid: int) -> DaemonConfig:
     """What worker `index` of a `--workers N` firewall runs: its own queue of the balanced
     range, its own control socket beside the firewall's, and its own pfsync creator id
     (each worker is a pfsync node; see io/siblings.py). The supervisor serves the
-    metrics of all; each worker writes its own pflog file, FILE.w<index>."""
-    return replace(cfg, worker=index, queue=cfg.queue + index,
+    metrics of all and writes the keepalived track file; each worker writes its own
+    pflog file, FILE.w<index>."""
+    return replace(cfg, worker=index, queue=cfg.queue + index, track_file=None,
                    control=f"{cfg.control}.w{index}", metrics=None,
                    pflog=None if cfg.pflog is None else f"{cfg.pflog}.w{index}",
                    hostid=(hostid + index - 1) % 0xFFFFFFFF + 1).validate()

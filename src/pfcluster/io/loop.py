@@ -40,9 +40,11 @@ from pfcluster.io.holdtimes import HoldTimes
 from pfcluster.io.iptables import IptablesError, IptablesRules, queue_owner
 from pfcluster.io.keyfile import load_key_file
 from pfcluster.io.nfq import MAX_COPY_RANGE
+from pfcluster.io.sdnotify import sd_notify
 from pfcluster.io.siblings import SiblingBus
 from pfcluster.io.signals import SignalWakeup
 from pfcluster.io.syncsock import SyncSet, SyncSocket
+from pfcluster.io.vrrp import TrackFile, Transitions, notify_request, syncok_answer
 from pfcluster.pf import pfctl
 from pfcluster.pf.nat import NatSlice
 from pfcluster.pfsync.api import SyncEngine
@@ -235,6 +237,8 @@ class Daemon:
         self.metrics: Any = None  # --metrics: io/metrics.MetricsServer
         self.pflog: Any = None  # --pflog: io/pflog.PflogWriter
         self.hold_times = HoldTimes()  # deferred packets' hold times
+        self.track = TrackFile(cfg.track_file, cfg.track_demote)  # keepalived's view
+        self.vrrp = Transitions()
 
     # --- setup / teardown -----------------------------------------------------
 
@@ -245,6 +249,7 @@ class Daemon:
         from pfcluster.io.dataplane import Dataplane, ReplySender
 
         cfg = self.cfg
+        self.track.write(False)  # demoted until our bulk update is done
         self.signals.install(self.sel, (K_SIGNAL, None))
         if cfg.sync_enabled:
             self._open_sync()
@@ -303,6 +308,9 @@ class Daemon:
         if cfg.sync_enabled:
             self.engine.start(now)  # bulk update request; sync_ok once answered
         self._flush()
+        self.track.write(bool(self.engine.sync_ok))  # no pfsync: nothing to wait for
+        if cfg.worker is None:  # the supervisor speaks for a --workers firewall
+            sd_notify(f"READY=1\nMAINPID={os.getpid()}")
         log.info("pfcluster daemon up: syncdev %s, %s, dialect %s, protocol %s, queue %d, "
                  "control %s%s", cfg.syncdev,
                  f"peer {cfg.syncpeer}" if cfg.syncpeer else "multicast", cfg.dialect,
@@ -334,6 +342,9 @@ class Daemon:
         is queued to nobody); with fail_open they are removed first, before the queue is
         unbound. Held (deferred) packets get the engine's verdicts, the peers get what
         the engine still had queued, then the queue is unbound and the sockets closed."""
+        self.track.write(False)  # keepalived moves the address away first
+        if self.cfg.worker is None:
+            sd_notify("STOPPING=1")
         leave_rules(self.iptables, self.cfg)
         if self.dataplane is not None:
             try:
@@ -381,6 +392,7 @@ class Daemon:
                 if ev.since:
                     self.hold_times.observe(self.clock() - ev.since)
             elif isinstance(ev, SyncOk):
+                self.track.write(ev.ok)
                 if ev.ok:
                     log.info("pfsync: sync_ok (bulk update done or not needed)")
                 else:
@@ -592,6 +604,7 @@ class Daemon:
             "states": len(self.filter.states),
             "uptime": round(now - self.started, 3),
             "pid": os.getpid(),
+            "vrrp": self.vrrp.as_dict(),
             **extra,
         }
 
@@ -606,6 +619,7 @@ class Daemon:
             data = self.counters(now)
             text = pfctl.format_daemon_info(self.filter, now, data["pfsync"], data["sync_ok"],
                                             data["dataplane"])
+            text.extend(self.vrrp.lines())
             return {"ok": True, "text": text, "data": data}
         if cmd == "rules":
             rules = pfctl.format_rules(getattr(self.ruleset, "rules", ()))
@@ -634,5 +648,9 @@ class Daemon:
             return {"ok": True, "text": [f"{n} states cleared"], "data": {"flushed": n}}
         if cmd == "reload":
             return self.reload()
+        if cmd == "syncok":
+            return syncok_answer(bool(self.engine.sync_ok))
+        if cmd == "notify":
+            return notify_request(req, self.vrrp, bool(self.engine.sync_ok))
         return {"ok": False, "error": f"unknown command {cmd!r}"}
 

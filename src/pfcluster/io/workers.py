@@ -45,7 +45,9 @@ from pfcluster.io.loop import (
     skip_ifaces,
     translates,
 )
+from pfcluster.io.sdnotify import sd_notify
 from pfcluster.io.signals import SignalWakeup
+from pfcluster.io.vrrp import TrackFile, Transitions, notify_request, syncok_answer
 from pfcluster.pf import pfctl
 from pfcluster.pf.state import new_creatorid
 from pfcluster.procfs import cpu_seconds
@@ -146,6 +148,10 @@ class Supervisor:
         self.stop_signal: int | None = None
         self.status = 0
         self.started = time.monotonic()
+        # the firewall's keepalived track file: the workers' sync_ok, polled
+        self.track = TrackFile(cfg.track_file, cfg.track_demote)
+        self.vrrp = Transitions()
+        self.next_track = 0.0
 
     # --- workers ---------------------------------------------------------------------
 
@@ -220,6 +226,7 @@ class Supervisor:
             raise SetupError("the rules translate addresses (nat-to/rdr-to): --workers is not "
                              "supported with translation yet; run one process")
         cfg = self.cfg
+        self.track.write(False)
         self.signals.install(self.sel, (K_SIGNAL, None))
         self.control = open_control(cfg.control, self.handle_request)
         self.sel.register(self.control, selectors.EVENT_READ, (K_LISTEN, None))
@@ -243,6 +250,7 @@ class Supervisor:
             log.info("iptables: chain %s installed (queues %d..%d balanced, %s)", rules.chain,
                      cfg.queue, cfg.queue + cfg.workers - 1,
                      "fail-open" if cfg.fail_open else "fail-closed")
+        sd_notify(f"READY=1\nMAINPID={os.getpid()}")
         log.info("pfcluster daemon up: %d workers, queues %d..%d, hostid %08x..., control %s",
                  cfg.workers, cfg.queue, cfg.queue + cfg.workers - 1, self.hostid, cfg.control)
 
@@ -262,7 +270,11 @@ class Supervisor:
                     self.metrics.service(self.sel, obj, mask, K_MCLIENT)
             self._handle_signals()
             if self.stop_signal is None:
-                self._check_workers(time.monotonic())
+                now = time.monotonic()
+                self._check_workers(now)
+                if self.track.path is not None and now >= self.next_track:
+                    self.next_track = now + 1.0
+                    self.track.write(self.sync_ok())
 
     def _handle_signals(self) -> None:
         sig = self.signals.take(self.reload)
@@ -272,6 +284,8 @@ class Supervisor:
             self.stop_signal = sig
 
     def teardown(self) -> None:
+        self.track.write(False)
+        sd_notify("STOPPING=1")
         leave_rules(self.iptables, self.cfg)  # fail_open: before the queues go
         self._stop_workers()
         if self.control is not None:
@@ -313,6 +327,10 @@ class Supervisor:
             return {"ok": False, "error": "; ".join(failed)}
         return answers[0]
 
+    def sync_ok(self) -> bool:
+        """Every worker answers and has its bulk update (one that is down: false)."""
+        return all(a.get("ok") and a["data"]["sync_ok"] for a in self._ask_all("syncok"))
+
     def info(self) -> dict[str, Any]:
         answers = self._ask_all("info")
         datas = [a["data"] for a in answers if a.get("ok")]
@@ -332,6 +350,7 @@ class Supervisor:
             "uptime": round(now - self.started, 3),
             "pid": os.getpid(),
             "workers": [self._worker_line(w, d) for w, d in zip(self.workers, datas)],
+            "vrrp": self.vrrp.as_dict(),
         }
         text = pfctl.format_daemon_info_data(data["pf"], data["pfsync"], data["sync_ok"],
                                              data["dataplane"])
@@ -341,6 +360,7 @@ class Supervisor:
                         f"hostid {wl['hostid']}  packets {wl['packets']:>12}  "
                         f"cpu {wl['cpu_seconds']:>9.2f} s  sync_ok "
                         f"{str(wl['sync_ok']).lower()}")
+        text.extend(self.vrrp.lines())
         return {"ok": True, "text": text, "data": data}
 
     def _figures(self) -> dict[str, Any]:
@@ -375,4 +395,8 @@ class Supervisor:
             return {"ok": True, "text": [f"{n} states cleared"], "data": {"flushed": n}}
         if cmd == "reload":
             return self.reload()
+        if cmd == "syncok":
+            return syncok_answer(self.sync_ok())
+        if cmd == "notify":
+            return notify_request(req, self.vrrp, self.sync_ok())
         return {"ok": False, "error": f"unknown command {cmd!r}"}

@@ -13,6 +13,7 @@ import contextlib
 import json
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -98,8 +99,11 @@ def run_client(
     grace: float = 8.0,
 ) -> IperfResult:
     """Run the client; `tick(elapsed)` is called ~5x a second (progress, failover)."""
+    # stdout to a file, not a pipe: iperf3 -J writes its whole report at the end, and a
+    # report over the pipe's 64 KiB (many streams, long runs) would block it until killed
+    outfile = tempfile.TemporaryFile()  # noqa: SIM115 (closed below)
     popen = subprocess.Popen(
-        ns_argv(ns, argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        ns_argv(ns, argv), stdout=outfile, stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL, start_new_session=True,
     )
     start = time.monotonic()
@@ -120,12 +124,16 @@ def run_client(
                 popen.kill()
                 break
             time.sleep(0.2)
-        out, err = popen.communicate(timeout=5)
+        _, err = popen.communicate(timeout=5)
+        outfile.seek(0)
+        out = outfile.read()
     except BaseException:
         with contextlib.suppress(ProcessLookupError):
             popen.kill()
         popen.wait(5)
         raise
+    finally:
+        outfile.close()
     streams = int(argv[argv.index("-P") + 1]) if "-P" in argv else 1
     result = parse(out.decode(errors="replace"), streams=streams)
     if interrupted and result.error is None:
