@@ -622,7 +622,9 @@ class Daemon:
             text.extend(self.vrrp.lines())
             return {"ok": True, "text": text, "data": data}
         if cmd == "rules":
-            rules = pfctl.format_rules(getattr(self.ruleset, "rules", ()))
+            # FreeBSD's translation rules first, as `pfctl -sa` shows -sn before -sr
+            rules = pfctl.format_rules([*getattr(self.ruleset, "translation_rules", ()),
+                                        *getattr(self.ruleset, "rules", ())])
             return {"ok": True, "text": rules, "data": rules}
         if cmd == "kill":
             host, host2, sid = req.get("host"), req.get("host2"), req.get("id")

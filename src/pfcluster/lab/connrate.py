@@ -38,8 +38,11 @@ from pfcluster.lab.iperf import wait_listening
 from pfcluster.lab.netns import Lab, LabError, Proc, run, sysctl
 from pfcluster.lab.topology import Host, Topology
 
-CONN_PATHS = ("kernel", "symmetric", "split")
-DAEMON_PATHS = ("symmetric", "split")
+CONN_PATHS = ("kernel", "symmetric", "split", "ecmp")
+DAEMON_PATHS = ("symmetric", "split", "ecmp")
+# what a plain `lab connrate` measures (ecmp on request: with --nat it is the path on
+# which both firewalls translate, each for part of the flows)
+DEFAULT_PATHS = ("kernel", "symmetric", "split")
 SERVER_PORT = 8080
 REUSE_PORT_BASE = 20001  # fixed source ports for --reuse-port: below the ephemeral range
 # firewall counters reported per path (leaf names of `ctl info --json`, `-`/`_` ignored)
@@ -60,7 +63,7 @@ ProgressFn = Callable[[str, float], None]
 class ConnRateConfig:
     conns: int = 3000
     parallel: int = 50
-    paths: tuple[str, ...] = CONN_PATHS
+    paths: tuple[str, ...] = DEFAULT_PATHS
     reuse_port: int = 0  # N sequential connections from one source port (and N fresh)
     timeout: float = 15.0  # a connection not done within this counts as failed
     max_seconds: float = 120.0  # bound on each path's load phase
@@ -319,6 +322,9 @@ def ratios(rows: dict[str, dict[str, Any]]) -> dict[str, float | None]:
             out["split_over_kernel"] = round(sp / k, 3)
     if sy and sp is not None:
         out["split_over_symmetric"] = round(sp / sy, 3)
+    ec = rate("ecmp")
+    if k and ec is not None:
+        out["ecmp_over_kernel"] = round(ec / k, 3)
     return out
 
 
