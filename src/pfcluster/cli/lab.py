@@ -176,12 +176,16 @@ def run_cmd(json_path: str | None, integrity_mb: int, **opts: Any) -> None:
                    "without it)")
 @click.option("--only", "only", default=None, metavar="NAME[,NAME...]",
               help="run only these rows (e.g. split-v5,split-v5-thesis-merge)")
+@click.option("--anchors", is_flag=True,
+              help="also the Linux anchor: kernel conntrack + iptables + conntrackd FTFW "
+                   "(symmetric, split, split with window tracking off, failover), and "
+                   "pfcluster's own failover row")
 @workers_option
 def compare_cmd(seconds: int, streams: int, firewall: str, out_dir: str,
                 json_path: str | None, rules: str | None, defer: bool,
-                only: str | None = None, workers: int = 1) -> None:
+                only: str | None = None, workers: int = 1, anchors: bool = False) -> None:
     """The main job: single firewall, symmetric pair, split v5 (and with the thesis' TCP
-    merge), split v4, ECMP v5."""
+    merge), split v4, ECMP v5; --anchors adds kernel conntrack + conntrackd rows."""
     check_output_dir(out_dir)
     check_output_file(json_path, make_parents=True)
     if rules:
@@ -197,7 +201,14 @@ def compare_cmd(seconds: int, streams: int, firewall: str, out_dir: str,
     if kind == "plain":
         console.print("[yellow]firewalls are plain Linux routers (no pf, no pfsync): "
                       "the sync columns mean nothing in this mode[/]")
-    configs = compare_configs(base)
+    if anchors:
+        from pfcluster.lab.anchor import missing_tools
+
+        missing = missing_tools()
+        if missing:
+            raise click.UsageError(f"--anchors needs {', '.join(missing)} "
+                                   "(scripts/install installs them)")
+    configs = compare_configs(base, anchors=anchors)
     if only:
         wanted = [w.strip() for w in only.split(",") if w.strip()]
         names = [c.name for c in configs]

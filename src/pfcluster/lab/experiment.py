@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pfcluster.lab import iperf
+from pfcluster.lab.anchor import ANCHOR_KIND, ANCHOR_MODES, AnchorRunner
 from pfcluster.lab.netns import IPTABLES, Lab, LabError, Proc, run
 from pfcluster.lab.topology import (
     CLIENT_NET4,
@@ -130,10 +131,14 @@ class RunConfig:
     keep_logs: bool = False
     merge: str | None = None  # daemon --merge edges|thesis (None: the daemon's default)
     workers: int = 1  # daemon --workers N (flows spread by client/server address pair)
+    anchor: str | None = None  # conntrack + conntrackd instead of pfcluster: cache | direct
+    tcp_liberal: bool = False  # anchor: nf_conntrack_tcp_be_liberal=1 (window tracking off)
 
     def label(self) -> str:
         if self.name:
             return self.name
+        if self.anchor:
+            return f"anchor-{self.paths} {self.anchor}" + (" failover" if self.failover else "")
         n = "single" if self.firewalls == 1 else f"{self.paths}"
         return f"{n} sync={self.sync}" + (" failover" if self.failover else "")
 
@@ -148,6 +153,8 @@ class RunConfig:
             raise ValueError(f"{self.paths} paths need at least 2 firewalls")
         if self.failover and self.firewalls < 2:
             raise ValueError("failover needs at least 2 firewalls")
+        if self.anchor is not None and self.anchor not in ANCHOR_MODES:
+            raise ValueError(f"anchor must be one of {ANCHOR_MODES}")
 
 
 # --- firewall runners ---------------------------------------------------------------
@@ -303,7 +310,10 @@ class DaemonRunner:
         _down(self.lab, fw)
 
 
-def make_runner(kind: str) -> FirewallRunner:
+def make_runner(kind: str, cfg: RunConfig | None = None) -> FirewallRunner:
+    if kind == ANCHOR_KIND:
+        assert cfg is not None and cfg.anchor is not None
+        return AnchorRunner(cfg.anchor, cfg.tcp_liberal)
     return DaemonRunner() if kind == "daemon" else PlainRunner()
 
 
@@ -472,7 +482,7 @@ def _json_conns(text: str) -> list[dict[str, Any]]:
 def run_one(cfg: RunConfig, progress: ProgressFn | None = None) -> dict[str, Any]:
     """Build, start firewalls, measure, collect, tear down. Returns the figures."""
     cfg.check()
-    kind = resolve_mode(cfg.firewall)
+    kind = ANCHOR_KIND if cfg.anchor else resolve_mode(cfg.firewall)
     note = progress or (lambda what, frac: None)
     result: dict[str, Any] = {
         "name": cfg.label(), "config": asdict(cfg), "firewall": kind,
@@ -488,7 +498,7 @@ def run_one(cfg: RunConfig, progress: ProgressFn | None = None) -> dict[str, Any
         c, s = topo.client_hosts[0], topo.server_hosts[0]
         for host in (c, s):
             _rst_rules(lab, host.ns)
-        runner = make_runner(kind)
+        runner = make_runner(kind, cfg)
         note(f"starting {kind} firewalls", 0.02)
         runner.start(lab, topo, cfg)
         note("waiting for sync", 0.04)
@@ -542,6 +552,9 @@ def run_one(cfg: RunConfig, progress: ProgressFn | None = None) -> dict[str, Any
                 runner.crash(topo.fw(1))
                 topo.fail_over(1)
                 failed_over.update(at_s=round(elapsed, 2), took_s=round(time.monotonic() - t0, 3))
+                take_over = getattr(runner, "take_over", None)
+                if take_over is not None:  # the anchor: keepalived's notify script, after the VIP moved
+                    failed_over["takeover"] = take_over(topo.fw(2))
 
         snap_timer.start()
         try:
@@ -590,11 +603,12 @@ def run_one(cfg: RunConfig, progress: ProgressFn | None = None) -> dict[str, Any
             note("integrity transfer", 0.95)
             integrity = integrity_transfer(lab, topo, cfg.integrity_bytes,
                                            sources=extra_sources(lab, topo, cfg.workers))
-        if kind == "daemon":
+        if kind in ("daemon", ANCHOR_KIND):
             for idx, proc in runner.procs.items():  # type: ignore[attr-defined]
                 if proc.popen.poll() is not None and not (cfg.failover and idx == 1):
                     result["errors"].append(
-                        f"daemon fw{idx} died ({proc.popen.returncode}): {lab.log_tail(proc, 5)}"
+                        f"{'daemon' if kind == 'daemon' else 'conntrackd'} fw{idx} died "
+                        f"({proc.popen.returncode}): {lab.log_tail(proc, 5)}"
                     )
         note("tearing down", 0.98)
 
@@ -640,10 +654,11 @@ def run_one(cfg: RunConfig, progress: ProgressFn | None = None) -> dict[str, Any
 # --- compare and sweep --------------------------------------------------------------
 
 
-def compare_configs(base: RunConfig) -> list[RunConfig]:
+def compare_configs(base: RunConfig, anchors: bool = False) -> list[RunConfig]:
     """The main job: single firewall, symmetric pair, split v5, split v5 with the thesis'
-    all-or-nothing TCP merge (the merge rule's effect alone), split v4, ECMP v5."""
-    return [
+    all-or-nothing TCP merge (the merge rule's effect alone), split v4, ECMP v5; with
+    `anchors`, a pfcluster failover row and the Linux anchor's rows after them."""
+    rows = [
         replace(base, name="single", firewalls=1, paths="symmetric", sync="off"),
         replace(base, name="symmetric", paths="symmetric", sync="v5"),
         replace(base, name="split-v5", paths="split", sync="v5"),
@@ -651,25 +666,59 @@ def compare_configs(base: RunConfig) -> list[RunConfig]:
         replace(base, name="split-v4", paths="split", sync="v4"),
         replace(base, name="ecmp-v5", paths="ecmp", sync="v5"),
     ]
+    return rows + (anchor_configs(base) if anchors else [])
+
+
+def anchor_configs(base: RunConfig) -> list[RunConfig]:
+    """pfcluster's symmetric failover, then kernel conntrack + conntrackd FTFW: the
+    documented active-backup set-up (external cache) on symmetric paths and through a
+    failover, and the external cache disabled (states injected into the kernel) on split
+    paths, with TCP window tracking at its default and then off (be_liberal=1)."""
+    return [
+        replace(base, name="failover-v5", paths="symmetric", sync="v5", failover=True),
+        replace(base, name="anchor-symmetric", paths="symmetric", anchor="cache"),
+        replace(base, name="anchor-split", paths="split", anchor="direct"),
+        replace(base, name="anchor-split-liberal", paths="split", anchor="direct",
+                tcp_liberal=True),
+        replace(base, name="anchor-failover", paths="symmetric", anchor="cache", failover=True),
+    ]
+
+
+def _resets_during(r: dict[str, Any]) -> int | None:
+    during = (r.get("resets") or {}).get("during")
+    return None if not during else int(during["client"]) + int(during["server"])
+
+
+def _sync_name(cfg: dict[str, Any]) -> str:
+    if cfg.get("anchor"):
+        return f"conntrackd-ftfw-{cfg['anchor']}" + ("-liberal" if cfg.get("tcp_liberal") else "")
+    return str(cfg["sync"])
 
 
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One table row per run, with goodput ratios to the single firewall and symmetric pair."""
+    """One table row per run, with goodput ratios to the single firewall and symmetric pair
+    (an anchor row: to the anchor's own symmetric pair, and no single-firewall ratio)."""
     by = {r["name"]: r for r in runs}
     single = by.get("single", {}).get("goodput_bps") or None
     sym = by.get("symmetric", {}).get("goodput_bps") or None
+    anchor_sym = by.get("anchor-symmetric", {}).get("goodput_bps") or None
     rows = []
     for r in runs:
         g = r.get("goodput_bps") or 0.0
+        is_anchor = bool(r["config"].get("anchor"))
+        base_single, base_sym = (None, anchor_sym) if is_anchor else (single, sym)
         rows.append({
             "name": r["name"],
             "paths": r["config"]["paths"],
-            "sync": r["config"]["sync"],
+            "sync": _sync_name(r["config"]),
             "firewalls": r["config"]["firewalls"],
             "goodput_mbps": round(g / 1e6, 1),
-            "ratio_single": round(g / single, 3) if single else None,
-            "ratio_symmetric": round(g / sym, 3) if sym else None,
+            "ratio_single": round(g / base_single, 3) if base_single else None,
+            "ratio_symmetric": round(g / base_sym, 3) if base_sym else None,
             "retransmits": r.get("retransmits"),
+            "resets": _resets_during(r),
+            "survived_failover": (r.get("failover") or {}).get("survived"),
+            "error": (r.get("iperf") or {}).get("error"),
             "state_mismatch": r.get("state_mismatch"),
             "sync_bytes_per_data_byte": r.get("sync_bytes_per_data_byte"),
             "stalled_streams": r.get("stalled_streams"),

@@ -30,6 +30,7 @@ COLUMNS = (
     ("x single", "ratio_single", ".2f"),
     ("x symmetric", "ratio_symmetric", ".2f"),
     ("retransmits", "retransmits", ""),
+    ("resets", "resets", ""),
     ("state-mismatch", "state_mismatch", ""),
     ("sync B / data B", "sync_bytes_per_data_byte", ".2e"),
     ("stalled streams", "stalled_streams", ""),
@@ -57,6 +58,9 @@ def compare_markdown(doc: dict[str, Any]) -> str:
     ]
     for row in doc["summary"]:
         lines.append("| " + " | ".join(_fmt(row.get(k), s) for _, k, s in COLUMNS) + " |")
+    notes = [f"- {row['name']}: {row['error']}" for row in doc["summary"] if row.get("error")]
+    if notes:
+        lines += ["", *notes]
     checks = doc.get("acceptance") or {}
     if checks:
         lines.append("")
@@ -72,6 +76,9 @@ def print_compare(doc: dict[str, Any], console: Console | None = None) -> None:
     for run in doc["runs"]:
         for err in run.get("errors") or []:
             console.print(f"  [yellow]{run['name']}[/]: {err}")
+    for row in doc["summary"]:
+        if row.get("error"):
+            console.print(f"  [yellow]{row['name']}[/]: iperf3: {row['error']}")
 
 
 def _resets(r: dict[str, int] | None) -> str:
