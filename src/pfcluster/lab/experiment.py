@@ -133,6 +133,7 @@ class RunConfig:
     workers: int = 1  # daemon --workers N (flows spread by client/server address pair)
     anchor: str | None = None  # conntrack + conntrackd instead of pfcluster: cache | direct
     tcp_liberal: bool = False  # anchor: nf_conntrack_tcp_be_liberal=1 (window tracking off)
+    reuse_port: int = 0  # after iperf3: N connections from one fixed source port (seed 000)
 
     def label(self) -> str:
         if self.name:
@@ -155,6 +156,8 @@ class RunConfig:
             raise ValueError("failover needs at least 2 firewalls")
         if self.anchor is not None and self.anchor not in ANCHOR_MODES:
             raise ValueError(f"anchor must be one of {ANCHOR_MODES}")
+        if not 0 <= self.reuse_port <= 1000:
+            raise ValueError("reuse_port must be 0..1000")
 
 
 # --- firewall runners ---------------------------------------------------------------
@@ -472,6 +475,39 @@ def extra_sources(lab: Lab, topo: Topology, workers: int) -> list[str] | None:
     return addrs
 
 
+REUSE_TIMEOUT = 5.0  # seconds a reuse-phase connection may take before it counts as failed
+
+
+def port_reuse(lab: Lab, topo: Topology, count: int, runner: FirewallRunner) -> dict[str, Any]:
+    """Seed 000's pattern: `count` sequential connections from one fixed client port
+    (each while the firewall still holds the previous one's closed state), against as
+    many from fresh ports; connclient's `reuse` phase, as `lab connrate --reuse-port`.
+    The firewalls' state-mismatch and blocked counts during the phase are added."""
+    from pfcluster.lab.connrate import REUSE_PORT_BASE, SERVER_PORT, ConnRateConfig, measure_path
+
+    c, s = topo.client_hosts[0], topo.server_hosts[0]
+    cfg = ConnRateConfig(conns=0, reuse_port=count, timeout=REUSE_TIMEOUT)
+    srv = lab.spawn("reuse-server", s.ns, [
+        sys.executable, "-m", "pfcluster.lab.connclient", "serve", "--bind", s.ip4,
+        "--port", str(SERVER_PORT), "--seconds", f"{cfg.path_budget():g}",
+    ])
+    try:
+        iperf.wait_listening(s.ns, SERVER_PORT, srv)
+        before = [pick_counters(runner.info(fw)) for fw in topo.fws]
+        row = measure_path(lab, cfg, c, s, REUSE_PORT_BASE, set())["reuse"]
+        after = [pick_counters(runner.info(fw)) for fw in topo.fws]
+    except (LabError, ValueError) as exc:
+        return {"n": count, "error": str(exc)}
+    finally:
+        lab.stop(srv, grace=2.0)
+    out = {k: v for k, v in row.items() if k not in ("fresh_conns", "reuse_conns")}
+    for key in ("state-mismatch", "blocked"):
+        deltas = [_delta(a, b)[key] for a, b in zip(after, before)]
+        known = [d for d in deltas if d is not None]
+        out[f"fw_{key.replace('-', '_')}"] = sum(known) if known else None
+    return out
+
+
 def _json_conns(text: str) -> list[dict[str, Any]]:
     try:
         return list(json.loads(text.strip().splitlines()[-1]).get("conns", []))
@@ -603,6 +639,10 @@ def run_one(cfg: RunConfig, progress: ProgressFn | None = None) -> dict[str, Any
             note("integrity transfer", 0.95)
             integrity = integrity_transfer(lab, topo, cfg.integrity_bytes,
                                            sources=extra_sources(lab, topo, cfg.workers))
+        reuse = None
+        if cfg.reuse_port:
+            note("port reuse", 0.96)
+            reuse = port_reuse(lab, topo, cfg.reuse_port, runner)
         if kind in ("daemon", ANCHOR_KIND):
             for idx, proc in runner.procs.items():  # type: ignore[attr-defined]
                 if proc.popen.poll() is not None and not (cfg.failover and idx == 1):
@@ -645,6 +685,8 @@ def run_one(cfg: RunConfig, progress: ProgressFn | None = None) -> dict[str, Any
         }
     if integrity is not None:
         result["integrity"] = integrity
+    if reuse is not None:
+        result["port_reuse"] = reuse
     if cfg.rate_pps:
         result["rate_pps"] = cfg.rate_pps
     note("done", 1.0)
@@ -666,7 +708,16 @@ def compare_configs(base: RunConfig, anchors: bool = False) -> list[RunConfig]:
         replace(base, name="split-v4", paths="split", sync="v4"),
         replace(base, name="ecmp-v5", paths="ecmp", sync="v5"),
     ]
-    return rows + (anchor_configs(base) if anchors else [])
+    if not anchors:
+        return rows
+    # side by side with the anchor, pfcluster's symmetric and split rows also do the
+    # port-reuse phase
+    rows = [replace(r, reuse_port=REUSE_CONNS) if r.name in ("symmetric", "split-v5") else r
+            for r in rows]
+    return rows + anchor_configs(base)
+
+
+REUSE_CONNS = 20  # connections per port-reuse phase in compare --anchors
 
 
 def anchor_configs(base: RunConfig) -> list[RunConfig]:
@@ -676,10 +727,12 @@ def anchor_configs(base: RunConfig) -> list[RunConfig]:
     paths, with TCP window tracking at its default and then off (be_liberal=1)."""
     return [
         replace(base, name="failover-v5", paths="symmetric", sync="v5", failover=True),
-        replace(base, name="anchor-symmetric", paths="symmetric", anchor="cache"),
-        replace(base, name="anchor-split", paths="split", anchor="direct"),
+        replace(base, name="anchor-symmetric", paths="symmetric", anchor="cache",
+                reuse_port=REUSE_CONNS),
+        replace(base, name="anchor-split", paths="split", anchor="direct",
+                reuse_port=REUSE_CONNS),
         replace(base, name="anchor-split-liberal", paths="split", anchor="direct",
-                tcp_liberal=True),
+                tcp_liberal=True, reuse_port=REUSE_CONNS),
         replace(base, name="anchor-failover", paths="symmetric", anchor="cache", failover=True),
     ]
 
@@ -687,6 +740,18 @@ def anchor_configs(base: RunConfig) -> list[RunConfig]:
 def _resets_during(r: dict[str, Any]) -> int | None:
     during = (r.get("resets") or {}).get("during")
     return None if not during else int(during["client"]) + int(during["server"])
+
+
+def _reuse_summary(r: dict[str, Any]) -> str | None:
+    """`ok/n` of the fixed-port connections, with how many were slow (> 500 ms)."""
+    ru = r.get("port_reuse")
+    if not ru:
+        return None
+    if ru.get("error"):
+        return "error"
+    mismatch = ru.get("fw_state_mismatch")
+    return (f"{ru['reuse_ok']}/{ru['n']}, {ru['reuse_slow']} slow"
+            + ("" if mismatch is None else f", {mismatch} mism."))
 
 
 def _sync_name(cfg: dict[str, Any]) -> str:
@@ -717,6 +782,7 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "ratio_symmetric": round(g / base_sym, 3) if base_sym else None,
             "retransmits": r.get("retransmits"),
             "resets": _resets_during(r),
+            "port_reuse": _reuse_summary(r),
             "survived_failover": (r.get("failover") or {}).get("survived"),
             "error": (r.get("iperf") or {}).get("error"),
             "state_mismatch": r.get("state_mismatch"),

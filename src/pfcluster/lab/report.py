@@ -34,7 +34,15 @@ COLUMNS = (
     ("state-mismatch", "state_mismatch", ""),
     ("sync B / data B", "sync_bytes_per_data_byte", ".2e"),
     ("stalled streams", "stalled_streams", ""),
+    ("port reuse ok", "port_reuse", ""),
 )
+OPTIONAL_COLUMNS = ("port_reuse",)  # shown only when some row has a value
+
+
+def _columns(doc: dict[str, Any]) -> list[tuple[str, str, str]]:
+    rows = doc["summary"]
+    return [c for c in COLUMNS
+            if c[1] not in OPTIONAL_COLUMNS or any(r.get(c[1]) is not None for r in rows)]
 
 
 def compare_table(doc: dict[str, Any]) -> Table:
@@ -43,21 +51,23 @@ def compare_table(doc: dict[str, Any]) -> Table:
         f"{doc['seconds']:g} s, {doc['streams']} TCP streams"
     )
     table = Table(title=title)
-    for head, _, _ in COLUMNS:
+    columns = _columns(doc)
+    for head, _, _ in columns:
         table.add_column(head, justify="left" if head == "configuration" else "right")
     for row in doc["summary"]:
-        table.add_row(*(_fmt(row.get(key), spec) for _, key, spec in COLUMNS))
+        table.add_row(*(_fmt(row.get(key), spec) for _, key, spec in columns))
     return table
 
 
 def compare_markdown(doc: dict[str, Any]) -> str:
     """The same table for the README."""
+    columns = _columns(doc)
     lines = [
-        "| " + " | ".join(h for h, _, _ in COLUMNS) + " |",
-        "|" + "|".join("---" if h == "configuration" else "---:" for h, _, _ in COLUMNS) + "|",
+        "| " + " | ".join(h for h, _, _ in columns) + " |",
+        "|" + "|".join("---" if h == "configuration" else "---:" for h, _, _ in columns) + "|",
     ]
     for row in doc["summary"]:
-        lines.append("| " + " | ".join(_fmt(row.get(k), s) for _, k, s in COLUMNS) + " |")
+        lines.append("| " + " | ".join(_fmt(row.get(k), s) for _, k, s in columns) + " |")
     notes = [f"- {row['name']}: {row['error']}" for row in doc["summary"] if row.get("error")]
     if notes:
         lines += ["", *notes]
