@@ -35,8 +35,9 @@ COLUMNS = (
     ("sync B / data B", "sync_bytes_per_data_byte", ".2e"),
     ("stalled streams", "stalled_streams", ""),
     ("port reuse ok", "port_reuse", ""),
+    ("survived failover", "survived_failover", ""),
 )
-OPTIONAL_COLUMNS = ("port_reuse",)  # shown only when some row has a value
+OPTIONAL_COLUMNS = ("port_reuse", "survived_failover")  # shown only when some row has a value
 
 
 def _columns(doc: dict[str, Any]) -> list[tuple[str, str, str]]:
