@@ -34,7 +34,7 @@ console = Console(stderr=True)
 
 def stdout_console() -> Console:
     """Tables on stdout; wide enough when piped to a file (rich would use 80 columns)."""
-    return Console() if sys.stdout.isatty() else Console(width=140)
+    return Console() if sys.stdout.isatty() else Console(width=180)
 
 firewall_option = click.option(
     "--firewall", "firewall", type=click.Choice(["auto", "daemon", "plain"]), default="auto",
