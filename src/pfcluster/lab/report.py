@@ -156,33 +156,44 @@ def _pyplot() -> Any:
     return plt
 
 
+def _is_anchor(row: dict[str, Any]) -> bool:
+    return str(row.get("sync", "")).startswith("conntrackd")
+
+
 def compare_chart(doc: dict[str, Any], path: str | Path) -> None:
     """Goodput per configuration (ratio to the single firewall on each bar) and sync cost."""
     plt = _pyplot()
     rows = doc["summary"]
     names = [r["name"] for r in rows]
     goodput = [r["goodput_mbps"] or 0.0 for r in rows]
+    anchors = any(_is_anchor(r) for r in rows)
     colors = ["#888888" if r["name"] == "single" else
-              "#d62728" if (r.get("stalled_streams") or not r.get("ok")) else "#1f77b4"
+              "#d62728" if (r.get("stalled_streams") or not r.get("ok")) else
+              "#ff7f0e" if _is_anchor(r) else "#1f77b4"
               for r in rows]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 2]})
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15 if anchors else 11, 4.8 if anchors else 4.2),
+                                   gridspec_kw={"width_ratios": [3, 2]})
     bars = ax1.bar(names, goodput, color=colors)
     # label each bar with its ratio to the single firewall (or to symmetric without one)
     key, unit = ("ratio_single", "x") if any(r.get("ratio_single") for r in rows) else (
         "ratio_symmetric", "x sym")
     for bar, r in zip(bars, rows):
-        ratio = r.get(key)
-        label = f"{ratio:.2f}{unit}" if ratio is not None else "failed"
+        # an anchor row has no single-firewall ratio: its ratio to the anchor's symmetric pair
+        ratio, suffix = (r.get("ratio_symmetric"), "x sym") if _is_anchor(r) else (r.get(key), unit)
+        label = f"{ratio:.2f}{suffix}" if ratio else "failed"
         ax1.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                      ha="center", va="bottom", fontsize=9)
     ax1.set_ylabel("goodput, Mbit/s")
     ax1.set_title(f"TCP goodput ({doc['firewall']} firewalls, {doc['streams']} streams)")
-    ax1.tick_params(axis="x", rotation=20)
     sync = [r.get("sync_bytes_per_data_byte") or 0.0 for r in rows]
     ax2.bar(names, [s * 100 for s in sync], color="#2ca02c")
     ax2.set_ylabel("sync bytes per 100 data bytes")
-    ax2.set_title("pfsync overhead")
-    ax2.tick_params(axis="x", rotation=20)
+    ax2.set_title("sync overhead (pfsync; conntrackd on anchor rows)" if anchors else "pfsync overhead")
+    for ax in (ax1, ax2):
+        ax.tick_params(axis="x", rotation=35 if anchors else 20)
+        if anchors:
+            for lbl in ax.get_xticklabels():
+                lbl.set_horizontalalignment("right")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
