@@ -34,7 +34,7 @@ console = Console(stderr=True)
 
 def stdout_console() -> Console:
     """Tables on stdout; wide enough when piped to a file (rich would use 80 columns)."""
-    return Console() if sys.stdout.isatty() else Console(width=140)
+    return Console() if sys.stdout.isatty() else Console(width=180)
 
 firewall_option = click.option(
     "--firewall", "firewall", type=click.Choice(["auto", "daemon", "plain"]), default="auto",
@@ -214,12 +214,17 @@ def _run_vrrp(json_path: str | None, opts: dict[str, Any], rolling: bool, hold: 
                    "without it)")
 @click.option("--only", "only", default=None, metavar="NAME[,NAME...]",
               help="run only these rows (e.g. split-v5,split-v5-thesis-merge)")
+@click.option("--anchors", is_flag=True,
+              help="also the Linux anchor: kernel conntrack + iptables + conntrackd FTFW "
+                   "(symmetric, split, split with window tracking off, failover), and "
+                   "pfcluster's own failover row")
 @workers_option
 def compare_cmd(seconds: int, streams: int, firewall: str, out_dir: str,
                 json_path: str | None, rules: str | None, defer: bool,
-                only: str | None = None, workers: int = 1) -> None:
+                only: str | None = None, workers: int = 1, anchors: bool = False) -> None:
     """The main job: single firewall, symmetric pair, split v5 (and with the thesis' TCP
-    merge), split v4, ECMP v5, split v5 with NAT."""
+    merge), split v4, ECMP v5, split v5 with NAT; --anchors adds kernel conntrack +
+    conntrackd rows."""
     check_output_dir(out_dir)
     check_output_file(json_path, make_parents=True)
     if rules:
@@ -235,7 +240,14 @@ def compare_cmd(seconds: int, streams: int, firewall: str, out_dir: str,
     if kind == "plain":
         console.print("[yellow]firewalls are plain Linux routers (no pf, no pfsync): "
                       "the sync columns mean nothing in this mode[/]")
-    configs = compare_configs(base)
+    if anchors:
+        from pfcluster.lab.anchor import missing_tools
+
+        missing = missing_tools()
+        if missing:
+            raise click.UsageError(f"--anchors needs {', '.join(missing)} "
+                                   "(scripts/install installs them)")
+    configs = compare_configs(base, anchors=anchors)
     if only:
         wanted = [w.strip() for w in only.split(",") if w.strip()]
         names = [c.name for c in configs]

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pfcluster.lab import iperf
+from pfcluster.lab.anchor import ANCHOR_KIND, ANCHOR_MODES, AnchorRunner
 from pfcluster.lab.netns import IPTABLES, Lab, LabError, Proc, run
 from pfcluster.lab.topology import (
     CLIENT_NET4,
@@ -152,10 +153,15 @@ class RunConfig:
     workers: int = 1  # daemon --workers N (flows spread by client/server address pair)
     nat: bool = False  # the firewalls translate the clients to NAT_ADDR4 (nat-to)
     sync_key: str | None = None  # daemon --sync-key FILE (authenticated sync)
+    anchor: str | None = None  # conntrack + conntrackd instead of pfcluster: cache | direct
+    tcp_liberal: bool = False  # anchor: nf_conntrack_tcp_be_liberal=1 (window tracking off)
+    reuse_port: int = 0  # after iperf3: N connections from one fixed source port (seed 000)
 
     def label(self) -> str:
         if self.name:
             return self.name
+        if self.anchor:
+            return f"anchor-{self.paths} {self.anchor}" + (" failover" if self.failover else "")
         n = "single" if self.firewalls == 1 else f"{self.paths}"
         return (f"{n} sync={self.sync}" + (" nat" if self.nat else "")
                 + (" failover" if self.failover else ""))
@@ -171,9 +177,13 @@ class RunConfig:
             raise ValueError(f"{self.paths} paths need at least 2 firewalls")
         if self.failover and self.firewalls < 2:
             raise ValueError("failover needs at least 2 firewalls")
-        if self.nat and (self.rules or self.firewall == "plain"):
+        if self.nat and (self.rules or self.firewall == "plain" or self.anchor):
             raise ValueError("--nat uses the lab's own rules on pfcluster daemons "
                              "(not with --rules or plain routers)")
+        if self.anchor is not None and self.anchor not in ANCHOR_MODES:
+            raise ValueError(f"anchor must be one of {ANCHOR_MODES}")
+        if not 0 <= self.reuse_port <= 1000:
+            raise ValueError("reuse_port must be 0..1000")
 
 
 # --- firewall runners ---------------------------------------------------------------
@@ -333,7 +343,10 @@ class DaemonRunner:
         _down(self.lab, fw)
 
 
-def make_runner(kind: str) -> FirewallRunner:
+def make_runner(kind: str, cfg: RunConfig | None = None) -> FirewallRunner:
+    if kind == ANCHOR_KIND:
+        assert cfg is not None and cfg.anchor is not None
+        return AnchorRunner(cfg.anchor, cfg.tcp_liberal)
     return DaemonRunner() if kind == "daemon" else PlainRunner()
 
 
@@ -506,6 +519,39 @@ def extra_sources(lab: Lab, topo: Topology, workers: int) -> list[str] | None:
     return addrs
 
 
+REUSE_TIMEOUT = 5.0  # seconds a reuse-phase connection may take before it counts as failed
+
+
+def port_reuse(lab: Lab, topo: Topology, count: int, runner: FirewallRunner) -> dict[str, Any]:
+    """Seed 000's pattern: `count` sequential connections from one fixed client port
+    (each while the firewall still holds the previous one's closed state), against as
+    many from fresh ports; connclient's `reuse` phase, as `lab connrate --reuse-port`.
+    The firewalls' state-mismatch and blocked counts during the phase are added."""
+    from pfcluster.lab.connrate import REUSE_PORT_BASE, SERVER_PORT, ConnRateConfig, measure_path
+
+    c, s = topo.client_hosts[0], topo.server_hosts[0]
+    cfg = ConnRateConfig(conns=0, reuse_port=count, timeout=REUSE_TIMEOUT)
+    srv = lab.spawn("reuse-server", s.ns, [
+        sys.executable, "-m", "pfcluster.lab.connclient", "serve", "--bind", s.ip4,
+        "--port", str(SERVER_PORT), "--seconds", f"{cfg.path_budget():g}",
+    ])
+    try:
+        iperf.wait_listening(s.ns, SERVER_PORT, srv)
+        before = [pick_counters(runner.info(fw)) for fw in topo.fws]
+        row = measure_path(lab, cfg, c, s, REUSE_PORT_BASE, set())["reuse"]
+        after = [pick_counters(runner.info(fw)) for fw in topo.fws]
+    except (LabError, ValueError) as exc:
+        return {"n": count, "error": str(exc)}
+    finally:
+        lab.stop(srv, grace=2.0)
+    out = {k: v for k, v in row.items() if k not in ("fresh_conns", "reuse_conns")}
+    for key in ("state-mismatch", "blocked"):
+        deltas = [_delta(a, b)[key] for a, b in zip(after, before)]
+        known = [d for d in deltas if d is not None]
+        out[f"fw_{key.replace('-', '_')}"] = sum(known) if known else None
+    return out
+
+
 def _json_conns(text: str) -> list[dict[str, Any]]:
     try:
         return list(json.loads(text.strip().splitlines()[-1]).get("conns", []))
@@ -516,7 +562,7 @@ def _json_conns(text: str) -> list[dict[str, Any]]:
 def run_one(cfg: RunConfig, progress: ProgressFn | None = None) -> dict[str, Any]:
     """Build, start firewalls, measure, collect, tear down. Returns the figures."""
     cfg.check()
-    kind = resolve_mode(cfg.firewall)
+    kind = ANCHOR_KIND if cfg.anchor else resolve_mode(cfg.firewall)
     note = progress or (lambda what, frac: None)
     result: dict[str, Any] = {
         "name": cfg.label(), "config": asdict(cfg), "firewall": kind,
@@ -532,7 +578,7 @@ def run_one(cfg: RunConfig, progress: ProgressFn | None = None) -> dict[str, Any
         c, s = topo.client_hosts[0], topo.server_hosts[0]
         for host in (c, s):
             _rst_rules(lab, host.ns)
-        runner = make_runner(kind)
+        runner = make_runner(kind, cfg)
         note(f"starting {kind} firewalls", 0.02)
         runner.start(lab, topo, cfg)
         note("waiting for sync", 0.04)
@@ -590,6 +636,9 @@ def run_one(cfg: RunConfig, progress: ProgressFn | None = None) -> dict[str, Any
                 runner.crash(topo.fw(1))
                 topo.fail_over(1)
                 failed_over.update(at_s=round(elapsed, 2), took_s=round(time.monotonic() - t0, 3))
+                take_over = getattr(runner, "take_over", None)
+                if take_over is not None:  # the anchor: keepalived's notify script, after the VIP moved
+                    failed_over["takeover"] = take_over(topo.fw(2))
 
         snap_timer.start()
         try:
@@ -638,11 +687,16 @@ def run_one(cfg: RunConfig, progress: ProgressFn | None = None) -> dict[str, Any
             note("integrity transfer", 0.95)
             integrity = integrity_transfer(lab, topo, cfg.integrity_bytes,
                                            sources=extra_sources(lab, topo, cfg.workers))
-        if kind == "daemon":
+        reuse = None
+        if cfg.reuse_port:
+            note("port reuse", 0.96)
+            reuse = port_reuse(lab, topo, cfg.reuse_port, runner)
+        if kind in ("daemon", ANCHOR_KIND):
             for idx, proc in runner.procs.items():  # type: ignore[attr-defined]
                 if proc.popen.poll() is not None and not (cfg.failover and idx == 1):
                     result["errors"].append(
-                        f"daemon fw{idx} died ({proc.popen.returncode}): {lab.log_tail(proc, 5)}"
+                        f"{'daemon' if kind == 'daemon' else 'conntrackd'} fw{idx} died "
+                        f"({proc.popen.returncode}): {lab.log_tail(proc, 5)}"
                     )
         note("tearing down", 0.98)
 
@@ -684,6 +738,8 @@ def run_one(cfg: RunConfig, progress: ProgressFn | None = None) -> dict[str, Any
                          "translated": bool(server_peers) and set(server_peers) == {NAT_ADDR4}}
     if integrity is not None:
         result["integrity"] = integrity
+    if reuse is not None:
+        result["port_reuse"] = reuse
     if cfg.rate_pps:
         result["rate_pps"] = cfg.rate_pps
     note("done", 1.0)
@@ -693,13 +749,14 @@ def run_one(cfg: RunConfig, progress: ProgressFn | None = None) -> dict[str, Any
 # --- compare and sweep --------------------------------------------------------------
 
 
-def compare_configs(base: RunConfig) -> list[RunConfig]:
+def compare_configs(base: RunConfig, anchors: bool = False) -> list[RunConfig]:
     """The main job: single firewall, symmetric pair, split v5, split v5 with the thesis'
-    all-or-nothing TCP merge (the merge rule's effect alone), split v4, ECMP v5, and split
-    v5 with NAT (daemons with the lab's own rules only; one process each)."""
+    all-or-nothing TCP merge (the merge rule's effect alone), split v4, ECMP v5, split v5
+    with NAT (daemons with the lab's own rules only; one process each); with `anchors`,
+    a pfcluster failover row and the Linux anchor's rows after them."""
     nat = [] if base.firewall == "plain" or base.rules or base.workers > 1 else [
         replace(base, name="split-v5-nat", paths="split", sync="v5", nat=True)]
-    return [
+    rows = [
         replace(base, name="single", firewalls=1, paths="symmetric", sync="off"),
         replace(base, name="symmetric", paths="symmetric", sync="v5"),
         replace(base, name="split-v5", paths="split", sync="v5"),
@@ -708,25 +765,83 @@ def compare_configs(base: RunConfig) -> list[RunConfig]:
         replace(base, name="ecmp-v5", paths="ecmp", sync="v5"),
         *nat,
     ]
+    if not anchors:
+        return rows
+    # side by side with the anchor, pfcluster's symmetric and split rows also do the
+    # port-reuse phase
+    rows = [replace(r, reuse_port=REUSE_CONNS) if r.name in ("symmetric", "split-v5") else r
+            for r in rows]
+    return rows + anchor_configs(base)
+
+
+REUSE_CONNS = 20  # connections per port-reuse phase in compare --anchors
+
+
+def anchor_configs(base: RunConfig) -> list[RunConfig]:
+    """pfcluster's symmetric failover, then kernel conntrack + conntrackd FTFW: the
+    documented active-backup set-up (external cache) on symmetric paths and through a
+    failover, and the external cache disabled (states injected into the kernel) on split
+    paths, with TCP window tracking at its default and then off (be_liberal=1)."""
+    return [
+        replace(base, name="failover-v5", paths="symmetric", sync="v5", failover=True),
+        replace(base, name="anchor-symmetric", paths="symmetric", anchor="cache",
+                reuse_port=REUSE_CONNS),
+        replace(base, name="anchor-split", paths="split", anchor="direct",
+                reuse_port=REUSE_CONNS),
+        replace(base, name="anchor-split-liberal", paths="split", anchor="direct",
+                tcp_liberal=True, reuse_port=REUSE_CONNS),
+        replace(base, name="anchor-failover", paths="symmetric", anchor="cache", failover=True),
+    ]
+
+
+def _resets_during(r: dict[str, Any]) -> int | None:
+    during = (r.get("resets") or {}).get("during")
+    return None if not during else int(during["client"]) + int(during["server"])
+
+
+def _reuse_summary(r: dict[str, Any]) -> str | None:
+    """`ok/n` of the fixed-port connections, with how many were slow (> 500 ms)."""
+    ru = r.get("port_reuse")
+    if not ru:
+        return None
+    if ru.get("error"):
+        return "error"
+    mismatch = ru.get("fw_state_mismatch")
+    return (f"{ru['reuse_ok']}/{ru['n']}, {ru['reuse_slow']} slow"
+            + ("" if mismatch is None else f", {mismatch} mism."))
+
+
+def _sync_name(cfg: dict[str, Any]) -> str:
+    if cfg.get("anchor"):
+        return f"conntrackd-ftfw-{cfg['anchor']}" + ("-liberal" if cfg.get("tcp_liberal") else "")
+    return str(cfg["sync"])
 
 
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One table row per run, with goodput ratios to the single firewall and symmetric pair."""
+    """One table row per run, with goodput ratios to the single firewall and symmetric pair
+    (an anchor row: to the anchor's own symmetric pair, and no single-firewall ratio)."""
     by = {r["name"]: r for r in runs}
     single = by.get("single", {}).get("goodput_bps") or None
     sym = by.get("symmetric", {}).get("goodput_bps") or None
+    anchor_sym = by.get("anchor-symmetric", {}).get("goodput_bps") or None
     rows = []
     for r in runs:
         g = r.get("goodput_bps") or 0.0
+        is_anchor = bool(r["config"].get("anchor"))
+        base_single, base_sym = (None, anchor_sym) if is_anchor else (single, sym)
         rows.append({
             "name": r["name"],
             "paths": r["config"]["paths"],
-            "sync": r["config"]["sync"],
+            "sync": _sync_name(r["config"]),
             "firewalls": r["config"]["firewalls"],
             "goodput_mbps": round(g / 1e6, 1),
-            "ratio_single": round(g / single, 3) if single else None,
-            "ratio_symmetric": round(g / sym, 3) if sym else None,
+            "ratio_single": round(g / base_single, 3) if base_single else None,
+            "ratio_symmetric": round(g / base_sym, 3) if base_sym else None,
             "retransmits": r.get("retransmits"),
+            "resets": _resets_during(r),
+            "port_reuse": _reuse_summary(r),
+            "survived_failover": (r.get("failover") or {}).get("survived"),
+            "error": (r.get("iperf") or {}).get("error"),
             "state_mismatch": r.get("state_mismatch"),
             "sync_bytes_per_data_byte": r.get("sync_bytes_per_data_byte"),
             "stalled_streams": r.get("stalled_streams"),

@@ -30,10 +30,20 @@ COLUMNS = (
     ("x single", "ratio_single", ".2f"),
     ("x symmetric", "ratio_symmetric", ".2f"),
     ("retransmits", "retransmits", ""),
+    ("resets", "resets", ""),
     ("state-mismatch", "state_mismatch", ""),
     ("sync B / data B", "sync_bytes_per_data_byte", ".2e"),
     ("stalled streams", "stalled_streams", ""),
+    ("port reuse ok", "port_reuse", ""),
+    ("survived failover", "survived_failover", ""),
 )
+OPTIONAL_COLUMNS = ("port_reuse", "survived_failover")  # shown only when some row has a value
+
+
+def _columns(doc: dict[str, Any]) -> list[tuple[str, str, str]]:
+    rows = doc["summary"]
+    return [c for c in COLUMNS
+            if c[1] not in OPTIONAL_COLUMNS or any(r.get(c[1]) is not None for r in rows)]
 
 
 def compare_table(doc: dict[str, Any]) -> Table:
@@ -42,21 +52,26 @@ def compare_table(doc: dict[str, Any]) -> Table:
         f"{doc['seconds']:g} s, {doc['streams']} TCP streams"
     )
     table = Table(title=title)
-    for head, _, _ in COLUMNS:
+    columns = _columns(doc)
+    for head, _, _ in columns:
         table.add_column(head, justify="left" if head == "configuration" else "right")
     for row in doc["summary"]:
-        table.add_row(*(_fmt(row.get(key), spec) for _, key, spec in COLUMNS))
+        table.add_row(*(_fmt(row.get(key), spec) for _, key, spec in columns))
     return table
 
 
 def compare_markdown(doc: dict[str, Any]) -> str:
     """The same table for the README."""
+    columns = _columns(doc)
     lines = [
-        "| " + " | ".join(h for h, _, _ in COLUMNS) + " |",
-        "|" + "|".join("---" if h == "configuration" else "---:" for h, _, _ in COLUMNS) + "|",
+        "| " + " | ".join(h for h, _, _ in columns) + " |",
+        "|" + "|".join("---" if h == "configuration" else "---:" for h, _, _ in columns) + "|",
     ]
     for row in doc["summary"]:
-        lines.append("| " + " | ".join(_fmt(row.get(k), s) for _, k, s in COLUMNS) + " |")
+        lines.append("| " + " | ".join(_fmt(row.get(k), s) for _, k, s in columns) + " |")
+    notes = [f"- {row['name']}: {row['error']}" for row in doc["summary"] if row.get("error")]
+    if notes:
+        lines += ["", *notes]
     checks = doc.get("acceptance") or {}
     if checks:
         lines.append("")
@@ -72,6 +87,9 @@ def print_compare(doc: dict[str, Any], console: Console | None = None) -> None:
     for run in doc["runs"]:
         for err in run.get("errors") or []:
             console.print(f"  [yellow]{run['name']}[/]: {err}")
+    for row in doc["summary"]:
+        if row.get("error"):
+            console.print(f"  [yellow]{row['name']}[/]: iperf3: {row['error']}")
 
 
 def _resets(r: dict[str, int] | None) -> str:
@@ -138,33 +156,44 @@ def _pyplot() -> Any:
     return plt
 
 
+def _is_anchor(row: dict[str, Any]) -> bool:
+    return str(row.get("sync", "")).startswith("conntrackd")
+
+
 def compare_chart(doc: dict[str, Any], path: str | Path) -> None:
     """Goodput per configuration (ratio to the single firewall on each bar) and sync cost."""
     plt = _pyplot()
     rows = doc["summary"]
     names = [r["name"] for r in rows]
     goodput = [r["goodput_mbps"] or 0.0 for r in rows]
+    anchors = any(_is_anchor(r) for r in rows)
     colors = ["#888888" if r["name"] == "single" else
-              "#d62728" if (r.get("stalled_streams") or not r.get("ok")) else "#1f77b4"
+              "#d62728" if (r.get("stalled_streams") or not r.get("ok")) else
+              "#ff7f0e" if _is_anchor(r) else "#1f77b4"
               for r in rows]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 2]})
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15 if anchors else 11, 4.8 if anchors else 4.2),
+                                   gridspec_kw={"width_ratios": [3, 2]})
     bars = ax1.bar(names, goodput, color=colors)
     # label each bar with its ratio to the single firewall (or to symmetric without one)
     key, unit = ("ratio_single", "x") if any(r.get("ratio_single") for r in rows) else (
         "ratio_symmetric", "x sym")
     for bar, r in zip(bars, rows):
-        ratio = r.get(key)
-        label = f"{ratio:.2f}{unit}" if ratio is not None else "failed"
+        # an anchor row has no single-firewall ratio: its ratio to the anchor's symmetric pair
+        ratio, suffix = (r.get("ratio_symmetric"), "x sym") if _is_anchor(r) else (r.get(key), unit)
+        label = f"{ratio:.2f}{suffix}" if ratio else "failed"
         ax1.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                      ha="center", va="bottom", fontsize=9)
     ax1.set_ylabel("goodput, Mbit/s")
     ax1.set_title(f"TCP goodput ({doc['firewall']} firewalls, {doc['streams']} streams)")
-    ax1.tick_params(axis="x", rotation=20)
     sync = [r.get("sync_bytes_per_data_byte") or 0.0 for r in rows]
     ax2.bar(names, [s * 100 for s in sync], color="#2ca02c")
     ax2.set_ylabel("sync bytes per 100 data bytes")
-    ax2.set_title("pfsync overhead")
-    ax2.tick_params(axis="x", rotation=20)
+    ax2.set_title("sync overhead (pfsync; conntrackd on anchor rows)" if anchors else "pfsync overhead")
+    for ax in (ax1, ax2):
+        ax.tick_params(axis="x", rotation=35 if anchors else 20)
+        if anchors:
+            for lbl in ax.get_xticklabels():
+                lbl.set_horizontalalignment("right")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
