@@ -110,7 +110,7 @@ def test_live_until_signal(netlab: Netlab, sig: int, ignored: bool) -> None:
     _send(netlab, a, frames)
     out = Lines(proc)
     lines = [out.next() for _ in frames]  # printed as they arrive, before any exit
-    assert [line.split('"dialect": ')[1].strip('"}') for line in lines] == \
+    assert [json.loads(line)["dialect"] for line in lines] == \
         ["openbsd45", "freebsd1301", "openbsd6"]
     assert proc.poll() is None
     proc.send_signal(sig)
