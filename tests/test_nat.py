@@ -302,6 +302,14 @@ pass out on em1 inet nat-to {NATADDR}
     assert rv2.action == ROUTE_PASS and rv2.payload is not None
     q = IP(bytes(rv2.payload))
     assert (q.dst, q[TCP].dport) == (CLIENT, 4321) and checksums_ok(bytes(rv2.payload))
+    # fw A is gone: the client's next packet crosses B and leaves with A's translation
+    a.up = False
+    ack = bytes(IP(src=CLIENT, dst=SERVER) / TCP(sport=4321, dport=80, flags="A", seq=1001,
+                                                 ack=5001, window=65535))
+    rv3 = route(b.filter, "em0", "em1", parse(ack), 1.3)
+    assert rv3.action == ROUTE_PASS and rv3.payload is not None
+    r = IP(bytes(rv3.payload))
+    assert (r.src, r[TCP].sport) == (NATADDR, nport) and checksums_ok(bytes(rv3.payload))
 
 
 @pytest.mark.parametrize("dialect", ["openbsd45", "freebsd1301", "freebsd1400", "openbsd6"])

@@ -396,8 +396,10 @@ class Filter:
         self._adaptive_start = self.timeouts[PFTM.ADAPTIVE_START]
 
     def load(self, ruleset: Ruleset) -> None:
-        """Swap in a new ruleset; states keep pointing at their old rules, as in pf."""
+        """Swap in a new ruleset; states keep pointing at their old rules, as in pf (and
+        keep their translations; the new rules' pools start afresh)."""
         self._apply_ruleset(ruleset)
+        self.nat.forget_pools()
 
     def next_state_id(self) -> int:
         self._next_id = (self._next_id + 1) & 0xFFFFFFFFFFFFFFFF

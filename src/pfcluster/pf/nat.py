@@ -161,6 +161,10 @@ class Translator:
                     nets.append((net, plen))
         return PoolTargets(af, nets) if nets else None
 
+    def forget_pools(self) -> None:
+        """A reload: the old rules' round-robin positions and sticky maps go."""
+        self._pools.clear()
+
     def _state(self, pool: Any) -> PoolState:
         ps = self._pools.get(id(pool))
         if ps is None:

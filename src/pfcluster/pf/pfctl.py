@@ -303,7 +303,6 @@ def format_info_data(data: dict[str, Any]) -> list[str]:
     d, rem = divmod(up, 86400)
     h, rem = divmod(rem, 3600)
     m, s = divmod(rem, 60)
-    secs = max(data["running_seconds"], 1e-9)
     status = f"Status: Enabled for {d} days {h:02d}:{m:02d}:{s:02d}"
     debug = f"Debug: {data['debug']}"
     lines = [
@@ -315,14 +314,18 @@ def format_info_data(data: dict[str, Any]) -> list[str]:
         f"{'State Table':<27} {'Total':>14} {'Rate':>16}",
     ]
     t = data["states"]
+
+    def rate(total: int) -> str:
+        # pfctl divides by whole seconds of runtime and prints no rate before the first
+        return f"{total / up:>14.1f}/s" if up > 0 else f"{'':>14}"
+
     lines.append(f"  {'current entries':<25} {t['current']:>14} {'':>14}")
     for name in ("searches", "inserts", "removals"):
-        total = t[name]
-        lines.append(f"  {name:<25} {total:>14} {total / secs:>14.1f}/s")
+        lines.append(f"  {name:<25} {t[name]:>14} {rate(t[name])}")
     lines.append("Counters")
     for name in PFRES_NAMES:
         total = data["counters"][name]
-        lines.append(f"  {name:<25} {total:>14} {total / secs:>14.1f}/s")
+        lines.append(f"  {name:<25} {total:>14} {rate(total)}")
     return lines
 
 
