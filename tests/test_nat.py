@@ -349,3 +349,31 @@ def test_replay_json_shows_the_translated_packet(tmp_path):
     assert rec["action"] == "pass"
     assert rec["in"]["src"] == CLIENT
     assert rec["out"]["src"] == "203.0.113.1" and 50001 <= rec["out"]["sport"] <= 65535
+
+
+def test_a_reopened_connection_keeps_its_translation():
+    """A client reopening from the same port after a close keeps its translated port (the
+    server may hold the old one in TIME_WAIT; a new port could meet another's)."""
+    f = filt_for(NAT_RULES)
+    _, out = through(f, syn(), True)
+    nport = IP(out)[TCP].sport
+
+    def c2s(flags: str, seq: int, ack: int) -> None:
+        rv, _ = through(f, bytes(IP(src=CLIENT, dst=SERVER) / TCP(
+            sport=4321, dport=80, flags=flags, seq=seq, ack=ack, window=65535)), True, 2.0)
+        assert rv.action == ROUTE_PASS, flags
+
+    def s2c(flags: str, seq: int, ack: int) -> None:
+        rv, _ = through(f, bytes(IP(src=SERVER, dst=NATADDR) / TCP(
+            sport=80, dport=nport, flags=flags, seq=seq, ack=ack, window=65535)), False, 2.0)
+        assert rv.action == ROUTE_PASS, flags
+
+    s2c("SA", 5000, 1001)
+    c2s("A", 1001, 5001)
+    s2c("FA", 5001, 1001)
+    c2s("FA", 1001, 5002)
+    s2c("A", 5002, 1002)
+    rv, out2 = through(f, bytes(IP(src=CLIENT, dst=SERVER) / TCP(
+        sport=4321, dport=80, flags="S", seq=90000)), True, 3.0)
+    assert rv.action == ROUTE_PASS and f.extra["state-reuse"] >= 1
+    assert IP(out2)[TCP].sport == nport

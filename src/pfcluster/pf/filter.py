@@ -377,6 +377,8 @@ class Filter:
         self._intern: dict[bytes, bytes] = {}
         # nat-to/rdr-to: addresses and ports for new translated states (pf/nat.py)
         self.nat = Translator(self.states)
+        # the wire key of a translated state a SYN is reusing (port reuse), meanwhile
+        self._reuse_wire: StateKey | None = None
         self._apply_ruleset(ruleset)
 
     # -- configuration ------------------------------------------------------------
@@ -508,7 +510,13 @@ class Filter:
                     reuse_log.append(f"pf: state reuse {print_state(st)}{print_flags(flags)}")
                 self.extra["state-reuse"] += 1
                 self.remove_state(st, now)
-                v = self._test_rules(direction, ifname, pkt, now)
+                # a translated connection reopened from the same port keeps its
+                # translation when it can (see Translator.source)
+                self._reuse_wire = st.key if st.nat is not None else None
+                try:
+                    v = self._test_rules(direction, ifname, pkt, now)
+                finally:
+                    self._reuse_wire = None
                 v.log[:0] = reuse_log
                 return v
             if st.src.state >= ESTABLISHED and st.dst.state >= ESTABLISHED:
@@ -723,7 +731,7 @@ class Filter:
         key and the wire key is returned; for `in` (rdr-to) the reverse."""
         if direction == PF_IN:
             return self.nat.destination(pool_rule.rdr, key, pool_rule)
-        return self.nat.source(pool_rule.nat, key)
+        return self.nat.source(pool_rule.nat, key, self._reuse_wire)
 
     def _test_translated_first(self, direction: int, ifname: str, pkt: Packet,
                                now: float) -> Verdict:
