@@ -841,6 +841,7 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "resets": _resets_during(r),
             "port_reuse": _reuse_summary(r),
             "survived_failover": (r.get("failover") or {}).get("survived"),
+            "nat_seen": (r.get("nat") or {}).get("translated"),
             "error": (r.get("iperf") or {}).get("error"),
             "state_mismatch": r.get("state_mismatch"),
             "sync_bytes_per_data_byte": r.get("sync_bytes_per_data_byte"),

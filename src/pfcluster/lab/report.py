@@ -36,8 +36,9 @@ COLUMNS = (
     ("stalled streams", "stalled_streams", ""),
     ("port reuse ok", "port_reuse", ""),
     ("survived failover", "survived_failover", ""),
+    ("server saw NAT addr", "nat_seen", ""),
 )
-OPTIONAL_COLUMNS = ("port_reuse", "survived_failover")  # shown only when some row has a value
+OPTIONAL_COLUMNS = ("port_reuse", "survived_failover", "nat_seen")  # shown only when some row has a value
 
 
 def _columns(doc: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -114,6 +115,10 @@ def run_table(doc: dict[str, Any]) -> Table:
         fo = doc["failover"]
         rows.append(("failover at s", fo.get("at_s")))
         rows.append(("survived failover", fo.get("survived")))
+    if "nat" in doc:
+        nat = doc["nat"]
+        rows.append(("server saw", ", ".join(nat["server_saw"]) or "-"))
+        rows.append(("translated (only the NAT address seen)", nat["translated"]))
     if "integrity" in doc:
         rows.append(("integrity (SHA-256)", "intact" if doc["integrity"]["intact"] else "CORRUPT"))
     for fw in doc["firewalls"]:
