@@ -10,13 +10,17 @@ instead)."""
 from __future__ import annotations
 
 import json
+import os
 import sys
+import tempfile
 from typing import Any
 
 import click
 
 from pfcluster.cli.errors import CommandError, ReportingGroup
 from pfcluster.io.control import DEFAULT_CONTROL, ControlError, request
+from pfcluster.io.tablectl import MAX_INLINE
+from pfcluster.pf import tables as pft
 
 json_option = click.option("--json", "as_json", is_flag=True, help="print the JSON answer")
 
@@ -32,10 +36,15 @@ def _call(ctx: click.Context, cmd: str, as_json: bool, **args: Any) -> None:
     elif resp["ok"]:
         for line in text:
             click.echo(line)
+        for line in resp.get("messages", []):  # pfctl's xprintf lines go to stderr
+            click.echo(str(line), err=True)
     if not resp["ok"]:
         if not (as_json or ctx.obj.get("json")):
             raise CommandError(str(resp.get("error", "failed")))
         sys.exit(1)
+    code = resp.get("exit", 0)
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 @click.group("ctl", cls=ReportingGroup)
@@ -149,3 +158,71 @@ def notify(ctx: click.Context, args: tuple[str, ...], as_json: bool) -> None:
     else:
         raise click.UsageError("give STATE, or TYPE NAME STATE [PRIORITY]")
     _call(ctx, "notify", as_json, **req)
+
+
+@ctl.command()
+@click.option("-v", "--verbose", count=True, help="flags (pfctl -vsTables); twice: counts")
+@json_option
+@click.pass_context
+def tables(ctx: click.Context, verbose: int, as_json: bool) -> None:
+    """Tables (pfctl -s Tables): names; -v flags c p a i r h C; -vv entry counts."""
+    _call(ctx, "tables", as_json, verbose=verbose)
+
+
+@ctl.command("table")
+@click.argument("name")
+@click.argument("op", type=click.Choice(pft.OPS))
+@click.argument("addrs", nargs=-1)
+@click.option("-f", "--file", "path", type=click.Path(dir_okay=False, allow_dash=True),
+              help="also the entries in FILE (pfctl -T ... -f; '-' reads stdin)")
+@click.option("-k", "--kill", is_flag=True,
+              help="then kill the states from addresses the table matches (pfctl -k)")
+@json_option
+@click.pass_context
+def table(ctx: click.Context, name: str, op: str, addrs: tuple[str, ...], path: str | None,
+          kill: bool, as_json: bool) -> None:
+    """pfctl -t NAME -T OP: show, add, delete, replace, flush or test ADDR... (host, CIDR,
+    !negated). `add`/`replace` create an unknown table (persist); a const table refuses
+    changes; `test` exits 2 unless every address matches. Messages go to stderr, as
+    pfctl's."""
+    try:
+        pft.check_name(name)
+        pft.parse_words(addrs)  # the daemon checks again; this gives the error here
+    except pft.TableError as exc:
+        raise click.BadParameter(str(exc), param_hint="ADDR") from None
+    if op in ("show", "flush") and (addrs or path):
+        raise click.UsageError(f"{op} takes no addresses")
+    if op in ("add", "delete", "test") and not addrs and path is None:
+        raise click.UsageError(f"{op} needs ADDR... or -f FILE")
+    if kill and op not in ("add", "replace"):
+        raise click.UsageError("--kill goes with add or replace")
+    args: dict[str, Any] = {"name": name, "op": op, "addrs": list(addrs)}
+    if kill:
+        args["kill"] = True
+    if len(addrs) > MAX_INLINE:  # a long argument list: hand it over as a file
+        path, args["addrs"] = "-", []
+        stdin_text = "\n".join(addrs)
+    else:
+        stdin_text = None
+    tmp = None
+    try:
+        if path == "-":
+            text = stdin_text if stdin_text is not None else sys.stdin.read()
+            try:
+                pft.parse_text(text, "stdin")
+            except pft.TableError as exc:
+                raise CommandError(str(exc)) from None
+            fd, tmp = tempfile.mkstemp(prefix="pfcluster-table-", suffix=".txt")
+            with os.fdopen(fd, "w") as f:  # mkstemp: mode 0600, ours alone
+                f.write(text)
+            args["file"] = tmp
+        elif path is not None:
+            args["file"] = os.path.abspath(path)
+            try:
+                pft.read_file(args["file"])
+            except pft.TableError as exc:
+                raise CommandError(str(exc)) from None
+        _call(ctx, "table", as_json, **args)
+    finally:
+        if tmp is not None:
+            os.unlink(tmp)

@@ -44,9 +44,11 @@ from pfcluster.io.sdnotify import sd_notify
 from pfcluster.io.siblings import SiblingBus
 from pfcluster.io.signals import SignalWakeup
 from pfcluster.io.syncsock import SyncSet, SyncSocket
+from pfcluster.io.tablectl import kill_sources, table_request, tables_request
 from pfcluster.io.vrrp import TrackFile, Transitions, notify_request, syncok_answer
 from pfcluster.pf import pfctl
 from pfcluster.pf.nat import NatSlice
+from pfcluster.pf.tables import DEFAULT_TABLE_ENTRIES, carry_over
 from pfcluster.pfsync.api import SyncEngine
 from pfcluster.pfsync.auth import Sealer, Verifier, overhead
 from pfcluster.pfsync.events import Event, Released, SyncOk
@@ -555,6 +557,7 @@ class Daemon:
             self.sealer.keys = self.verifier.keys = keys
             log.info("sync key reloaded: sending with key %d, accepting %s", keys.send_id,
                      ", ".join(map(str, keys.ids)))
+        carry_over(getattr(self.ruleset, "tables", {}), ruleset.tables)  # as pfctl -f
         self.filter.load(ruleset)
         if self.translating:
             self._learn_addresses()
@@ -569,6 +572,23 @@ class Daemon:
         log.info("rules reloaded from %s: %d rules", self.cfg.rules, n)
         return {"ok": True, "text": [f"reloaded {self.cfg.rules}: {n} rules"],
                 "data": {"rules": n}}
+
+    def table(self, req: dict[str, Any], now: float) -> dict[str, Any]:
+        """`ctl table NAME OP`: the rules see the change at once (same Table objects);
+        with `kill`, the states from what the table now matches go too."""
+        tables = self.ruleset.tables
+        limit = self.ruleset.limits.get("table-entries", DEFAULT_TABLE_ENTRIES)
+        answer = table_request(tables, req, limit)
+        if answer["ok"] and req.get("kill") and req.get("name") in tables:
+            n = kill_sources(self.filter, tables[req["name"]], now)
+            self.engine.end_of_batch(now)
+            self._flush()
+            answer["messages"].append(f"killed {n} states from addresses in <{req['name']}>.")
+            answer["data"]["killed"] = n
+        if answer["ok"] and req.get("op") not in ("show", "test"):
+            log.info("table <%s> %s: %s", req.get("name"), req.get("op"),
+                     " ".join(answer["messages"]))
+        return answer
 
     def counters(self, now: float) -> dict[str, Any]:
         pfsync = dict(self.engine.counters)
@@ -650,6 +670,10 @@ class Daemon:
             return {"ok": True, "text": [f"{n} states cleared"], "data": {"flushed": n}}
         if cmd == "reload":
             return self.reload()
+        if cmd == "tables":
+            return tables_request(self.ruleset.tables, req)
+        if cmd == "table":
+            return self.table(req, now)
         if cmd == "syncok":
             return syncok_answer(bool(self.engine.sync_ok))
         if cmd == "notify":

@@ -383,8 +383,15 @@ class Supervisor:
         args = {k: v for k, v in req.items() if k != "cmd"}
         if cmd == "info":
             return self.info()
-        if cmd in ("states", "rules", "kill"):
+        if cmd in ("states", "rules", "kill", "tables") or (
+                cmd == "table" and args.get("op") in ("show", "test")):
             return self._ask(self.workers[0], cmd, **args)
+        if cmd == "table":  # every worker holds the tables: each applies the change
+            answers = self._ask_all(cmd, **args)
+            bad = [a.get("error", "?") for a in answers if not a.get("ok")]
+            if bad:  # the same input fails the same way everywhere: one message
+                return {"ok": False, "error": "; ".join(dict.fromkeys(bad))}
+            return answers[0]
         if cmd == "flush":
             answers = self._ask_all(cmd, **args)
             if not all(a.get("ok") for a in answers):

@@ -587,6 +587,8 @@ class _Parser:
         while self.tok.kind == "word" and self.tok.text in ("persist", "const", "counters"):
             setattr(tbl, self.advance().text, True)
         items: list[tuple[int, int, int, bool]] = []
+        tbl.defined = True
+        tbl.init_addr = self.at("{") or (self.tok.kind == "word" and self.tok.text == "file")
         if self.at("{"):
             def entry() -> None:
                 neg = self.accept("!")
@@ -611,6 +613,7 @@ class _Parser:
         old = self.rs.tables.get(name)
         if old is not None:  # auto-created by an earlier rule: fill it in place
             old.persist, old.const, old.counters = tbl.persist, tbl.const, tbl.counters
+            old.init_addr, old.defined = tbl.init_addr, True
             old.add_many(items)
             self._auto_tables.discard(name)
         else:
@@ -682,6 +685,7 @@ class _Parser:
                 tbl = Table(name)
                 self.rs.tables[name] = tbl
                 self._auto_tables.add(name)
+            tbl.referenced = True  # pf keeps an unreferenced table only if it is persist
             return Addr("table", table=tbl)
         if t.kind not in ("word", "string"):
             raise self.unexpected("expected an address")

@@ -130,6 +130,11 @@ def _bits(af: int) -> int:
     return 32 if af == AF_INET else 128
 
 
+def _mask(af: int, plen: int) -> int:
+    bits = 32 if af == AF_INET else 128
+    return ((1 << bits) - 1) ^ ((1 << (bits - plen)) - 1)
+
+
 def net_str(af: int, value: int) -> str:
     """An address held as an int (tables and rules keep them so), as text."""
     return addr_str(af, value.to_bytes(_bits(af) // 8, "big"))
@@ -140,10 +145,16 @@ class Table:
 
     Entries live in one dict per (family, prefix length) keyed by the masked address
     int; lookups try the longest prefix first, so a negated /32 inside a positive /24
-    makes that host "not in the table", as pfr_match_addr does.
+    makes that host "not in the table", as pfr_match_addr does. Adding or deleting an
+    entry touches one dict (the per-family level list is re-sorted only when a prefix
+    length appears or disappears), so a runtime `ctl table add` costs O(1), not O(n).
+
+    `defined` (a `table` line), `init_addr` (it gave `{ ... }` or `file`) and
+    `referenced` (a rule uses it) decide what a reload keeps and whether the table is active (pf/tables.py).
     """
 
-    __slots__ = ("_lpm", "const", "counters", "entries", "name", "persist")
+    __slots__ = ("_levels", "_lpm", "const", "counters", "defined", "entries", "init_addr",
+                 "name", "persist", "referenced")
 
     def __init__(self, name: str, persist: bool = False, const: bool = False,
                  counters: bool = False) -> None:
@@ -151,34 +162,63 @@ class Table:
         self.persist = persist
         self.const = const
         self.counters = counters
+        self.defined = False  # a `table <name>` line (its flags win on reload)
+        self.init_addr = False
+        self.referenced = False
         # (af, prefixlen, address int) -> negated
         self.entries: dict[tuple[int, int, int], bool] = {}
+        # af -> prefixlen -> {masked address int: matches (not negated)}
+        self._levels: dict[int, dict[int, dict[int, bool]]] = {AF_INET: {}, AF_INET6: {}}
         self._lpm: dict[int, list[tuple[int, dict[int, bool]]]] = {AF_INET: [], AF_INET6: []}
 
     def add(self, af: int, addr: int, plen: int, neg: bool = False) -> None:
-        bits = _bits(af)
-        mask = ((1 << bits) - 1) ^ ((1 << (bits - plen)) - 1)
-        self.entries[(af, plen, addr & mask)] = neg
-        self._rebuild()
+        """Insert or overwrite one entry (host bits of `addr` are masked off)."""
+        self.put(af, addr & _mask(af, plen), plen, neg)
 
     def add_many(self, items: Iterable[tuple[int, int, int, bool]]) -> None:
         for af, addr, plen, neg in items:
-            bits = _bits(af)
-            mask = ((1 << bits) - 1) ^ ((1 << (bits - plen)) - 1)
-            self.entries[(af, plen, addr & mask)] = neg
-        self._rebuild()
+            self.put(af, addr & _mask(af, plen), plen, neg)
 
-    def _rebuild(self) -> None:
-        per: dict[int, dict[int, dict[int, bool]]] = {AF_INET: {}, AF_INET6: {}}
-        for (af, plen, net), neg in self.entries.items():
-            per[af].setdefault(plen, {})[net] = not neg
-        for af, by_len in per.items():
-            bits = _bits(af)
-            full = (1 << bits) - 1
-            self._lpm[af] = [
-                (full ^ ((1 << (bits - plen)) - 1), by_len[plen])
-                for plen in sorted(by_len, reverse=True)
-            ]
+    def put(self, af: int, net: int, plen: int, neg: bool) -> None:
+        """Insert or overwrite the entry for a network already masked to `plen`."""
+        self.entries[(af, plen, net)] = neg
+        levels = self._levels[af]
+        level = levels.get(plen)
+        if level is None:
+            level = levels[plen] = {}
+            self._order(af)
+        level[net] = not neg
+
+    def remove(self, af: int, net: int, plen: int) -> bool:
+        """Delete one exact entry; False when it was not there."""
+        if self.entries.pop((af, plen, net), None) is None:
+            return False
+        levels = self._levels[af]
+        level = levels[plen]
+        del level[net]
+        if not level:
+            del levels[plen]
+            self._order(af)
+        return True
+
+    def clear(self) -> int:
+        n = len(self.entries)
+        self.entries = {}
+        self._levels = {AF_INET: {}, AF_INET6: {}}
+        self._lpm = {AF_INET: [], AF_INET6: []}
+        return n
+
+    def take_contents(self, other: Table) -> None:
+        """Adopt `other`'s entries (a reload keeping a table's runtime contents)."""
+        self.entries, self._levels, self._lpm = other.entries, other._levels, other._lpm
+
+    def _order(self, af: int) -> None:
+        levels = self._levels[af]
+        self._lpm[af] = [(_mask(af, plen), levels[plen]) for plen in sorted(levels, reverse=True)]
+
+    def lookup(self, af: int, net: int, plen: int) -> bool | None:
+        """The exact entry's negation flag, None when absent."""
+        return self.entries.get((af, plen, net))
 
     def contains(self, af: int, addr: int) -> bool:
         """True when the longest matching entry exists and is not negated."""
