@@ -288,6 +288,8 @@ def counters_dict(filt: Filter, now: float) -> dict[str, Any]:
             "limit": filt.limit_states,
         },
         "counters": {name: filt.counters[i] for i, name in enumerate(PFRES_NAMES)},
+        "src_nodes": filt.srcnodes.counters(),
+        "limit_counters": dict(filt.srcnodes.limit_counters),
         "packets": dict(filt.extra),
     }
 
@@ -322,10 +324,22 @@ def format_info_data(data: dict[str, Any]) -> list[str]:
     lines.append(f"  {'current entries':<25} {t['current']:>14} {'':>14}")
     for name in ("searches", "inserts", "removals"):
         lines.append(f"  {name:<25} {t[name]:>14} {rate(t[name])}")
+    sn = data.get("src_nodes")
+    if sn is not None:
+        lines.append("Source Tracking Table")
+        lines.append(f"  {'current entries':<25} {sn['current']:>14} {'':>14}")
+        for name in ("searches", "inserts", "removals"):
+            lines.append(f"  {name:<25} {sn[name]:>14} {rate(sn[name])}")
     lines.append("Counters")
     for name in PFRES_NAMES:
         total = data["counters"][name]
         lines.append(f"  {name:<25} {total:>14} {rate(total)}")
+    lc = data.get("limit_counters")
+    if lc is not None:
+        lines.append("Limit Counters")
+        for name, total in lc.items():
+            label = name.replace("-table-", " table ").replace("-flush-", " flush ")
+            lines.append(f"  {label:<25} {total:>14} {rate(total)}")
     return lines
 
 
