@@ -176,7 +176,8 @@ def test_views_and_sync_flags() -> None:
     assert lines == [f"{CLIENT} ( states 1, connections 1, rate 1.0/5s )"]
     (js,) = sources_json(f.srcnodes, 1.0)
     assert js["address"] == CLIENT and js["connections"] == 1 and js["rule"] == 0
-    info = format_info(f, 2.0)
+    assert "Source Tracking Table" not in format_info(f, 2.0)  # pfctl -si shows it with -v
+    info = format_info(f, 2.0, verbose=True)
     i = info.index("Source Tracking Table")
     assert info[i + 1].split() == ["current", "entries", "1"]
     assert info[i + 2].split()[:2] == ["searches", "1"]
