@@ -66,6 +66,15 @@ def states(ctx: click.Context, verbose: bool, as_json: bool) -> None:
     _call(ctx, "states", as_json, verbose=verbose)
 
 
+@ctl.command()
+@click.option("-v", "--verbose", is_flag=True, help="pfctl -sS -v: age, expiry, packets, rule")
+@json_option
+@click.pass_context
+def sources(ctx: click.Context, verbose: bool, as_json: bool) -> None:
+    """Source-tracking nodes (pfctl -sS)."""
+    _call(ctx, "sources", as_json, verbose=verbose)
+
+
 def _plain(name: str, summary: str) -> None:
     """`ctl NAME [--json]`: a request with no arguments."""
 

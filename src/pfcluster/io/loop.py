@@ -48,6 +48,7 @@ from pfcluster.io.tablectl import kill_sources, table_request, tables_request
 from pfcluster.io.vrrp import TrackFile, Transitions, notify_request, syncok_answer
 from pfcluster.pf import pfctl
 from pfcluster.pf.nat import NatSlice
+from pfcluster.pf.srcnode import format_sources, sources_json
 from pfcluster.pf.tables import DEFAULT_TABLE_ENTRIES, carry_over
 from pfcluster.pfsync.api import SyncEngine
 from pfcluster.pfsync.auth import Sealer, Verifier, overhead
@@ -635,6 +636,11 @@ class Daemon:
             verbose = bool(req.get("verbose"))
             return {"ok": True, "text": pfctl.format_states(self.filter, now, verbose),
                     "data": pfctl.states_json(self.filter, now)}
+        if cmd == "sources":
+            nodes = self.filter.srcnodes
+            return {"ok": True,
+                    "text": format_sources(nodes, now, bool(req.get("verbose"))),
+                    "data": sources_json(nodes, now)}
         if cmd == "info":
             data = self.counters(now)
             text = pfctl.format_daemon_info(self.filter, now, data["pfsync"], data["sync_ok"],

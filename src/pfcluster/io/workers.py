@@ -383,6 +383,14 @@ class Supervisor:
         args = {k: v for k, v in req.items() if k != "cmd"}
         if cmd == "info":
             return self.info()
+        if cmd == "sources":
+            # source nodes are each worker's own (pfsync carries none): all of them
+            answers = self._ask_all(cmd, **args)
+            if not all(a.get("ok") for a in answers):
+                return {"ok": False, "error": "; ".join(a.get("error", "?") for a in answers
+                                                        if not a.get("ok"))}
+            return {"ok": True, "text": [t for a in answers for t in a["text"]],
+                    "data": [d for a in answers for d in a["data"]]}
         if cmd in ("states", "rules", "kill", "tables") or (
                 cmd == "table" and args.get("op") in ("show", "test")):
             return self._ask(self.workers[0], cmd, **args)

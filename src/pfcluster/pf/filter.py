@@ -48,6 +48,7 @@ from pfcluster.pf.constants import (
     PFRES_NAMES,
     PFRES_NORM,
     PFRES_SHORT,
+    PFRES_SRCLIMIT,
     PFRES_STATEINS,
     PFRES_TRANSLATE,
     PFSTATE_NOSYNC,
@@ -64,6 +65,7 @@ from pfcluster.pf.constants import (
 from pfcluster.pf.log import bad_state_lines, print_flags, print_state, rule_log_line
 from pfcluster.pf.nat import Translator
 from pfcluster.pf.ruleset import Rule, Ruleset
+from pfcluster.pf.srcnode import PFSNODE_HIWAT, SrcNode, SrcNodes
 from pfcluster.pf.state import (
     DIRECTION,
     DST_STATE,
@@ -379,6 +381,11 @@ class Filter:
         self.nat = Translator(self.states)
         # the wire key of a translated state a SYN is reusing (port reuse), meanwhile
         self._reuse_wire: StateKey | None = None
+        # source tracking (pf/srcnode.py); _sn_links is its state -> node dict, empty
+        # (falsy) while no tracked state exists, which is all the packet path tests
+        self.srcnodes = SrcNodes()
+        self._sn_links = self.srcnodes.by_state
+        self._sn_pending = self.srcnodes.pending
         self._apply_ruleset(ruleset)
 
     # -- configuration ------------------------------------------------------------
@@ -387,6 +394,7 @@ class Filter:
         self.timeouts = list(ruleset.timeouts)
         self.skip_ifaces = frozenset(ruleset.skip_ifaces)
         self.limit_states = ruleset.limit_states
+        self.srcnodes.limit = ruleset.limits.get("src-nodes", PFSNODE_HIWAT)
         floor = min(t for i, t in enumerate(self.timeouts[: PFTM.FRAG]))
         for r in ruleset.rules:
             if r.timeouts:
@@ -534,6 +542,11 @@ class Filter:
         if res.__class__ is int:
             if res:
                 self.extra["loose-match" if res == tcpmod.TRACK_LOOSE else "split-window-slack"] += 1
+            if self._sn_pending and st[SRC_STATE] >= ESTABLISHED \
+                    and st[DST_STATE] >= ESTABLISHED and id(st) in self._sn_pending:
+                over = self._src_connlimit(st, direction, now)
+                if over is not None:
+                    return over
             self._count_pass(st, direction, fwd, pkt, now)
             return Verdict(PASS, "state", st.rule, st)
         assert isinstance(res, tcpmod.TrackFailure)
@@ -805,11 +818,23 @@ class Filter:
         # state pool (`set limit states`) makes pool_get fail: PFRES_MEMORY, "memory".
         if rule.max_states and rule.states_cur >= rule.max_states:
             return self._block(direction, PFRES_MAXSTATES, rule, None, None, log)
+        sn: SrcNode | None = None
+        if rule.srctrack is not None:
+            # pf_insert_src_node: max-src-nodes, max-src-states, `set limit src-nodes`
+            sn = self.srcnodes.find_or_insert(rule, rule.srctrack, pkt.af, pkt.src, now)
+            if sn is None:
+                return self._block(direction, PFRES_SRCLIMIT, rule, None, None, log)
         if len(self.states) >= self.limit_states:
+            if sn is not None:
+                self.srcnodes.release_if_unused(sn, now)
             return self._block(direction, PFRES_MEMORY, rule, None, None, log)
         st = self._create_state(rule, direction, pkt, now, xl)
         if st is None:
+            if sn is not None:
+                self.srcnodes.release_if_unused(sn, now)
             return self._block(direction, PFRES_STATEINS, rule, None, None, log)
+        if sn is not None:
+            self.srcnodes.link(st, sn, pkt.proto == IPPROTO_TCP)
         if direction == PF_IN:
             self.extra["passed-in"] += 1
         else:
@@ -887,6 +912,38 @@ class Filter:
             self.listener.state_inserted(st, now)
         return st
 
+    def _src_connlimit(self, st: State, direction: int, now: float) -> Verdict | None:
+        """pf_src_connlimit once the handshake completed: count the connection on its
+        source node; over max-src-conn[-rate] the source goes into the overload table
+        (its states killed with `flush`: this rule's, or all with `flush global`) and
+        this state is killed, the packet dropped (PFRES_SRCLIMIT)."""
+        rule = st.rule
+        opts = rule.srctrack if rule is not None else None
+        if opts is None:
+            return None
+        sn = self.srcnodes.connlimit(st, opts, now)
+        if sn is None:
+            return None
+        killed = 0
+        lc = self.srcnodes.limit_counters
+        if opts.overload is not None:
+            lc["overload-table-insertion"] += 1
+            table = self.ruleset.tables.get(opts.overload.name, opts.overload)
+            table.add(sn.af, int.from_bytes(sn.addr, "big"), len(sn.addr) * 8)
+            if opts.flush:
+                lc["overload-flush-states"] += 1
+                slot = 2 if st[DIRECTION] == PF_IN else 3
+                for other in list(self.states):
+                    k = other.key
+                    if (other is not st and k[0] == sn.af and k[slot] == sn.addr
+                            and (opts.flush_global or other.rule is rule)
+                            and self.remove_state(other, now)):
+                        killed += 1
+            self._debug_log(f"pf: pf_src_connlimit: blocking address {addr_str(sn.af, sn.addr)}"
+                            + (f", {killed} states killed" if opts.flush else ""))
+        self.remove_state(st, now)
+        return self._block(direction, PFRES_SRCLIMIT, rule, None)
+
     def _block_reply(self, rule: Rule, pkt: Packet) -> bytes | None:
         mode = rule.return_mode
         if mode is None:
@@ -953,6 +1010,8 @@ class Filter:
             return False
         if st.rule is not None:
             st.rule.states_cur -= 1
+        if self._sn_links:
+            self.srcnodes.unlink(st, now, self.timeouts[PFTM.SRC_NODE])
         if notify and self.listener is not None:
             self.listener.state_removed(st, now)
         return True
@@ -991,6 +1050,8 @@ class Filter:
         for st in expired:
             if self.remove_state(st, now):
                 removed += 1
+        if self.srcnodes.idle:
+            self.srcnodes.purge(now)
         return removed
 
     def next_deadline(self) -> float:

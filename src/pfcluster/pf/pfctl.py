@@ -288,17 +288,20 @@ def counters_dict(filt: Filter, now: float) -> dict[str, Any]:
             "limit": filt.limit_states,
         },
         "counters": {name: filt.counters[i] for i, name in enumerate(PFRES_NAMES)},
+        "src_nodes": filt.srcnodes.counters(),
+        "limit_counters": dict(filt.srcnodes.limit_counters),
         "packets": dict(filt.extra),
     }
 
 
-def format_info(filt: Filter, now: float) -> list[str]:
-    """pfctl -si, printf for printf (pfctl's print_status)."""
-    return format_info_data(counters_dict(filt, now))
+def format_info(filt: Filter, now: float, verbose: bool = False) -> list[str]:
+    """pfctl -si [-v], printf for printf (pfctl's print_status)."""
+    return format_info_data(counters_dict(filt, now), verbose)
 
 
-def format_info_data(data: dict[str, Any]) -> list[str]:
-    """pfctl -si from `counters_dict`'s figures (a --workers firewall sums its workers')."""
+def format_info_data(data: dict[str, Any], verbose: bool = False) -> list[str]:
+    """pfctl -si from `counters_dict`'s figures (a --workers firewall sums its workers');
+    `verbose` adds -v's Source Tracking Table and Limit Counters."""
     up = max(0, int(data["running_seconds"]))
     d, rem = divmod(up, 86400)
     h, rem = divmod(rem, 3600)
@@ -322,10 +325,22 @@ def format_info_data(data: dict[str, Any]) -> list[str]:
     lines.append(f"  {'current entries':<25} {t['current']:>14} {'':>14}")
     for name in ("searches", "inserts", "removals"):
         lines.append(f"  {name:<25} {t[name]:>14} {rate(t[name])}")
+    sn = data.get("src_nodes")
+    if verbose and sn is not None:
+        lines.append("Source Tracking Table")
+        lines.append(f"  {'current entries':<25} {sn['current']:>14} {'':>14}")
+        for name in ("searches", "inserts", "removals"):
+            lines.append(f"  {name:<25} {sn[name]:>14} {rate(sn[name])}")
     lines.append("Counters")
     for name in PFRES_NAMES:
         total = data["counters"][name]
         lines.append(f"  {name:<25} {total:>14} {rate(total)}")
+    lc = data.get("limit_counters")
+    if verbose and lc is not None:
+        lines.append("Limit Counters")
+        for name, total in lc.items():
+            label = name.replace("-table-", " table ").replace("-flush-", " flush ")
+            lines.append(f"  {label:<25} {total:>14} {rate(total)}")
     return lines
 
 
@@ -337,7 +352,7 @@ def format_daemon_info(filt: Filter, now: float, pfsync: dict[str, Any], sync_ok
 
 def format_daemon_info_data(pf: dict[str, Any], pfsync: dict[str, Any], sync_ok: bool,
                             dataplane: dict[str, Any]) -> list[str]:
-    text = format_info_data(pf)
+    text = format_info_data(pf, verbose=True)
     text.append("pfsync")
     text.extend(f"  {k:<25}{v:>14}" for k, v in sorted(pfsync.items()))
     text.append(f"  {'sync_ok':<25}{str(sync_ok).lower():>14}")

@@ -53,6 +53,7 @@ from pfcluster.pf.ruleset import (
     Ruleset,
     Table,
 )
+from pfcluster.pf.srcnode import SrcTrack
 
 __all__ = ["RuleSyntaxError", "load_rules", "parse_rules"]
 
@@ -142,6 +143,8 @@ KEYWORDS = frozenset((
 ))
 
 STATE_FLAGS_OPTS = ("no-sync", "sloppy", "pflow", "if-bound", "floating")
+SRCTRACK_OPTS = ("source-track", "max-src-nodes", "max-src-states", "max-src-conn",
+                 "max-src-conn-rate", "overload")
 DEBUG_LEVELS = ("none", "emerg", "alert", "crit", "err", "warning", "notice", "info",
                 "debug", "urgent", "misc", "loud")
 LIMIT_NAMES = ("states", "frags", "src-nodes", "tables", "table-entries", "pktdelay-pkts",
@@ -321,6 +324,7 @@ class _RuleSpec:
     state: str | None = None  # "keep" | "modulate" | "synproxy" | "no" | None (unwritten)
     state_tok: Tok | None = None
     max_states: int = 0
+    srctrack: SrcTrack | None = None  # source-tracking options, when any is written
     no_sync: bool = False
     sloppy: bool = False
     pflow: bool = False
@@ -854,8 +858,54 @@ class _Parser:
 
         spec.icmp = self.list_items(item, "icmp type")
 
+    def srctrack_opt(self, spec: _RuleSpec, t: Tok, seen: set[str]) -> None:
+        """One of max-src-*, overload, source-track (pf.conf(5) STATEFUL TRACKING)."""
+        if t.text in seen:
+            raise self.error(t, f"state option '{t.text}' multiple definitions")
+        seen.add(t.text)
+        st = spec.srctrack
+        if st is None:
+            st = spec.srctrack = SrcTrack()
+        if t.text == "source-track":
+            st.scope_written = True
+            if self.tok.kind == "word" and self.tok.text in ("rule", "global"):
+                st.rule_scope = self.advance().text == "rule"
+        elif t.text == "max-src-nodes":
+            st.max_nodes = self.number("max-src-nodes", 1)
+        elif t.text == "max-src-states":
+            st.max_states = self.number("max-src-states", 1)
+        elif t.text == "max-src-conn":
+            st.max_conn = self.number("max-src-conn", 1)
+        elif t.text == "max-src-conn-rate":
+            st.rate_limit = self.number("max-src-conn-rate limit", 1)
+            self.expect("/", "expected '/' in max-src-conn-rate N/S")
+            st.rate_seconds = self.number("max-src-conn-rate seconds", 1)
+        else:  # overload <table> [flush [global]]
+            name, lt = self.table_name()
+            tbl = self.rs.tables.get(name)
+            if tbl is None:  # created as pf creates an overload table it has not seen
+                tbl = Table(name)
+                self.rs.tables[name] = tbl
+                self._auto_tables.add(name)
+            if tbl.const:
+                raise self.error(lt, f"overload table <{name}> is const")
+            st.overload = tbl
+            tbl.referenced = True  # listed by `ctl tables` and kept by a reload, as pf
+            if self.tok.kind == "word" and self.tok.text == "flush":
+                self.advance()
+                st.flush = True
+                if self.tok.kind == "word" and self.tok.text == "global":
+                    self.advance()
+                    st.flush_global = True
+        if st.scope_written and not st.rule_scope:
+            for opt, val in (("max-src-nodes", st.max_nodes), ("max-src-conn", st.max_conn),
+                             ("max-src-conn-rate", st.rate_limit)):
+                if val:
+                    raise self.error(t, f"'{opt}' is incompatible with 'source-track global'")
+
     def state_opts(self, spec: _RuleSpec) -> None:
         open_tok = self.advance()
+        seen: set[str] = set()
 
         def one() -> None:
             t = self.tok
@@ -864,6 +914,8 @@ class _Parser:
             self.advance()
             if t.text == "max":
                 spec.max_states = self.number("max states", 1)
+            elif t.text in SRCTRACK_OPTS:
+                self.srctrack_opt(spec, t, seen)
             elif t.text in STATE_FLAGS_OPTS:
                 if t.text == "no-sync":
                     spec.no_sync = True
@@ -892,6 +944,10 @@ class _Parser:
                 break
             if not self.accept(","):
                 raise self.unexpected("expected ',' or ')'")
+        st = spec.srctrack
+        if st is not None and not st.scope_written:
+            # pfctl: max-src-nodes, max-src-conn and max-src-conn-rate track per rule
+            st.rule_scope = bool(st.max_nodes or st.max_conn or st.rate_limit)
 
     def rule(self) -> None:
         spec = _RuleSpec()
@@ -1268,7 +1324,7 @@ class _Parser:
         keep = spec.action == "pass" and spec.state != "no"
         state_type = (spec.state if spec.state in ("keep", "modulate", "synproxy") else
                       "keep") if keep else None
-        if not keep and (spec.max_states or spec.timeouts):
+        if not keep and (spec.max_states or spec.timeouts or spec.srctrack):
             raise self.error(spec.state_tok or spec.tok, "state options need a stateful rule")
         if spec.icmp_kw is not None:
             want = IPPROTO_ICMPV6 if spec.icmp_kw == "icmp6-type" else IPPROTO_ICMP
@@ -1473,6 +1529,7 @@ class _Parser:
         r.keep_state = keep
         r.state_type = state_type
         r.max_states = spec.max_states
+        r.srctrack = spec.srctrack.copy() if spec.srctrack is not None else None
         r.no_sync = spec.no_sync
         r.sloppy = spec.sloppy
         r.pflow = spec.pflow

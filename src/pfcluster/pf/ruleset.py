@@ -38,6 +38,7 @@ from pfcluster.pf.constants import (
 
 if TYPE_CHECKING:
     from pfcluster.pf.pool import Pool
+    from pfcluster.pf.srcnode import SrcTrack
 
 # FreeBSD translation rules (pfctl -sn), kept apart from the filter rules.
 TRANSLATION_ACTIONS = ("nat", "rdr", "binat")
@@ -288,8 +289,8 @@ class Rule:
         "evaluations", "flags", "flagset", "icmp_code", "icmp_type", "if_bound", "ifname",
         "ifnot", "keep_state", "label", "line", "log", "log_all", "max_states", "nat",
         "natpass", "no_sync", "nr", "packets", "pflow", "policy", "proto", "quick", "rdr",
-        "return_mode", "skip", "sloppy", "sport", "src", "state_type", "states_cur",
-        "states_tot", "timeouts",
+        "return_mode", "skip", "sloppy", "sport", "src", "srctrack", "state_type",
+        "states_cur", "states_tot", "timeouts",
     )
 
     def __init__(self) -> None:
@@ -317,6 +318,7 @@ class Rule:
         self.keep_state = False
         self.state_type: str | None = None
         self.max_states = 0
+        self.srctrack: SrcTrack | None = None  # source-tracking options (pf/srcnode.py)
         self.no_sync = False
         self.sloppy = False
         self.pflow = False
@@ -342,6 +344,8 @@ class Rule:
             opts.append(f"max {self.max_states}")
         if self.no_sync:
             opts.append("no-sync")
+        if self.srctrack is not None:
+            opts.extend(self.srctrack.options_text())
         if self.if_bound is not None:
             opts.append("if-bound" if self.if_bound else "floating")
         if self.sloppy:

@@ -23,6 +23,7 @@ from pfcluster.pf.constants import (
     PF_OUT,
     PF_TCPS_PROXY_DST,
     PFSTATE_ACK,
+    PFSYNC_FLAG_SRCNODE,
     PFTM_MAX,
 )
 from pfcluster.pf.filter import PORT_OBJECTS
@@ -76,6 +77,15 @@ def seconds_left(st: State, now: float, timeouts: list[int], nstates: int) -> in
     return 0 if e <= now else min(U32, int(e - now))
 
 
+def _sync_flags(st: State) -> int:
+    """PFSYNC_FLAG_SRCNODE when the state's rule tracks sources: a state such a rule
+    created here holds a source node (pf sets the flag from st->src_node). Peers
+    create no node for it (pf neither): source nodes stay on the firewall that made
+    them, so an overload limit is per firewall in an active-active cluster."""
+    r = st.rule
+    return 0 if r is None or r.srctrack is None else PFSYNC_FLAG_SRCNODE
+
+
 def export_state(st: State, now: float, dialect: str, timeouts: list[int], nstates: int) -> wire.State:
     """A pfsync_state record for `st` as `dialect` carries it."""
     af, proto, a0, a1, p0, p1 = st.key
@@ -111,6 +121,7 @@ def export_state(st: State, now: float, dialect: str, timeouts: list[int], nstat
         log=st.log,
         state_flags=flags,
         timeout=st.timeout,
+        sync_flags=_sync_flags(st),
     )
 
 
@@ -263,6 +274,7 @@ _FIELD_EXPR: dict[str, str] = {
     "proto": "k[1]", "direction": f"st[{DIRECTION}]", "log": f"st[{LOG}]",
     "state_flags": "flags", "timeout": "st.timeout", "rtableid": "0", "set_prio": "0, 0",
     "rt_ifname": "b''",
+    "sync_flags": f"(0 if r is None or r.srctrack is None else {PFSYNC_FLAG_SRCNODE})",
 }
 # A peer: the scrub values are zero (we do not scrub), then pf's Peer fields.
 _PEER_EXPR = ", ".join(["0"] * PEER_SCRUB_VALUES + [f"pv[{{p}} + {j}]" for j in range(PEER_LEN)])
