@@ -293,3 +293,28 @@ def test_v5_layout_preference(shared_dir: Path) -> None:
     assert auto["pfsync.dialect"] == "openbsd45" and "badlen" not in auto["_ws.expert.message"]
     assert forced["pfsync.dialect"] == "freebsd1301"
     assert "badlen" in forced["_ws.expert.message"] or "badact" in forced["_ws.expert.message"]
+
+
+def test_sync_key_authenticator_fields(shared_dir: Path) -> None:
+    """Frames sealed by `--sync-key` (4.5: in the EOF's hmac[20]; FreeBSD 14: a trailer):
+    the dissector shows key id, sender, counter and tag as pfsync/auth.py wrote them."""
+    from pfcluster.pfsync import auth
+
+    keys = auth.parse_keys("7 " + "ab" * 32)
+    frames, want = [], []
+    for dialect in ("openbsd45", "freebsd1400"):
+        sealed = auth.Sealer(keys, 0xC0FFEE01, dialect, clock=lambda: 0x123456789ABCDE).seal(
+            wire.encode(every_message(dialect), dialect=dialect))
+        got = auth.read(sealed, dialect)
+        assert got is not None
+        frames.append(ip4(sealed))
+        want.append(got)
+    pcap = write_pcap(shared_dir / "auth.pcap", frames)
+    rows = _tshark_fields(shared_dir, pcap, ["pfsync.auth.keyid", "pfsync.auth.sender",
+                                             "pfsync.auth.counter", "pfsync.auth.tag"])
+    assert len(rows) == 2
+    for row, a in zip(rows, want, strict=True):
+        assert int(row["pfsync.auth.keyid"]) == a.key_id == 7
+        assert int(row["pfsync.auth.sender"], 16) == a.sender == 0xC0FFEE01
+        assert int(row["pfsync.auth.counter"]) == a.counter
+        assert row["pfsync.auth.tag"].replace(":", "") == a.tag.hex()

@@ -153,6 +153,12 @@ field("tdb_sproto", ProtoField.uint8("pfsync.tdb.sproto", "Security protocol", b
 field("tdb_updates", ProtoField.uint8("pfsync.tdb.updates", "Updates", base.DEC))
 field("tdb_rdomain", ProtoField.uint16("pfsync.tdb.rdomain", "Routing domain", base.DEC))
 field("eof_hmac", ProtoField.bytes("pfsync.eof.hmac", "HMAC (not verified)"))
+-- pfcluster's --sync-key authenticator (pfsync/auth.py): in the 4.5 EOF's hmac[20], or a
+-- 20-byte trailer after header.len in the other dialects
+field("auth_keyid", ProtoField.uint8("pfsync.auth.keyid", "Key id (0: none)", base.DEC))
+field("auth_sender", ProtoField.uint32("pfsync.auth.sender", "Sender", base.HEX))
+field("auth_counter", ProtoField.uint64("pfsync.auth.counter", "Counter", base.DEC))
+field("auth_tag", ProtoField.bytes("pfsync.auth.tag", "Tag (HMAC-SHA256/64, not verified)"))
 field("key_addr", ProtoField.ipv4("pfsync.state.key.addr", "Address"))
 field("key_addr6", ProtoField.ipv6("pfsync.state.key.addr6", "Address"))
 field("key_addr_raw", ProtoField.bytes("pfsync.state.key.addr_raw", "Address (unknown af)"))
@@ -226,6 +232,15 @@ local AT = {}
 for d, lay in pairs(LAYOUTS) do AT[d] = offsets(lay) end
 local PEER_STATE_OFF
 for _, pf in ipairs(PEER) do if pf[1] == "state" then PEER_STATE_OFF = pf[2] end end
+
+local function auth_tree(tree, tvb, off)
+  local t = tree:add(tvb(off, 20), "Authenticator (--sync-key)")
+  t:add(F.auth_keyid, tvb(off, 1))
+  t:add(F.auth_sender, tvb(off + 1, 4))
+  -- a 56-bit counter: 3 high bytes, then 4 low ones
+  t:add(F.auth_counter, tvb(off + 5, 7), UInt64.new(tvb(off + 8, 4):uint(), tvb(off + 5, 3):uint()))
+  t:add(F.auth_tag, tvb(off + 12, 8))
+end
 
 local function num(tree, f, tvb, off, size, signed)
   local r = tvb(off, size)
@@ -348,6 +363,7 @@ local function dissect_one(tree, tvb, off, size, kind, d, label)
     num(t, F.bus_status, tvb, off + 8, 1)
   elseif kind == "eof" then
     t:add(F.eof_hmac, tvb(off, 20))
+    if tvb(off, 1):uint() ~= 0 then auth_tree(t, tvb, off) end
   elseif kind:sub(1, 3) == "tdb" then
     num(t, F.tdb_spi, tvb, off, 4)
     t:add(F.tdb_dst, tvb(off + 4, 28))
@@ -584,6 +600,10 @@ function pfsync.dissector(tvb, pinfo, tree)
   root:add(F.dialect, tvb(0, 1), d):set_generated()
   root:append_text(string.format(", v%u %s", version, d))
   local res = walk(tvb, d, root, len_item)
+  local hlen = tvb(2, 2):uint()
+  if d ~= "openbsd45" and total == hlen + 20 and tvb(hlen, 1):uint() ~= 0 then
+    auth_tree(root, tvb, hlen)  -- the --sync-key trailer of the dialects without hmac[20]
+  end
   local summary = {}
   for i, name in ipairs(res.sections) do summary[i] = name end
   pinfo.cols.info = string.format("PFSYNCv%u len %u %s%s", version, tvb(2, 2):uint(),
