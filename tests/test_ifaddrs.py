@@ -203,3 +203,27 @@ def test_block_return_v6_tcp_is_a_checked_rst() -> None:
     ck = t.chksum
     del t.chksum
     assert IPv6(bytes(r6))[TCP].chksum == ck
+
+
+def test_replay_reads_interface_addresses_from_iface(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from click.testing import CliRunner
+    from scapy.utils import wrpcap
+
+    from pfcluster.cli.replay import replay
+
+    rules = tmp_path / "pf.conf"
+    rules.write_text("block in all\npass in on em0 proto udp to (em1) no state\n"
+                     "pass in proto udp to em0 port 7 no state\nantispoof for em0 inet\n")
+    cap = tmp_path / "c.pcap"
+    pkts = [udp("192.0.2.5", "198.51.100.1", 1, 53), udp("192.0.2.5", "198.51.100.9", 1, 53),
+            udp("198.51.100.9", "192.0.2.1", 1, 7)]
+    for i, p in enumerate(pkts):
+        p.time = 1000 + i
+    wrpcap(str(cap), pkts)
+    res = CliRunner().invoke(replay, ["--rules", str(rules), "--iface", "em0=192.0.2.1/24",
+                                      "--iface", "em1=198.51.100.1/24", "--json", str(cap)])
+    assert res.exit_code == 0, res.output
+    recs = [json.loads(line) for line in res.output.splitlines() if '"n"' in line]
+    assert [r["in"]["action"] for r in recs] == ["pass", "block", "pass"]
