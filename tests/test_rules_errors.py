@@ -65,7 +65,7 @@ CASES = [
     ("pass = 1", "pf.conf:1:1: macro name 'pass' is a reserved keyword"),
     ("pass in proto tcp from any port = to any", "pf.conf:1:35: unexpected 'to', "
      "expected a port"),
-    ("pass in from self", "pf.conf:1:14: address 'self' is not supported"),
+    ("pass in from self", "pf.conf:1:14: no IP address found for self"),
     ("pass in from www.example.com", "pf.conf:1:14: invalid address 'www.example.com'"),
     ("pass in all flags S/SA flags any", "pf.conf:1:24: flags already specified"),
     ("pass in all keep state no state", "pf.conf:1:24: state already specified"),

@@ -616,8 +616,9 @@ def build_tcp_ack(pkt: Packet, seq: int, ack: int, ttl: int = 64) -> bytes:
     return _build_tcp(pkt, seq, ack, TH_ACK, ttl)
 
 
-def build_icmp_unreach(pkt: Packet, ttl: int = 64) -> bytes:
-    """ICMP port unreachable (v4 3/3) or ICMPv6 destination unreachable, port (1/4).
+def build_icmp_unreach(pkt: Packet, ttl: int = 64, code: int | None = None) -> bytes:
+    """ICMP destination unreachable (v4 type 3, v6 type 1), by default port (3/3, 1/4);
+    `code` picks another (return-icmp(host-unr), return-icmp6(admin-unr)).
 
     Quotes the original IP header + 8 bytes for IPv4 and as much as keeps the reply within
     the IPv6 minimum MTU (1280) for IPv6, as icmp_error/icmp6_error do. The reply comes from
@@ -627,10 +628,10 @@ def build_icmp_unreach(pkt: Packet, ttl: int = 64) -> bytes:
     raw = pkt.raw
     if pkt.af == AF_INET:
         quote = bytes(raw[: min(pkt.ip_hl + 8, pkt.ip_len, len(raw))])
-        icmp_type, code = 3, 3
+        icmp_type, code = 3, 3 if code is None else code
     else:
         quote = bytes(raw[: min(_IP6_MIN_MTU - 48, pkt.ip_len, len(raw))])
-        icmp_type, code = 1, 4
+        icmp_type, code = 1, 4 if code is None else code
     msg = bytearray(_ICMP_HDR.pack(icmp_type, code, 0, 0)) + quote
     if pkt.af == AF_INET:
         csum = internet_checksum(msg)

@@ -51,7 +51,10 @@ def check(rules_path: str | None, config_path: str | None, verbose: bool) -> Non
         rules_path = cfg.rules
     if not rules_path:
         raise click.UsageError("give --rules FILE or --config FILE")
-    ruleset = load_rules_file(rules_path)  # RuleSyntaxError/OSError: one line, exit 1
+    from pfcluster.io.loop import host_addresses
+
+    # as the daemon reads them: `em0` and `self` stand for this host's addresses now
+    ruleset = load_rules_file(rules_path, host_addresses())  # bad: one line, exit 1
     if verbose:
         for line in _options(ruleset):
             click.echo(line)

@@ -175,13 +175,14 @@ def _check_parent(path: str, parent: Path, make_parents: bool) -> None:
         raise CommandError(f"{path}: cannot write in {parent}: permission denied")
 
 
-def load_rules_file(path: str) -> Ruleset:
+def load_rules_file(path: str, ifaddrs: Any = None) -> Ruleset:
     """load_rules, with a binary file reported as one line instead of UnicodeDecodeError
-    (RuleSyntaxError and OSError are documented errors and pass through)."""
+    (RuleSyntaxError and OSError are documented errors and pass through). `ifaddrs`: the
+    interfaces `em0`, `self` and `(em0)` name (pfcluster.pf.ifaddrs.IfAddrs)."""
     from pfcluster.pf.rules import load_rules
 
     try:
-        return load_rules(path)
+        return load_rules(path, ifaddrs)
     except UnicodeDecodeError as exc:
         raise CommandError(f"{path}: not a text file (byte 0x{exc.object[exc.start]:02x} "
                            f"at offset {exc.start} is not UTF-8)") from None

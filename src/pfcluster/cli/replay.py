@@ -27,6 +27,7 @@ from pfcluster.packet import MalformedPacket, addr_str, parse
 from pfcluster.pf import pfctl
 from pfcluster.pf.constants import IPPROTO_TCP, flags_str, proto_name
 from pfcluster.pf.filter import Filter, Verdict
+from pfcluster.pf.ifaddrs import IfAddrs
 from pfcluster.pf.router import ROUTE_BLOCK, route
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -109,6 +110,16 @@ def iface_addresses(ifaces: list[tuple[str, Network]],
     return out
 
 
+def replay_ifaddrs(ifaces: list[tuple[str, Network]], texts: dict[str, str]) -> IfAddrs:
+    """The firewall's interfaces as --iface gives them, for `em0`, `self`, `(em0)` and
+    urpf-failed: each address (chosen as for translation pools) with its prefix, whose
+    route leaves by that interface."""
+    flat = iface_addresses(ifaces, texts)
+    return IfAddrs.from_texts(
+        (name, f"{ipaddress.ip_address(raw)}/{net.prefixlen}")
+        for (name, net), (_af, raw) in zip(ifaces, (flat[n].pop(0) for n, _ in ifaces)))
+
+
 @click.command(cls=ReportingCommand)
 @click.option("--rules", "rules_path", required=True, type=click.Path(), help="pf.conf to load")
 @click.option("--iface", "ifaces", multiple=True, required=True, metavar="NAME=CIDR",
@@ -124,7 +135,8 @@ def replay(rules_path: str, ifaces: list[tuple[str, Network]], as_json: bool,
     from pfcluster.io.capture import iter_ip_packets
     from pfcluster.io.pflog import PflogError, PflogWriter
 
-    ruleset = load_rules_file(rules_path)
+    ruleset = load_rules_file(rules_path, replay_ifaddrs(
+        ifaces, click.get_current_context().meta.get("iface_texts", {})))
     pflog = None
     if pflog_path is not None:
         try:

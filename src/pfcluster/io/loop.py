@@ -62,7 +62,7 @@ SYNC_MTU = 1500
 AUTH_LOG_LINES = 10  # frames dropped for authentication logged per daemon, then counted
 
 # selector keys' data: what kind of fd it is
-K_QUEUE, K_SYNC, K_LISTEN, K_CLIENT, K_SIGNAL, K_BUS, K_METRICS, K_MCLIENT = range(8)
+K_QUEUE, K_SYNC, K_LISTEN, K_CLIENT, K_SIGNAL, K_BUS, K_METRICS, K_MCLIENT, K_IFADDR = range(9)
 
 
 class SetupError(RuntimeError):
@@ -70,10 +70,24 @@ class SetupError(RuntimeError):
     the resource and the problem."""
 
 
-def load_ruleset(path: str) -> Any:
+def load_ruleset(path: str, ifaddrs: Any = None) -> Any:
+    """The rules, with `em0`/`self`/`(em0)` read against `ifaddrs` (the host's, dumped
+    now, when None)."""
     from pfcluster.pf.rules import load_rules
 
-    return load_rules(path)
+    return load_rules(path, ifaddrs if ifaddrs is not None else host_addresses())
+
+
+def host_addresses() -> Any:
+    """The host's interfaces and routes from netlink; none known if netlink refuses."""
+    from pfcluster.io.ifwatch import host_ifaddrs
+    from pfcluster.pf.ifaddrs import IfAddrs
+
+    try:
+        return host_ifaddrs()
+    except Exception as exc:
+        log.error("interface addresses: %s", exc)
+        return IfAddrs()
 
 
 def make_core(cfg: DaemonConfig, ruleset: Any, now: float) -> tuple[Any, SyncEngine]:
@@ -105,23 +119,6 @@ def translates(ruleset: Any) -> bool:
         return True
     return any(getattr(r, "nat", None) is not None or getattr(r, "rdr", None) is not None
                for r in getattr(ruleset, "rules", ()))
-
-
-def interface_addresses() -> dict[str, list[tuple[int, bytes]]]:
-    """Every interface's addresses [(af, packed)], for `(em0)` translation pools."""
-    from pyroute2 import IPRoute
-
-    out: dict[str, list[tuple[int, bytes]]] = {}
-    with IPRoute() as ipr:
-        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
-        for msg in ipr.get_addr():
-            name = names.get(msg["index"])
-            addr = msg.get_attr("IFA_ADDRESS")
-            if name is None or addr is None:
-                continue
-            af = msg["family"]
-            out.setdefault(name, []).append((af, socket.inet_pton(af, addr)))
-    return out
 
 
 def skip_ifaces(cfg: DaemonConfig, ruleset: Any) -> list[str]:
@@ -208,8 +205,12 @@ class Daemon:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.cfg = cfg
+        # the host's interfaces and routes: rules read them for `(em0)`, `self`,
+        # urpf-failed; netlink events keep them current (setup opens the watch)
+        self.ifaddrs = host_addresses()
+        self.ifwatch: Any = None
         # looked up at call time so a test can swap the module's make_core/load_ruleset
-        self.loader = loader or load_ruleset
+        self.loader = loader or (lambda path: load_ruleset(path, self.ifaddrs))
         self.clock = clock
         self.install_iptables = install_iptables
         self.started = clock()
@@ -269,6 +270,7 @@ class Daemon:
         self.sel.register(self.control, selectors.EVENT_READ, (K_LISTEN, None))
         self.metrics = open_metrics(cfg, self.sel, lambda: self.counters(self.clock()))
         self.pflog = open_pflog(cfg)
+        self._watch_addresses()
         try:
             self.replies = ReplySender()
         except OSError as exc:  # raw sockets: root (CAP_NET_RAW) needed
@@ -321,11 +323,27 @@ class Daemon:
                  "" if cfg.worker is None else f", worker {cfg.worker} of {cfg.workers}")
 
     def _learn_addresses(self) -> None:
-        """Interface addresses for `(em0)` pools, read at start and on each reload."""
+        """Interface addresses for `(em0)` pools, from the followed host view."""
+        self.filter.nat.iface_addrs = self.ifaddrs.flat()
+
+    def _watch_addresses(self) -> None:
+        """Follow address and route changes (RTM_NEWADDR & co) in the loop. Without it
+        the rules keep the addresses seen at start: logged, not fatal."""
+        from pfcluster.io.ifwatch import IfWatch
+
         try:
-            self.filter.nat.iface_addrs = interface_addresses()
-        except Exception as exc:  # netlink refused: `(if)` pools then translate nothing
-            log.error("interface addresses: %s", exc)
+            self.ifwatch = IfWatch(self.ifaddrs)
+        except Exception as exc:
+            log.error("netlink address events: %s (interface addresses not followed)", exc)
+            return
+        self.sel.register(self.ifwatch, selectors.EVENT_READ, (K_IFADDR, None))
+
+    def _addresses_changed(self) -> None:
+        if self.ifwatch.on_readable():
+            log.info("interface addresses changed: %s", ", ".join(
+                f"{name} {len(lst)}" for name, lst in sorted(self.ifaddrs.addrs.items())))
+            if self.translating:
+                self._learn_addresses()
 
     def _open_sync(self) -> None:
         cfg = self.cfg
@@ -383,6 +401,8 @@ class Daemon:
             self.bus.close()
         if self.replies is not None:
             self.replies.close()
+        if self.ifwatch is not None:
+            self.ifwatch.close()
         self.signals.restore()
         self.sel.close()
 
@@ -449,6 +469,8 @@ class Daemon:
                     self.metrics.accept_into(sel, K_MCLIENT)
                 elif kind == K_MCLIENT:
                     self.metrics.service(sel, obj, mask, K_MCLIENT)
+                elif kind == K_IFADDR:
+                    self._addresses_changed()
             now = self.clock()
             d = self.engine.next_deadline()
             if d is not None and d <= now:

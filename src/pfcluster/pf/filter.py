@@ -955,10 +955,12 @@ class Filter:
             if pkt.tcp_flags & TH_RST:
                 return None
             return build_tcp_rst(pkt)
-        if (mode in ("return", "return-icmp") and not is_tcp) or mode == "return-icmp":
+        if (mode in ("return", "return-icmp", "return-icmp6") and not is_tcp) or mode in (
+                "return-icmp", "return-icmp6"):
             if pkt.proto in (IPPROTO_ICMP, IPPROTO_ICMPV6) and pkt.inner is not None:
                 return None  # never answer an error with an error
-            return build_icmp_unreach(pkt)
+            return build_icmp_unreach(
+                pkt, code=rule.return_icmp if pkt.af == AF_INET else rule.return_icmp6)
         return None
 
     # -- state management (used by purge, ctl and pfsync) ---------------------------

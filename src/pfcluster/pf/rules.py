@@ -34,11 +34,16 @@ from pfcluster.pf.constants import (
     TCP_FLAG_LETTERS,
     TIMEOUT_NAMES,
 )
+from pfcluster.pf.ifaddrs import IfAddrs, UrpfCheck, is_link_local
 from pfcluster.pf.pool import DYNAMIC_OPTS, Pool
 from pfcluster.pf.ruleset import (
     ICMP6_TYPES,
+    ICMP6_UNREACH_CODES,
+    ICMP6_UNREACH_PORT,
     ICMP_CODES,
     ICMP_TYPES,
+    ICMP_UNREACH_CODES,
+    ICMP_UNREACH_PORT,
     PF_OP_EQ,
     PF_OP_GE,
     PF_OP_GT,
@@ -138,7 +143,8 @@ KEYWORDS = frozenset((
     "pass", "block", "match", "in", "out", "log", "quick", "on", "inet", "inet6", "proto",
     "from", "to", "all", "any", "port", "flags", "icmp-type", "icmp6-type", "code", "keep",
     "no", "modulate", "synproxy", "state", "label", "table", "set", "persist", "const",
-    "counters", "drop", "return", "return-rst", "return-icmp", "anchor",
+    "counters", "drop", "return", "return-rst", "return-icmp", "return-icmp6", "anchor",
+    "antispoof", "for",
     "nat", "rdr", "binat", "nat-to", "rdr-to", "binat-to", *POOL_WORDS,
 ))
 
@@ -304,6 +310,8 @@ class _RuleSpec:
     action: str = "pass"
     tok: Tok | None = None
     return_mode: str | None = None
+    return_icmp: int = ICMP_UNREACH_PORT
+    return_icmp6: int = ICMP6_UNREACH_PORT
     direction: int = PF_INOUT
     log: bool = False
     log_all: bool = False
@@ -358,9 +366,13 @@ class _PoolSpec:
 
 
 class _Parser:
-    def __init__(self, text: str, filename: str) -> None:
+    def __init__(self, text: str, filename: str, ifaddrs: IfAddrs | None = None) -> None:
         self.filename = filename
         self.rs = Ruleset(filename)
+        # the host's interfaces: `em0`/`self` expand from them, `(em0)` follows them
+        self.ifaddrs = ifaddrs if ifaddrs is not None else IfAddrs()
+        self.rs.ifaddrs = self.ifaddrs
+        self._noroute: UrpfCheck | None = None
         self.macros = self.rs.macros
         self._toks = _Lexer(text, filename, self.macros).tokens()
         self.tok = next(self._toks)
@@ -473,6 +485,8 @@ class _Parser:
                 self.macro()
             elif t.kind == "word" and t.text in ("pass", "block", "match"):
                 self.rule()
+            elif t.kind == "word" and t.text == "antispoof":
+                self.antispoof()
             elif t.kind == "word" and (t.text in ("nat", "rdr", "binat") or (
                     t.text == "no" and self.peek2().kind == "word"
                     and self.peek2().text in ("nat", "rdr", "binat"))):
@@ -696,8 +710,6 @@ class _Parser:
         self.advance()
         if t.text == "any":
             return Addr()
-        if t.text in ("self", "no-route", "urpf-failed") or t.text.startswith("("):
-            raise self.error(t, f"address '{t.text}' is not supported")
         try:
             ip = ipaddress.ip_address(t.text)
         except ValueError:
@@ -718,19 +730,102 @@ class _Parser:
         af = AF_INET if ip.version == 4 else AF_INET6
         return Addr("net", af=af, net=int(ip), plen=plen)
 
-    def host_item(self) -> _Host:
+    def host_item(self) -> list[_Host]:
+        """One written address; an interface name (`em0`, `em0:network`, `self`) stands
+        for its addresses at load time, so it may give several (pfctl's host_if)."""
         t = self.tok
         neg = self.accept("!")
         if neg and self.at("{"):
             raise self.error(self.tok, "a list cannot be negated; negate its entries")
-        a = self.address()
-        a.neg = neg
-        return _Host(a, t)
+        at = self.tok
+        if self.at("("):
+            out = [self.dynaddr()]
+        elif at.kind in ("word", "string") and at.text in ("self", "urpf-failed", "no-route"):
+            self.advance()
+            out = self.special_addr(at)
+        elif at.kind in ("word", "string") and self._is_ifname(at.text):
+            self.advance()
+            out = self.iface_addrs(at)
+        else:
+            out = [self.address()]
+        for a in out:
+            a.neg = neg
+        return [_Host(a, t) for a in out]
 
     def hosts(self) -> list[_Host]:
         if self.at("!") and self.peek2().kind == "punct" and self.peek2().text == "{":
             raise self.error(self.peek2(), "a list cannot be negated; negate its entries")
-        return self.list_items(self.host_item, "address")
+        return [h for group in self.list_items(self.host_item, "address") for h in group]
+
+    def _is_ifname(self, text: str) -> bool:
+        """A word naming one of the host's interfaces (with pfctl's modifiers)."""
+        name = text.split(":", 1)[0]
+        return bool(name) and name != "self" and self.ifaddrs.known(name) and all(
+            m in ("network", "broadcast", "peer", "0") for m in text.split(":")[1:])
+
+    def _modifiers(self, t: Tok, text: str) -> tuple[str, str, bool]:
+        """`name[:network|:broadcast|:peer][:0]` -> (name, mode, noalias), pfctl's errors."""
+        name, *mods = text.split(":")
+        mode = ""
+        noalias = False
+        for m in mods:
+            if m == "0":
+                noalias = True
+            elif m in ("network", "broadcast", "peer"):
+                if mode:
+                    raise self.error(t, "illegal combination of interface modifiers")
+                mode = m
+            else:
+                raise self.error(t, f"interface {text} has bad modifier")
+        if not name or len(name) >= 16 or any(
+                c.isspace() or c in "{}()!,;\"'#$<>/" for c in name):
+            raise self.error(t, f"invalid interface name '{name}'")
+        return name, mode, noalias
+
+    def dynaddr(self) -> Addr:
+        """`(if[:mod][:0])`: the interface's addresses, followed as they change."""
+        self.advance()
+        it = self.tok
+        if it.kind not in ("word", "string"):
+            raise self.unexpected("expected an interface name")
+        self.advance()
+        name, mode, noalias = self._modifiers(it, it.text)
+        self.expect(")", "expected ')' after the interface name")
+        return Addr("dyn", dyn=self.ifaddrs.dyn(name, mode, noalias))
+
+    def special_addr(self, t: Tok) -> list[Addr]:
+        if t.text == "self":  # every address of the host, as of the load (pfctl)
+            return self.iface_addrs(t)
+        if self.rs.urpf is None:
+            self.rs.urpf = UrpfCheck(self.ifaddrs, True)
+            self._noroute = UrpfCheck(self.ifaddrs, False)
+        return [Addr("urpf" if t.text == "urpf-failed" else "noroute",
+                     dyn=self.rs.urpf if t.text == "urpf-failed" else self._noroute)]
+
+    def iface_addrs(self, t: Tok) -> list[Addr]:
+        """`em0`, `em0:network`, `self`...: the addresses now, one Addr each (host_if)."""
+        name, mode, noalias = self._modifiers(t, t.text)
+        out: list[Addr] = []
+        seen: set[int] = set()
+        bits: dict[int, int] = {AF_INET: 32, AF_INET6: 128}
+        for a in self.ifaddrs.get(name):
+            if noalias:
+                if a.af in seen:
+                    continue
+                seen.add(a.af)
+            if mode == "network":
+                if is_link_local(a.af, a.addr):
+                    continue  # one fe80::/64 on every link: without a scope it means all
+                out.append(Addr("net", af=a.af, net=a.addr, plen=a.plen))
+            elif mode in ("broadcast", "peer"):
+                v = a.broadcast if mode == "broadcast" else a.peer
+                if v is not None:
+                    out.append(Addr("net", af=a.af, net=v, plen=bits[a.af]))
+            else:
+                out.append(Addr("net", af=a.af, net=a.addr, plen=bits[a.af]))
+        if not out:
+            raise self.error(t, f"no IP address found for {t.text}")
+        return out
 
     def port_value(self, t: Tok, text: str) -> int:
         if _isdec(text):
@@ -790,6 +885,11 @@ class _Parser:
             raise self.error(self.tok, f"missing address after '{kw.text}'")
         if not self.at("port"):
             hosts = self.hosts()
+            if kw.text == "to":
+                for h in hosts:
+                    if h.addr.kind == "urpf":
+                        raise self.error(h.tok, '"urpf-failed" is not permitted in a '
+                                         "destination address")
         if self.accept("port"):
             ports = self.list_items(self.port_item, "port")
         return hosts, ports
@@ -955,9 +1055,12 @@ class _Parser:
         spec.tok = at
         spec.action = at.text
         if at.text == "block" and self.tok.kind == "word" and self.tok.text in (
-                "drop", "return", "return-rst", "return-icmp"):
-            spec.return_mode = self.advance().text
-            if self.at("("):
+                "drop", "return", "return-rst", "return-icmp", "return-icmp6"):
+            mt = self.advance()
+            spec.return_mode = mt.text
+            if self.at("(") and mt.text in ("return-icmp", "return-icmp6"):
+                self.return_codes(spec, mt)
+            elif self.at("("):
                 raise self.unexpected("return options are not supported")
         if self.accept("in"):
             spec.direction = PF_IN
@@ -1042,6 +1145,80 @@ class _Parser:
             else:
                 break
         self.expand(spec)
+
+    def antispoof(self) -> None:
+        """`antispoof [log] [quick] for IF|{IF ..} [inet|inet6] [label "s"]`, expanded as
+        pfctl does: per interface `block drop in on ! IF from IF's networks`, and unless
+        it is the loopback `block drop in from IF's own addresses` (pf.conf(5)).
+        IPv6 link-local networks are left out: without a scope fe80::/64 is every link."""
+        at = self.advance()
+        spec = _RuleSpec(action="block", tok=at, return_mode="drop", direction=PF_IN)
+        if self.accept("log"):
+            spec.log = True
+        if self.accept("quick"):
+            spec.quick = True
+        self.expect("for", "expected 'for'")
+
+        def iface() -> Tok:
+            t = self.tok
+            if t.kind not in ("word", "string") or t.text in KEYWORDS:
+                raise self.unexpected("expected an interface name")
+            self.advance()
+            self._modifiers(t, t.text)
+            if ":" in t.text:
+                raise self.error(t, f"invalid interface name '{t.text}'")
+            if not self.ifaddrs.known(t.text) or t.text == "self":
+                raise self.error(t, f"no IP address found for {t.text}")
+            return t
+        names = self.list_items(iface, "interface")
+        if self.at("inet") or self.at("inet6"):
+            spec.af_tok = self.advance()
+            spec.af = AF_INET if spec.af_tok.text == "inet" else AF_INET6
+        if self.accept("label"):
+            lt = self.tok
+            if lt.kind not in ("string", "word"):
+                raise self.unexpected("expected a label string")
+            self.advance()
+            spec.label = lt.text
+        for t in names:
+            addrs = [a for a in self.ifaddrs.get(t.text) if not spec.af or a.af == spec.af]
+            nets = [_Host(Addr("net", af=a.af, net=a.addr, plen=a.plen), t) for a in addrs
+                    if not is_link_local(a.af, a.addr)]
+            if nets:
+                self.expand(_RuleSpec(**{**spec.__dict__, "ifaces": [(t.text, True)],
+                                         "src": nets}))
+            if t.text not in ("lo", "lo0") and addrs:
+                bits: dict[int, int] = {AF_INET: 32, AF_INET6: 128}
+                own = [_Host(Addr("net", af=a.af, net=a.addr, plen=bits[a.af]), t)
+                       for a in addrs]
+                self.expand(_RuleSpec(**{**spec.__dict__, "src": own}))
+
+    def return_codes(self, spec: _RuleSpec, mt: Tok) -> None:
+        """`return-icmp(code[, code6])`, `return-icmp6(code6)`: unreachable codes by name
+        (pfctl's icmp_code / icmp6_code of type unreach) or number."""
+        self.advance()
+
+        def code(v6: bool) -> int:
+            t = self.tok
+            if t.kind not in ("word", "string"):
+                raise self.unexpected("expected an icmp code")
+            self.advance()
+            if _isdec(t.text):
+                n = int(t.text)
+                if n > 255:
+                    raise self.error(t, f"illegal icmp{'6' if v6 else ''}-code {n}")
+                return n
+            names = ICMP6_UNREACH_CODES if v6 else ICMP_UNREACH_CODES
+            if t.text not in names:
+                raise self.error(t, f"unknown icmp{'6' if v6 else ''} code {t.text}")
+            return names[t.text]
+        if mt.text == "return-icmp6":
+            spec.return_icmp6 = code(True)
+        else:
+            spec.return_icmp = code(False)
+            if self.accept(","):
+                spec.return_icmp6 = code(True)
+        self.expect(")", "expected ')'")
 
     # -- FreeBSD translation rules (pfctl -sn) --
     def translation_rule(self) -> None:
@@ -1192,7 +1369,7 @@ class _Parser:
                 raise self.error(hosts[1].tok, "multiple binat ip addresses")
         src = spec.src[0]
         if src.addr.kind == "table":
-            assert src.addr.table is not None
+            assert isinstance(src.addr.table, Table)
             raise self.error(src.tok, f"invalid use of table <{src.addr.table.name}> as the "
                              "source address of a binat rule")
         ps = spec.nat
@@ -1251,6 +1428,7 @@ class _Parser:
             ps.ifname, ps.if_noalias = name, bool(colon)
         elif self.at("<"):
             a = self.address()
+            assert isinstance(a.table, Table)
             ps.table = a.table
         elif self.at("{"):
             def item() -> _Host:
@@ -1478,7 +1656,7 @@ class _Parser:
             return
         assert r.nat is not None and spec.nat is not None
         if sh.addr.kind == "table":
-            assert sh.addr.table is not None
+            assert isinstance(sh.addr.table, Table)
             raise self.error(sh.tok, f"invalid use of table <{sh.addr.table.name}> as the "
                              "source address of a binat-to rule")
         if sh.addr.kind != "net" or sh.addr.neg:
@@ -1508,6 +1686,8 @@ class _Parser:
         r.line = spec.tok.line if spec.tok else 0
         r.action = spec.action
         r.return_mode = spec.return_mode
+        r.return_icmp = spec.return_icmp
+        r.return_icmp6 = spec.return_icmp6
         r.direction = spec.direction
         r.log = spec.log
         r.log_all = spec.log_all
@@ -1548,16 +1728,19 @@ def _icmp_of(r: Rule) -> tuple[int, int | None] | None:
     return None if r.icmp_type is None else (r.icmp_type, r.icmp_code)
 
 
-def parse_rules(text: str, filename: str = "pf.conf") -> Ruleset:
-    """Parse pf.conf text; raises RuleSyntaxError (`file:line:col: message`) on the first error."""
-    p = _Parser(text, filename)
+def parse_rules(text: str, filename: str = "pf.conf", ifaddrs: IfAddrs | None = None) -> Ruleset:
+    """Parse pf.conf text; raises RuleSyntaxError (`file:line:col: message`) on the first error.
+
+    `ifaddrs`: the host's interfaces, for `em0`, `self` and `(em0)` (none known if None).
+    """
+    p = _Parser(text, filename, ifaddrs)
     try:
         return p.parse()
     except RecursionError:
         raise RuleSyntaxError(filename, p.tok.line, p.tok.col, "input nested too deeply") from None
 
 
-def load_rules(path: str | Path) -> Ruleset:
+def load_rules(path: str | Path, ifaddrs: IfAddrs | None = None) -> Ruleset:
     """Read and parse a pf.conf file (errors name the file as given)."""
     p = Path(path)
-    return parse_rules(p.read_text(), str(path))
+    return parse_rules(p.read_text(), str(path), ifaddrs)

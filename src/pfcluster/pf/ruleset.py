@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pfcluster.packet import addr_str
 from pfcluster.pf.constants import (
@@ -37,8 +37,15 @@ from pfcluster.pf.constants import (
 )
 
 if TYPE_CHECKING:
+    from pfcluster.pf.ifaddrs import IfAddrs, UrpfCheck
     from pfcluster.pf.pool import Pool
     from pfcluster.pf.srcnode import SrcTrack
+
+
+class AddrSet(Protocol):
+    """What the rule loop asks of a table or a followed address set."""
+
+    def contains(self, af: int, addr: int) -> bool: ...
 
 # FreeBSD translation rules (pfctl -sn), kept apart from the filter rules.
 TRANSLATION_ACTIONS = ("nat", "rdr", "binat")
@@ -91,6 +98,14 @@ ICMP_CODES = {
     "host-prohib": 10, "net-tos": 11, "host-tos": 12, "filter-prohib": 13,
     "host-preced": 14, "cutoff-preced": 15, "transit": 0, "reassemb": 1,
 }
+# The codes return-icmp / return-icmp6 take by name (pfctl: type unreach only).
+ICMP_UNREACH_CODES = {k: v for k, v in ICMP_CODES.items() if k not in ("transit", "reassemb")}
+ICMP6_UNREACH_CODES = {"noroute-unr": 0, "admin-unr": 1, "beyond-unr": 2, "addr-unr": 3,
+                       "port-unr": 4}
+ICMP_UNREACH_PORT = 3
+ICMP6_UNREACH_PORT = 4
+_UNREACH_PRINT = {v: k for k, v in ICMP_UNREACH_CODES.items()}
+_UNREACH6_PRINT = {v: k for k, v in ICMP6_UNREACH_CODES.items()}
 _ICMP_TYPE_PRINT = {v: k for k, v in reversed(ICMP_TYPES.items())}
 _ICMP6_TYPE_PRINT = {v: k for k, v in reversed(ICMP6_TYPES.items())}
 
@@ -243,17 +258,20 @@ class Table:
 
 
 class Addr:
-    """One side of `from`/`to`: any, a host/network (pre-masked int) or a table."""
+    """One side of `from`/`to`: any, a host/network (pre-masked int), a table, or an
+    address set kept current elsewhere (`(em0)`, `urpf-failed`, `no-route`:
+    pfcluster.pf.ifaddrs), which the loop reads through the same `contains` as a table."""
 
     __slots__ = ("af", "kind", "mask", "neg", "net", "plen", "table")
 
     def __init__(self, kind: str = "any", af: int = 0, net: int = 0, plen: int = 0,
-                 neg: bool = False, table: Table | None = None) -> None:
-        self.kind = kind  # "any" | "net" | "table"
+                 neg: bool = False, table: Table | None = None,
+                 dyn: AddrSet | None = None) -> None:
+        self.kind = kind  # "any" | "net" | "table" | "dyn" | "urpf" | "noroute"
+        self.table: Table | AddrSet | None = table if dyn is None else dyn
         self.af = af
         self.plen = plen
         self.neg = neg
-        self.table = table
         if kind == "net":
             bits = _bits(af)
             self.mask = ((1 << bits) - 1) ^ ((1 << (bits - plen)) - 1)
@@ -264,16 +282,19 @@ class Addr:
 
     def key(self) -> tuple[Any, ...]:
         """What pf_addr_wrap_neq compares (plus negation) for skip steps."""
+        t = self.table
         return (self.kind, self.neg, self.af, self.net, self.plen,
-                self.table.name if self.table is not None else None)
+                t.name if isinstance(t, Table) else None if t is None else str(t))
 
     def __str__(self) -> str:
         neg = "! " if self.neg else ""
         if self.kind == "any":
             return neg + "any"
         if self.kind == "table":
-            assert self.table is not None
+            assert isinstance(self.table, Table)
             return f"{neg}<{self.table.name}>"
+        if self.kind != "net":
+            return f"{neg}{self.table}"
         text = net_str(self.af, self.net)
         return neg + (text if self.plen == _bits(self.af) else f"{text}/{self.plen}")
 
@@ -289,8 +310,8 @@ class Rule:
         "evaluations", "flags", "flagset", "icmp_code", "icmp_type", "if_bound", "ifname",
         "ifnot", "keep_state", "label", "line", "log", "log_all", "max_states", "nat",
         "natpass", "no_sync", "nr", "packets", "pflow", "policy", "proto", "quick", "rdr",
-        "return_mode", "skip", "sloppy", "sport", "src", "srctrack", "state_type",
-        "states_cur", "states_tot", "timeouts",
+        "return_icmp", "return_icmp6", "return_mode", "skip", "sloppy", "sport", "src",
+        "srctrack", "state_type", "states_cur", "states_tot", "timeouts",
     )
 
     def __init__(self) -> None:
@@ -302,6 +323,9 @@ class Rule:
         self.log = False
         self.log_all = False
         self.return_mode: str | None = None
+        # the unreachable codes of return-icmp/return-icmp6 (pf's return_icmp & 255)
+        self.return_icmp = ICMP_UNREACH_PORT
+        self.return_icmp6 = ICMP6_UNREACH_PORT
         self.policy = "drop"  # the ruleset's block-policy, for printing plain `block`
         self.ifname: str | None = None
         self.ifnot = False
@@ -337,6 +361,19 @@ class Rule:
         self.states_cur = 0
         self.states_tot = 0
         self.skip: list[int] = [0] * PF_SKIP_COUNT
+
+    def _return_str(self) -> str:
+        """print_rule's block mode: return-icmp shows its codes, by the rule's family."""
+        mode = self.return_mode or self.policy
+        if mode not in ("return-icmp", "return-icmp6"):
+            return mode
+        c4 = _UNREACH_PRINT.get(self.return_icmp, str(self.return_icmp))
+        c6 = _UNREACH6_PRINT.get(self.return_icmp6, str(self.return_icmp6))
+        if self.af == AF_INET:
+            return f"return-icmp({c4})"
+        if self.af == AF_INET6:
+            return f"return-icmp6({c6})"
+        return f"return-icmp({c4}, {c6})"
 
     def _state_opts(self) -> list[str]:
         opts = []
@@ -401,7 +438,7 @@ class Rule:
             return self._translation_str()
         out = [self.action]
         if self.action == "block":
-            out.append(self.return_mode or self.policy)
+            out.append(self._return_str())
         if self.direction == PF_IN:
             out.append("in")
         elif self.direction == PF_OUT:
@@ -512,6 +549,10 @@ class Ruleset:
         self.transaddr: Callable[[Rule, Any, int, int, int, int],
                                  tuple[int, int, int, int]] | None = None
         self._full = False  # any match rule or nat-to/rdr-to: the slower walk
+        # The interface addresses and routes `(em0)`, `self`, urpf-failed and no-route
+        # read (set by the parser); urpf is told the interface before each walk.
+        self.ifaddrs: IfAddrs | None = None
+        self.urpf: UrpfCheck | None = None
 
     def block_return(self, rule: Rule) -> str:
         """The block mode in force for a rule: its own, or the ruleset's block-policy."""
@@ -551,6 +592,8 @@ class Ruleset:
         Rulesets with match rules or nat-to/rdr-to take `_evaluate_full`; the others keep
         this loop, whose only extra cost is the `_full` test (last_nat/last_rdr stay None).
         """
+        if self.urpf is not None:
+            self.urpf.ifname = ifname
         if self._full:
             return self._evaluate_full(pkt, direction, ifname)
         af = pkt.af
@@ -833,10 +876,10 @@ def _preview_transaddr(r: Rule, pkt: Any, src: int, sport: int, dst: int,
     return src, sport, dst, dport
 
 
-def _addr_test(a: Addr) -> tuple[int, int, bool, Table | None] | None:
+def _addr_test(a: Addr) -> tuple[int, int, bool, Table | AddrSet | None] | None:
     """(mask, net, neg, table) for the loop; None when the address cannot fail."""
     if a.kind == "any":
         return None if not a.neg else (0, 1, False, None)  # "! any" never matches
-    if a.kind == "table":
+    if a.kind != "net":  # a table or a followed set: asked through `contains`
         return (0, 0, a.neg, a.table)
     return (a.mask, a.net, a.neg, None)
