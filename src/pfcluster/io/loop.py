@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from pfcluster.io.anchorctl import anchor_request
 from pfcluster.io.config import MAX_WORKERS, DaemonConfig
 from pfcluster.io.control import ControlError, ControlServer
 from pfcluster.io.holdtimes import HoldTimes
@@ -100,8 +101,11 @@ def translates(ruleset: Any) -> bool:
     then the `in` test must run before routing (the PREROUTING layout)."""
     if getattr(ruleset, "translation_rules", None):
         return True
+    rules = list(getattr(ruleset, "rules", ()))
+    for a in getattr(ruleset, "anchors", {}).values():
+        rules.extend(a.rules)
     return any(getattr(r, "nat", None) is not None or getattr(r, "rdr", None) is not None
-               for r in getattr(ruleset, "rules", ()))
+               for r in rules)
 
 
 def interface_addresses() -> dict[str, list[tuple[int, bytes]]]:
@@ -650,6 +654,8 @@ class Daemon:
             return {"ok": True, "text": [f"{n} states cleared"], "data": {"flushed": n}}
         if cmd == "reload":
             return self.reload()
+        if cmd == "anchor":
+            return anchor_request(self.filter, req, self.translating)
         if cmd == "syncok":
             return syncok_answer(bool(self.engine.sync_ok))
         if cmd == "notify":
