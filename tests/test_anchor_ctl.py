@@ -149,3 +149,22 @@ def test_ctl_anchor_commands_through_the_control_socket(filt: Filter, tmp_path: 
         assert "Traceback" not in r.output
     finally:
         served.close()
+
+
+def test_check_verbose_prints_inline_anchors_in_braces(tmp_path: Path) -> None:
+    f = tmp_path / "pf.conf"
+    f.write_text('block all\nanchor "lan" on em1 {\n  pass in proto tcp to port 22\n'
+                 '  anchor "guests" {\n    block in quick from 192.0.2.0/24\n  }\n}\n'
+                 'anchor "relayd/*"\n')
+    r = CliRunner().invoke(main, ["check", "-v", "--rules", str(f)])
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines()[-8:] == [
+        "block drop all",
+        'anchor "lan" on em1 all {',
+        "  pass in proto tcp from any to any port = 22 flags S/SA keep state",
+        '  anchor "guests" all {',
+        "    block drop in quick inet from 192.0.2.0/24 to any",
+        "  }",
+        "}",
+        'anchor "relayd/*" all',
+    ]
