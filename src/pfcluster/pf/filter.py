@@ -402,6 +402,12 @@ class Filter:
         self._expiry_floor = float(max(0, floor))
         self._debug_notice = debug_rank(getattr(ruleset, "debug", "err")) >= DEBUG_NOTICE
         self._adaptive_start = self.timeouts[PFTM.ADAPTIVE_START]
+        # Tags in use anywhere (the router then carries the packet's tag); the rules
+        # step is chosen per ruleset so rulesets without tags pay no test for them.
+        self.tagging = ruleset.tagging
+        self.pkt_tag = 0
+        self._test_rules: Callable[[int, str, Packet, float], Verdict] = (
+            self._test_rules_tagged if ruleset.tagging else self._test_rules_untagged)
 
     def load(self, ruleset: Ruleset) -> None:
         """Swap in a new ruleset; states keep pointing at their old rules, as in pf (and
@@ -736,12 +742,6 @@ class Filter:
         self.ruleset.load_anchor(path, [])
         self._apply_ruleset(self.ruleset)
         return n
-
-    def _test_rules(self, direction: int, ifname: str, pkt: Packet, now: float) -> Verdict:
-        ruleset = self.ruleset
-        if ruleset.tagging:
-            return self._test_rules_tagged(direction, ifname, pkt, now)
-        return self._test_rules_untagged(direction, ifname, pkt, now)
 
     def _test_rules_tagged(self, direction: int, ifname: str, pkt: Packet,
                            now: float) -> Verdict:

@@ -98,15 +98,16 @@ def route(filt: Filter, in_if: str | None, out_if: str | None, pkt: Packet, now:
     test says so, and offer a state the `out` test created to `deferrer`."""
     v_in = v_out = None
     payload = None
-    filt.pkt_tag = 0
+    tagging = filt.tagging
+    if tagging:
+        filt.pkt_tag = 0  # a packet arrives untagged
     try:
         if in_if is not None:
             v_in = filt.test(PF_IN, in_if, pkt, now)
             if v_in.action != PASS:
                 return RouteVerdict(ROUTE_BLOCK, v_in, None)
-            st_in = v_in.state
-            if st_in is not None and not v_in.new_state and filt.ruleset.tagging:
-                filt.pkt_tag = st_in.state_flags >> 16  # the state's tag goes on the packet
+            if tagging and v_in.state is not None and not v_in.new_state:
+                filt.pkt_tag = v_in.state.state_flags >> 16  # the state's tag, on the packet
             if v_in.xlate is not None:
                 payload = translate(pkt, v_in.xlate, payload)
         if out_if is not None:
