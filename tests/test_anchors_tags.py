@@ -298,3 +298,25 @@ def test_pfsync_carries_no_tag_so_a_peers_imported_state_has_none(dialect: str) 
     assert packed is not None  # packing a tagged state does not overflow the u8/u16 field
     imported = convert.import_state(rec, 1.0, dialect, f.timeouts)[0]
     assert imported.state_flags >> 16 == 0
+
+
+def test_replay_carries_the_tag_from_its_in_half_to_its_out_half(tmp_path) -> None:
+    import json
+
+    from click.testing import CliRunner
+    from scapy.all import wrpcap
+
+    from pfcluster.cli.replay import replay
+
+    rules = tmp_path / "pf.conf"
+    rules.write_text(TAG_RULES)
+    cap = tmp_path / "c.pcap"
+    wrpcap(str(cap), [IP(src=CLIENT, dst=SERVER) / TCP(sport=40000, dport=80, flags="S"),
+                      IP(src=CLIENT, dst=SERVER) / UDP(sport=5353, dport=53)])
+    res = CliRunner().invoke(replay, ["--rules", str(rules), "--iface",
+                                      f"{LAN}=198.51.100.0/24", "--iface",
+                                      f"{WAN}=203.0.113.0/24", "--json", str(cap)])
+    assert res.exit_code == 0, res.output
+    tcp_v, udp_v = [json.loads(line) for line in res.output.splitlines()[:2]]
+    assert tcp_v["action"] == "pass" and tcp_v["out"]["rule"] == 3  # pass out ... tagged WEB
+    assert udp_v["action"] == "block" and udp_v["out"]["rule"] == 0
