@@ -168,3 +168,54 @@ def test_check_verbose_prints_inline_anchors_in_braces(tmp_path: Path) -> None:
         "}",
         'anchor "relayd/*" all',
     ]
+
+
+def test_supervisor_fans_load_and_flush_out_and_asks_worker_0_for_show() -> None:
+    from pfcluster.io.workers import Supervisor
+
+    sup = Supervisor.__new__(Supervisor)  # no workers spawned: only the routing is tested
+    sup.workers = [object(), object(), object()]  # type: ignore[list-item]
+    asked: list[tuple[int, dict[str, Any]]] = []
+
+    def ask(w: object, cmd: str, **args: Any) -> dict[str, Any]:
+        i = sup.workers.index(w)
+        asked.append((i, {"cmd": cmd, **args}))
+        if args.get("file") == "bad" and i == 2:
+            return {"ok": False, "error": "bad:1:1: nope"}
+        return {"ok": True, "text": [f"w{i}"], "data": i}
+
+    sup._ask = ask  # type: ignore[method-assign]
+    assert sup.handle_request({"cmd": "anchor", "op": "show", "name": "x"})["data"] == 0
+    assert [i for i, _ in asked] == [0]
+    asked.clear()
+    r = sup.handle_request({"cmd": "anchor", "op": "load", "name": "x", "file": "/f"})
+    assert r["ok"] and [i for i, _ in asked] == [0, 1, 2]
+    assert all(a == {"cmd": "anchor", "op": "load", "name": "x", "file": "/f"}
+               for _, a in asked)
+    asked.clear()
+    r = sup.handle_request({"cmd": "anchor", "op": "load", "name": "x", "file": "bad"})
+    assert r == {"ok": False, "error": "bad:1:1: nope"}
+    asked.clear()
+    assert sup.handle_request({"cmd": "anchor", "op": "flush", "name": "x"})["ok"]
+    assert [i for i, _ in asked] == [0, 1, 2]
+
+
+def test_daemon_handler_loads_an_anchor_that_a_reload_keeps(tmp_path: Path) -> None:
+    from nsfixtures import stub_core
+    from pfcluster.io.config import DaemonConfig
+    from pfcluster.io.loop import Daemon
+
+    rules = tmp_path / "pf.conf"
+    rules.write_text(MAIN)
+    web = tmp_path / "web.conf"
+    web.write_text("pass in quick proto tcp to port 80\n")
+    d = Daemon(DaemonConfig(rules=str(rules), syncdev="sync0"), core=stub_core)
+    r = d.handle_request({"cmd": "anchor", "op": "load", "name": "relayd/web",
+                          "file": str(web)})
+    assert r["ok"], r
+    rules.write_text(MAIN + "pass out all\n")
+    assert d.handle_request({"cmd": "reload"})["ok"]
+    assert d.handle_request({"cmd": "anchor", "op": "show", "name": "relayd/web"})["data"] == [
+        "pass in quick proto tcp from any to any port = 80 flags S/SA keep state"]
+    assert route(d.filter, "em0", None, syn(80), 1.0).action == ROUTE_PASS
+    assert d.handle_request({"cmd": "rules"})["data"][-1] == "pass out all flags S/SA keep state"
