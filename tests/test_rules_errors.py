@@ -71,7 +71,7 @@ CASES = [
     ("pass in all keep state no state", "pf.conf:1:24: state already specified"),
     ("pass in on", "pf.conf:1:11: unexpected end of line, expected an interface name"),
     ("pass in all }", "pf.conf:1:13: unexpected '}'"),
-    ("anchor foo", "pf.conf:1:1: 'anchor' is not supported"),
+    ("nat-anchor foo", "pf.conf:1:1: 'nat-anchor' is not supported"),
     ("set timeout interval 99999999999", "pf.conf:1:22: timeout value 99999999999 out of "
      "range (0-4294967295)"),
     ('x = "$x"\npass in on $x', "pf.conf:2:12: macro 'x' expands too deeply"),

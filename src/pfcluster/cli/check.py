@@ -9,6 +9,8 @@ TOML file and takes the rules path from it.
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from pfcluster.cli.errors import CommandError, ReportingCommand, load_rules_file
@@ -27,6 +29,22 @@ def _options(ruleset: object) -> list[str]:
     if policy != "drop":
         lines.append(f"set block-policy {policy}")
     return lines
+
+
+def _nested(ruleset: Any, rules: list[Any], indent: str) -> list[str]:
+    """pfctl -nvf: an anchor the file gives rules (inline, `load anchor`) follows its
+    anchor rule in braces, indented."""
+    out = []
+    for line, r in zip(pfctl.format_rules(rules), rules, strict=True):
+        a = getattr(r, "anchor", None)
+        if a is not None and a.path in getattr(ruleset, "defined_anchors", ()) \
+                and not r.anchor_wildcard:
+            out.append(f"{indent}{line} {{")
+            out.extend(_nested(ruleset, a.rules, indent + "  "))
+            out.append(f"{indent}}}")
+        else:
+            out.append(indent + line)
+    return out
 
 
 @click.command("check", cls=ReportingCommand)
@@ -58,5 +76,5 @@ def check(rules_path: str | None, config_path: str | None, verbose: bool) -> Non
     if verbose:
         for line in _options(ruleset):
             click.echo(line)
-        for line in pfctl.format_rules(ruleset.rules):
+        for line in _nested(ruleset, ruleset.rules, ""):
             click.echo(line)

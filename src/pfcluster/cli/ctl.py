@@ -114,6 +114,36 @@ def kill(ctx: click.Context, host: tuple[str, ...], state_id: str | None,
 
 
 @ctl.command()
+@click.argument("name")
+@click.argument("op", type=click.Choice(["load", "show", "flush"]))
+@click.argument("file", required=False, type=click.Path(dir_okay=False))
+@json_option
+@click.pass_context
+def anchor(ctx: click.Context, name: str, op: str, file: str | None, as_json: bool) -> None:
+    """Rules of anchor NAME: load FILE (pfctl -a NAME -f FILE), show (-sr), flush (-F rules).
+
+    The daemon reads FILE; a broken file changes nothing. The main ruleset evaluates
+    the anchor where it has an `anchor "NAME"` rule; a reload keeps the loaded rules.
+    """
+    if op == "load":
+        if not file:
+            raise click.UsageError("anchor NAME load needs a FILE")
+        _call(ctx, "anchor", as_json, op=op, name=name, file=os.path.abspath(file))
+    else:
+        if file:
+            raise click.UsageError(f"anchor NAME {op} takes no FILE")
+        _call(ctx, "anchor", as_json, op=op, name=name)
+
+
+@ctl.command()
+@json_option
+@click.pass_context
+def anchors(ctx: click.Context, as_json: bool) -> None:
+    """Every anchor by path (pfctl -sA)."""
+    _call(ctx, "anchor", as_json, op="list")
+
+
+@ctl.command()
 @click.argument("what", type=click.Choice(["states"]))
 @json_option
 @click.pass_context

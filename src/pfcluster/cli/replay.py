@@ -194,7 +194,7 @@ def _replay(ruleset: Any, ifaces: list[tuple[str, Network]], as_json: bool, capt
         logs = rv.log_lines()
         translated = rv.payload is not None
         if rv.action != ROUTE_BLOCK:
-            rv = route(filt, None, out_if, pkt, ts)
+            rv = route(filt, None, out_if, pkt, ts, tag=filt.pkt_tag)  # the in half's tag
             if pflog is not None:
                 pflog.route(rv, None, out_if, bytes(pkt.raw), len(pkt.raw), ts, ts)
             v_out = rv.v_out

@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from pfcluster.io.anchorctl import anchor_request
 from pfcluster.io.config import MAX_WORKERS, DaemonConfig
 from pfcluster.io.control import ControlError, ControlServer
 from pfcluster.io.holdtimes import HoldTimes
@@ -117,8 +118,11 @@ def translates(ruleset: Any) -> bool:
     then the `in` test must run before routing (the PREROUTING layout)."""
     if getattr(ruleset, "translation_rules", None):
         return True
+    rules = list(getattr(ruleset, "rules", ()))
+    for a in getattr(ruleset, "anchors", {}).values():
+        rules.extend(a.rules)
     return any(getattr(r, "nat", None) is not None or getattr(r, "rdr", None) is not None
-               for r in getattr(ruleset, "rules", ()))
+               for r in rules)
 
 
 def skip_ifaces(cfg: DaemonConfig, ruleset: Any) -> list[str]:
@@ -702,6 +706,8 @@ class Daemon:
             return tables_request(self.ruleset.tables, req)
         if cmd == "table":
             return self.table(req, now)
+        if cmd == "anchor":
+            return anchor_request(self.filter, req, self.translating)
         if cmd == "syncok":
             return syncok_answer(bool(self.engine.sync_ok))
         if cmd == "notify":

@@ -9,7 +9,8 @@ meet the same worker, and that worker's pf sees the whole conversation.
 
 It serves the control socket as one firewall: `info` sums the workers' counters (the
 state table is the same in every worker, so its figures come from worker 0), `states` and
-`rules` come from worker 0, `kill` goes to worker 0 (its DELs reach the siblings and the
+`rules` and `anchor show` come from worker 0, `anchor load|flush` go to every worker,
+`kill` goes to worker 0 (its DELs reach the siblings and the
 peers like any pfsync DEL), `flush` and `reload` go to every worker.
 
 Fail closed, as the single daemon: a worker that dies leaves its queue unread, so the
@@ -408,6 +409,15 @@ class Supervisor:
                                            if not a.get("ok"))}
             n = answers[0]["data"]["flushed"]
             return {"ok": True, "text": [f"{n} states cleared"], "data": {"flushed": n}}
+        if cmd == "anchor":
+            # show/list from worker 0; load/flush to every worker (each reads the file)
+            if args.get("op") in ("show", "list"):
+                return self._ask(self.workers[0], cmd, **args)
+            answers = self._ask_all(cmd, **args)
+            failed = [a.get("error", "?") for a in answers if not a.get("ok")]
+            if failed:
+                return {"ok": False, "error": "; ".join(dict.fromkeys(failed))}
+            return answers[0]
         if cmd == "reload":
             return self.reload()
         if cmd == "syncok":

@@ -11,6 +11,7 @@ packet on a state (an update) and every removal; it never does I/O itself.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from pfcluster.packet import (
@@ -64,6 +65,7 @@ from pfcluster.pf.constants import (
 )
 from pfcluster.pf.log import bad_state_lines, print_flags, print_state, rule_log_line
 from pfcluster.pf.nat import Translator
+from pfcluster.pf.rules import graft, prepare_anchor
 from pfcluster.pf.ruleset import Rule, Ruleset
 from pfcluster.pf.srcnode import PFSNODE_HIWAT, SrcNode, SrcNodes
 from pfcluster.pf.state import (
@@ -386,6 +388,9 @@ class Filter:
         self.srcnodes = SrcNodes()
         self._sn_links = self.srcnodes.by_state
         self._sn_pending = self.srcnodes.pending
+        # The tag of the packet under test (pf's mbuf tag, a pf.tags number): the router
+        # clears it per packet and carries it from the `in` test to the `out` test.
+        self.pkt_tag = 0
         self._apply_ruleset(ruleset)
 
     # -- configuration ------------------------------------------------------------
@@ -396,7 +401,10 @@ class Filter:
         self.limit_states = ruleset.limit_states
         self.srcnodes.limit = ruleset.limits.get("src-nodes", PFSNODE_HIWAT)
         floor = min(t for i, t in enumerate(self.timeouts[: PFTM.FRAG]))
-        for r in ruleset.rules:
+        every = list(ruleset.rules)
+        for a in ruleset.anchors.values():
+            every.extend(a.rules)
+        for r in every:
             if r.timeouts:
                 vals = [v for k, v in r.timeouts.items() if k < PFTM.FRAG]
                 if vals:
@@ -404,10 +412,19 @@ class Filter:
         self._expiry_floor = float(max(0, floor))
         self._debug_notice = debug_rank(getattr(ruleset, "debug", "err")) >= DEBUG_NOTICE
         self._adaptive_start = self.timeouts[PFTM.ADAPTIVE_START]
+        # Tags in use anywhere (the router then carries the packet's tag); the rules
+        # step is chosen per ruleset so rulesets without tags pay no test for them.
+        self.tagging = ruleset.tagging
+        self.pkt_tag = 0
+        self._test_rules: Callable[[int, str, Packet, float], Verdict] = (
+            self._test_rules_tagged if ruleset.tagging else self._test_rules_untagged)
 
     def load(self, ruleset: Ruleset) -> None:
         """Swap in a new ruleset; states keep pointing at their old rules, as in pf (and
-        keep their translations; the new rules' pools start afresh)."""
+        keep their translations; the new rules' pools start afresh). Anchors the new
+        file does not define keep their rules (`pfctl -f` replaces the main ruleset only)."""
+        if ruleset is not self.ruleset:
+            ruleset.adopt_anchors(self.ruleset)
         self._apply_ruleset(ruleset)
         self.nat.forget_pools()
 
@@ -725,7 +742,45 @@ class Filter:
             v.xlate = icmp_error_xlate(st, direction, pkt, inner)
         return v
 
-    def _test_rules(self, direction: int, ifname: str, pkt: Packet, now: float) -> Verdict:
+    def load_anchor(self, path: str, text: str, filename: str,
+                    check: Callable[[list[Rule]], None] | None = None) -> int:
+        """`pfctl -a PATH -f FILE`: the anchor's rules replaced (RuleSyntaxError, or a
+        ValueError from `check` given the new rules, leaves them as they were); the
+        number of rules loaded."""
+        sub = prepare_anchor(self.ruleset, path, text, filename)
+        if check is not None:
+            check([r for a in sub.anchors.values() for r in a.rules])
+        graft(self.ruleset, sub)
+        self._apply_ruleset(self.ruleset)
+        return len(self.ruleset.anchors[path].rules)
+
+    def flush_anchor(self, path: str) -> int:
+        """`pfctl -a PATH -F rules`: the number of rules removed (0: no such anchor)."""
+        a = self.ruleset.anchors.get(path)
+        if a is None:
+            return 0
+        n = len(a.rules)
+        self.ruleset.load_anchor(path, [])
+        self._apply_ruleset(self.ruleset)
+        return n
+
+    def _test_rules_tagged(self, direction: int, ifname: str, pkt: Packet,
+                           now: float) -> Verdict:
+        """The rules see the packet's tag (`tagged`); the tag they leave goes on with
+        the packet and onto a new state (pf_tag_packet, s->tag). States keep it in
+        state_flags bits 16-31; pfsync has no field for it, so imported states have none."""
+        ruleset = self.ruleset
+        ruleset.tag = self.pkt_tag
+        v = self._test_rules_untagged(direction, ifname, pkt, now)
+        tag = ruleset.tag
+        self.pkt_tag = tag
+        st = v.state
+        if tag and v.new_state and st is not None:
+            st.state_flags = (st.state_flags & 0xFFFF) | (tag << 16)
+        return v
+
+    def _test_rules_untagged(self, direction: int, ifname: str, pkt: Packet,
+                             now: float) -> Verdict:
         ruleset = self.ruleset
         if ruleset.translation_rules:
             return self._test_translated_first(direction, ifname, pkt, now)

@@ -92,17 +92,25 @@ def translate(pkt: Packet, xlate: tuple, buf: bytearray | None) -> bytearray:
 
 
 def route(filt: Filter, in_if: str | None, out_if: str | None, pkt: Packet, now: float,
-          deferrer: Deferrer | None = None, handle: object = None) -> RouteVerdict:
+          deferrer: Deferrer | None = None, handle: object = None,
+          tag: int = 0) -> RouteVerdict:
     """Test `pkt` in on `in_if`, then out on `out_if` (either may be None: traffic to or
     from the host itself, or one hook of a translating daemon), translate it where a
-    test says so, and offer a state the `out` test created to `deferrer`."""
+    test says so, and offer a state the `out` test created to `deferrer`. `tag` is the
+    packet's pf tag on entry: the out half of a split step passes the `filt.pkt_tag`
+    its in half left (tags cross the two halves only that way)."""
     v_in = v_out = None
     payload = None
+    tagging = filt.tagging
+    if tagging:
+        filt.pkt_tag = tag
     try:
         if in_if is not None:
             v_in = filt.test(PF_IN, in_if, pkt, now)
             if v_in.action != PASS:
                 return RouteVerdict(ROUTE_BLOCK, v_in, None)
+            if tagging and v_in.state is not None and not v_in.new_state:
+                filt.pkt_tag = v_in.state.state_flags >> 16  # the state's tag, on the packet
             if v_in.xlate is not None:
                 payload = translate(pkt, v_in.xlate, payload)
         if out_if is not None:

@@ -59,6 +59,7 @@ from pfcluster.pf.ruleset import (
     Table,
 )
 from pfcluster.pf.srcnode import SrcTrack
+from pfcluster.pf.tags import TagError, tag_id
 
 __all__ = ["RuleSyntaxError", "load_rules", "parse_rules"]
 
@@ -137,14 +138,14 @@ SERVICES = _load_services()
 POOL_WORDS = ("bitmask", "random", "source-hash", "round-robin", "least-states",
               "static-port", "sticky-address")
 UNSUPPORTED_OPTS = ("af-to", "route-to", "reply-to", "dup-to", "fastroute", "divert-to",
-                    "divert-reply", "divert-packet", "tag", "tagged", "rtable")
+                    "divert-reply", "divert-packet", "rtable")
 
 KEYWORDS = frozenset((
     "pass", "block", "match", "in", "out", "log", "quick", "on", "inet", "inet6", "proto",
     "from", "to", "all", "any", "port", "flags", "icmp-type", "icmp6-type", "code", "keep",
     "no", "modulate", "synproxy", "state", "label", "table", "set", "persist", "const",
     "counters", "drop", "return", "return-rst", "return-icmp", "return-icmp6", "anchor",
-    "antispoof", "for",
+    "antispoof", "for", "tag", "tagged", "load",
     "nat", "rdr", "binat", "nat-to", "rdr-to", "binat-to", *POOL_WORDS,
 ))
 
@@ -344,6 +345,11 @@ class _RuleSpec:
     binat: bool = False
     natpass: bool = False  # FreeBSD `nat pass`
     no_xlate: bool = False  # FreeBSD `no nat`
+    anchor: str | None = None  # `anchor "name"`: the anchor's path
+    anchor_wild: bool = False  # `anchor "name/*"`
+    tag: int = 0
+    match_tag: int = 0
+    match_tag_not: bool = False
 
 
 @dataclass
@@ -366,13 +372,28 @@ class _PoolSpec:
 
 
 class _Parser:
-    def __init__(self, text: str, filename: str, ifaddrs: IfAddrs | None = None) -> None:
+    def __init__(self, text: str, filename: str, base: str = "",
+                 tables: dict[str, Table] | None = None,
+                 ifaddrs: IfAddrs | None = None) -> None:
+        """`base`: the anchor path the file's rules go to ("" for the main ruleset);
+        `tables`: the main ruleset's tables an anchor's rules may name (pf falls back to
+        the root table of a name the anchor does not define); `ifaddrs`: the host's
+        interfaces (`em0`/`self` expand from them, `(em0)` follows them)."""
         self.filename = filename
         self.rs = Ruleset(filename)
-        # the host's interfaces: `em0`/`self` expand from them, `(em0)` follows them
         self.ifaddrs = ifaddrs if ifaddrs is not None else IfAddrs()
         self.rs.ifaddrs = self.ifaddrs
         self._noroute: UrpfCheck | None = None
+        self.base = base
+        self.anchor_path = base
+        self.rules = self.rs.rules if not base else self.rs.anchor(base).rules
+        if base:
+            self.rs.defined_anchors.add(base)
+        self._inherited: set[str] = set()
+        if tables:
+            self.rs.tables.update(tables)
+            self._inherited.update(tables)
+        self._anon = 0
         self.macros = self.rs.macros
         self._toks = _Lexer(text, filename, self.macros).tokens()
         self.tok = next(self._toks)
@@ -475,26 +496,47 @@ class _Parser:
 
     # -- statements --
     def parse(self) -> Ruleset:
+        self.statements(None)
+        rs = self.rs
+        rs.finish()
+        return rs
+
+    def statements(self, open_tok: Tok | None) -> None:
+        """Statements to end of file, or to the `}` closing an inline anchor."""
         while True:
             self.skip_nl()
             t = self.tok
             if t.kind == "eof":
+                if open_tok is not None:
+                    raise self.error(open_tok, "unterminated anchor (missing '}')")
                 break
+            if open_tok is not None and self.accept("}"):
+                return
+            nested = self.anchor_path != ""
             if t.kind in ("word", "string") and self.peek2().kind == "punct" \
                     and self.peek2().text == "=":
+                if open_tok is not None:
+                    raise self.error(t, "macros cannot be defined inside an inline anchor")
                 self.macro()
-            elif t.kind == "word" and t.text in ("pass", "block", "match"):
+            elif t.kind == "word" and t.text in ("pass", "block", "match", "anchor"):
                 self.rule()
             elif t.kind == "word" and t.text == "antispoof":
                 self.antispoof()
             elif t.kind == "word" and (t.text in ("nat", "rdr", "binat") or (
                     t.text == "no" and self.peek2().kind == "word"
                     and self.peek2().text in ("nat", "rdr", "binat"))):
+                if nested:
+                    raise self.error(t, f"'{t.text}' rules are not allowed inside an anchor")
                 self.translation_rule()
-            elif t.kind == "word" and t.text in ("anchor", "nat-anchor", "rdr-anchor",
-                                                 "binat-anchor", "load"):
+            elif t.kind == "word" and t.text in ("nat-anchor", "rdr-anchor", "binat-anchor"):
                 raise self.error(t, f"'{t.text}' is not supported")
+            elif t.kind == "word" and t.text == "load":
+                if nested:
+                    raise self.error(t, "'load anchor' is only allowed in the main ruleset")
+                self.load_anchor()
             elif t.kind == "word" and t.text == "set":
+                if nested:
+                    raise self.error(t, "options cannot be set inside an anchor")
                 self.set_option()
             elif t.kind == "word" and t.text == "table":
                 self.table()
@@ -503,9 +545,76 @@ class _Parser:
             else:
                 raise self.unexpected()
             self.end_of_statement()
-        rs = self.rs
-        rs.finish()
-        return rs
+
+    # -- anchors --
+    def anchor_name(self) -> tuple[str, bool, Tok]:
+        """The anchor's path (relative to the anchor being parsed, `/` for absolute,
+        `..` for the parent) and whether it is a wildcard `name/*`."""
+        t = self.tok
+        if t.kind == "string" or (t.kind == "word" and t.text not in KEYWORDS):
+            self.advance()
+            name = t.text
+        else:
+            self._anon += 1  # `anchor { ... }`: pfctl names anonymous anchors _1, _2...
+            return (self.join_path(f"_{self._anon}", t), False, t)
+        wild = name == "*" or name.endswith("/*")
+        if wild:
+            name = name[:-1].rstrip("/")
+        if len(name) >= 1024:
+            raise self.error(t, "anchor name too long")
+        return (self.join_path(name, t) if name or not wild else
+                self.join_path("", t), wild, t)
+
+    def join_path(self, name: str, t: Tok) -> str:
+        parts = [] if name.startswith("/") else [p for p in self.anchor_path.split("/") if p]
+        for comp in name.strip("/").split("/") if name.strip("/") else []:
+            if comp == "..":
+                if not parts:
+                    raise self.error(t, f"anchor '{name}' goes above the main ruleset")
+                parts.pop()
+            elif comp in ("", ".") or comp == "*" or any(c.isspace() for c in comp):
+                raise self.error(t, f"invalid anchor name '{name}'")
+            else:
+                parts.append(comp)
+        return "/".join(parts)
+
+    def inline_anchor(self, path: str, open_tok: Tok) -> None:
+        """`anchor "name" ... {` newline, rules, `}`: the rules go to that anchor."""
+        if self.tok.kind != "nl":
+            raise self.unexpected("expected a newline after '{'")
+        if path in self.rs.defined_anchors:
+            raise self.error(open_tok, f"anchor '{path}' already has rules")
+        saved = (self.anchor_path, self.rules)
+        self.anchor_path = path
+        self.rules = self.rs.anchor(path).rules
+        self.rs.defined_anchors.add(path)
+        try:
+            self.statements(open_tok)
+        finally:
+            self.anchor_path, self.rules = saved
+
+    def load_anchor(self) -> None:
+        """`load anchor "name" from "file"`: the file's rules become the anchor's."""
+        self.advance()
+        self.expect("anchor", "expected 'anchor'")
+        path, wild, nt = self.anchor_name()
+        if wild or not path:
+            raise self.error(nt, "cannot load into a wildcard anchor")
+        self.expect("from", "expected 'from'")
+        ft = self.tok
+        if ft.kind != "string":
+            raise self.unexpected("expected a quoted file name")
+        self.advance()
+        if path in self.rs.defined_anchors:
+            raise self.error(nt, f"anchor '{path}' already has rules")
+        try:
+            text = Path(ft.text).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            why = e.strerror if isinstance(e, OSError) else "not text"
+            raise self.error(ft, f"cannot read anchor file '{ft.text}': {why}") from None
+        sub = _Parser(text, ft.text, path, self.rs.tables, self.ifaddrs)
+        sub.statements(None)
+        graft(self.rs, sub.rs)
 
     def macro(self) -> None:
         name_tok = self.advance()
@@ -599,6 +708,9 @@ class _Parser:
     def table(self) -> None:
         self.advance()
         name, lt = self.table_name()
+        if name in self._inherited:  # an anchor's own table hides the main one's
+            self._inherited.discard(name)
+            del self.rs.tables[name]
         if name in self.rs.tables and name not in self._auto_tables:
             raise self.error(lt, f"table <{name}> already defined")
         tbl = Table(name)
@@ -1054,6 +1166,11 @@ class _Parser:
         at = self.advance()
         spec.tok = at
         spec.action = at.text
+        wild = False
+        if at.text == "anchor":
+            spec.anchor, wild, _nt = self.anchor_name()
+            if not spec.anchor and not wild:
+                raise self.error(_nt, "invalid anchor name")
         if at.text == "block" and self.tok.kind == "word" and self.tok.text in (
                 "drop", "return", "return-rst", "return-icmp", "return-icmp6"):
             mt = self.advance()
@@ -1099,7 +1216,8 @@ class _Parser:
             if self.at("to"):
                 kw = self.advance()
                 spec.dst, spec.dports = self.ipportspec(kw)
-        while self.tok.kind == "word":
+        while self.tok.kind == "word" or (self.at("!") and self.peek2().kind == "word"
+                                          and self.peek2().text == "tagged"):
             t = self.tok
             if t.text == "flags":
                 self.flags_spec(spec)
@@ -1135,6 +1253,10 @@ class _Parser:
                     raise self.error(t, "cannot respecify rdr-to")
                 self.advance()
                 spec.rdr = self.pool_spec(t)
+            elif t.text == "tag":
+                spec.tag = self.tag_word(spec.tag, self.advance())
+            elif t.text == "tagged":
+                spec.match_tag = self.tag_word(spec.match_tag, self.advance())
             elif t.text in UNSUPPORTED_OPTS:
                 raise self.error(t, f"'{t.text}' is not supported")
             elif t.text in POOL_WORDS:
@@ -1142,9 +1264,48 @@ class _Parser:
                                  "address")
             elif t.text in ("from", "to", "all", "port"):
                 raise self.error(t, f"'{t.text}' is out of place")
+            elif t.text == "!":
+                bang = self.advance()
+                self.advance()
+                spec.match_tag = self.tag_word(spec.match_tag, bang)
+                spec.match_tag_not = True
             else:
                 break
+        open_tok = self.tok if self.at("{") else None
+        if open_tok is not None and spec.action != "anchor":
+            raise self.unexpected()
+        if spec.anchor is not None:
+            self.anchor_rule(spec, wild)
         self.expand(spec)
+        if open_tok is not None:
+            assert spec.anchor is not None
+            if wild:
+                raise self.error(open_tok, "a wildcard anchor cannot have inline rules")
+            self.advance()
+            self.inline_anchor(spec.anchor, open_tok)
+
+    def tag_word(self, had: int, kw: Tok) -> int:
+        if had:
+            raise self.error(kw, "tag already specified")
+        t = self.tok
+        if t.kind not in ("word", "string") or (t.kind == "word" and t.text in KEYWORDS):
+            raise self.unexpected("expected a tag name")
+        self.advance()
+        try:
+            return tag_id(t.text)
+        except TagError as e:
+            raise self.error(t, str(e)) from None
+
+    def anchor_rule(self, spec: _RuleSpec, wild: bool) -> None:
+        """What an anchor rule cannot carry: state, translation, block modes."""
+        assert spec.tok is not None
+        if spec.state is not None:
+            raise self.error(spec.state_tok or spec.tok, "anchor rules cannot keep state")
+        if spec.nat is not None or spec.rdr is not None:
+            raise self.error((spec.nat or spec.rdr).tok,  # type: ignore[union-attr]
+                             "anchor rules cannot translate")
+        self.rs.anchor(spec.anchor or "")  # made now, so a later runtime load finds it
+        spec.anchor_wild = wild
 
     def antispoof(self) -> None:
         """`antispoof [log] [quick] for IF|{IF ..} [inet|inet6] [label "s"]`, expanded as
@@ -1652,7 +1813,7 @@ class _Parser:
             r.nat, af = self.make_pool(spec.nat, "nat", af, dp)
         r.af = af
         if not spec.binat:
-            self.rs.rules.append(r)
+            self.rules.append(r)
             return
         assert r.nat is not None and spec.nat is not None
         if sh.addr.kind == "table":
@@ -1668,7 +1829,7 @@ class _Parser:
                              "must have the same netmask")
         r.direction = PF_OUT
         r.nat.static_port = True
-        self.rs.rules.append(r)
+        self.rules.append(r)
         back = self.make_rule(spec, r.ifname, r.ifnot, af, r.proto, dh, dp,
                               _Host(Addr("net", af=af, net=ext.net, plen=ext.plen), sh.tok),
                               sp, _icmp_of(r), r.keep_state, r.state_type)
@@ -1676,7 +1837,7 @@ class _Parser:
         back.rdr = Pool("rdr")
         back.rdr.addrs = [Addr("net", af=af, net=sh.addr.net, plen=sh.addr.plen)]
         back.rdr.sticky = r.nat.sticky
-        self.rs.rules.append(back)
+        self.rules.append(back)
 
     def make_rule(self, spec: _RuleSpec, ifname: str | None, ifnot: bool, af: int,
                   proto: int, sh: _Host, sp: _Port | None, dh: _Host, dp: _Port | None,
@@ -1721,7 +1882,26 @@ class _Parser:
             r.timeouts[PFTM.ADAPTIVE_END] = spec.max_states // 10 * 12
             r.adaptive_default = True
         r.label = spec.label
+        r.tag = spec.tag
+        r.match_tag = spec.match_tag
+        r.match_tag_not = spec.match_tag_not
+        if spec.anchor is not None:
+            r.anchor_wildcard = spec.anchor_wild
+            r.anchor = self.rs.anchor(spec.anchor) if spec.anchor else self.rs.anchor_root
+            r.anchor_call = self.anchor_call(spec.anchor, r.anchor_wildcard)
+            r.keep_state = False
+            r.state_type = None
+            r.flags = r.flagset = 0
         return r
+
+    def anchor_call(self, path: str, wild: bool) -> str:
+        """The name as pfctl prints it: relative to the anchor the rule is in."""
+        here = self.anchor_path
+        name = path[len(here) + 1:] if here and path.startswith(here + "/") else (
+            path if not here else "/" + path)
+        if wild:
+            return f"{name}/*" if name and name != "/" else "*"
+        return name
 
 
 def _icmp_of(r: Rule) -> tuple[int, int | None] | None:
@@ -1733,11 +1913,50 @@ def parse_rules(text: str, filename: str = "pf.conf", ifaddrs: IfAddrs | None = 
 
     `ifaddrs`: the host's interfaces, for `em0`, `self` and `(em0)` (none known if None).
     """
-    p = _Parser(text, filename, ifaddrs)
+    p = _Parser(text, filename, ifaddrs=ifaddrs)
     try:
         return p.parse()
     except RecursionError:
         raise RuleSyntaxError(filename, p.tok.line, p.tok.col, "input nested too deeply") from None
+
+
+def graft(root: Ruleset, sub: Ruleset) -> None:
+    """Move the anchors an anchor file defined (`sub`) into `root`: their rules, and
+    their anchor rules pointed at `root`'s anchors of the same paths."""
+    for path in sorted(sub.defined_anchors):
+        rules = sub.anchors[path].rules
+        for r in rules:
+            if r.anchor is not None:
+                r.anchor = root.anchor(r.anchor.path) if r.anchor.path else root.anchor_root
+        root.load_anchor(path, rules)
+        root.defined_anchors.add(path)
+
+
+def anchor_path(name: str) -> str:
+    """An anchor name from the command line ("a/b", "/a/b") as a path; ValueError if bad."""
+    parts = name.strip("/").split("/")
+    if not name.strip("/") or len(name) >= 1024 or any(
+            p in ("", ".", "..", "*") or any(c.isspace() or c in "\"'" for c in p)
+            for p in parts):
+        raise ValueError(f"invalid anchor name '{name}'")
+    return "/".join(parts)
+
+
+def prepare_anchor(root: Ruleset, path: str, text: str, filename: str) -> Ruleset:
+    """Parse `text` as anchor PATH's rules, for `graft` into `root` (which it leaves
+    alone: a RuleSyntaxError changes nothing). Tables the file does not define are the
+    main ruleset's."""
+    p = _Parser(text, filename, path, root.tables, root.ifaddrs)
+    try:
+        p.statements(None)
+    except RecursionError:
+        raise RuleSyntaxError(filename, p.tok.line, p.tok.col, "input nested too deeply") from None
+    return p.rs
+
+
+def parse_anchor(root: Ruleset, path: str, text: str, filename: str) -> None:
+    """`pfctl -a PATH -f FILE`: the anchor's rules replaced by the file's."""
+    graft(root, prepare_anchor(root, path, text, filename))
 
 
 def load_rules(path: str | Path, ifaddrs: IfAddrs | None = None) -> Ruleset:

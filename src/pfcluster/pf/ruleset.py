@@ -35,6 +35,7 @@ from pfcluster.pf.constants import (
     flags_str,
     proto_name,
 )
+from pfcluster.pf.tags import tag_name
 
 if TYPE_CHECKING:
     from pfcluster.pf.ifaddrs import IfAddrs, UrpfCheck
@@ -306,12 +307,14 @@ class Rule:
     """One expanded pf rule, with pf's field names where the engine reads them."""
 
     __slots__ = (
-        "action", "adaptive_default", "af", "bytes", "direction", "dport", "dst",
+        "action", "adaptive_default", "af", "anchor", "anchor_call", "anchor_wildcard",
+        "bytes", "direction", "dport", "dst",
         "evaluations", "flags", "flagset", "icmp_code", "icmp_type", "if_bound", "ifname",
-        "ifnot", "keep_state", "label", "line", "log", "log_all", "max_states", "nat",
+        "ifnot", "keep_state", "label", "line", "log", "log_all", "match_tag",
+        "match_tag_not", "max_states", "nat",
         "natpass", "no_sync", "nr", "packets", "pflow", "policy", "proto", "quick", "rdr",
         "return_icmp", "return_icmp6", "return_mode", "skip", "sloppy", "sport", "src",
-        "srctrack", "state_type", "states_cur", "states_tot", "timeouts",
+        "srctrack", "state_type", "states_cur", "states_tot", "tag", "timeouts",
     )
 
     def __init__(self) -> None:
@@ -355,6 +358,15 @@ class Rule:
         self.nat: Pool | None = None
         self.rdr: Pool | None = None
         self.natpass = False  # FreeBSD `nat pass`: translated packets skip the filter rules
+        # `anchor "name"` rules (action "anchor"): the anchor evaluated when the rule
+        # matches, the name as written, and `name/*` (every child of `anchor`).
+        self.anchor: Anchor | None = None
+        self.anchor_call = ""
+        self.anchor_wildcard = False
+        # `tag NAME` and `[!] tagged NAME` as tag numbers (pfcluster.pf.tags), 0: none
+        self.tag = 0
+        self.match_tag = 0
+        self.match_tag_not = False
         self.evaluations = 0
         self.packets = 0
         self.bytes = 0
@@ -436,7 +448,7 @@ class Rule:
         """The rule as `pfctl -sr` prints it (ports numerically); translation rules as -sn."""
         if self.action in TRANSLATION_ACTIONS:
             return self._translation_str()
-        out = [self.action]
+        out = [self.action if self.anchor is None else f'anchor "{self.anchor_call}"']
         if self.action == "block":
             out.append(self._return_str())
         if self.direction == PF_IN:
@@ -475,6 +487,10 @@ class Rule:
                     out.append("(" + ", ".join(opts) + ")")
         if self.label is not None:
             out.append('label "' + self.label.replace("\\", "\\\\").replace('"', '\\"') + '"')
+        if self.tag:
+            out.append(f"tag {tag_name(self.tag)}")
+        if self.match_tag:
+            out.append(f"{'! ' if self.match_tag_not else ''}tagged {tag_name(self.match_tag)}")
         # print_rule shows the pools after label/tag/rtable; pfctl prints only nat-to when
         # a rule has both, we print both so the text parses back to the same rule.
         if self.nat is not None:
@@ -553,6 +569,17 @@ class Ruleset:
         # read (set by the parser); urpf is told the interface before each walk.
         self.ifaddrs: IfAddrs | None = None
         self.urpf: UrpfCheck | None = None
+        # Anchors by path ("a/b"); anchor_root holds the top-level ones as children (for
+        # `anchor "*"`); defined_anchors: the paths this file gave rules (inline or `load
+        # anchor`), which a reload replaces rather than keeps.
+        self.anchor_root = Anchor("")
+        self.anchors: dict[str, Anchor] = {}
+        self.defined_anchors: set[str] = set()
+        self._nested = False  # anchor rules or tags: the anchor walk
+        # Tags: any rule with `tag`/`tagged`; `tag` is the packet's tag in and out of
+        # evaluate (the filter sets it before, reads the rules' tag after).
+        self.tagging = False
+        self.tag = 0
 
     def block_return(self, rule: Rule) -> str:
         """The block mode in force for a rule: its own, or the ruleset's block-policy."""
@@ -565,6 +592,9 @@ class Ruleset:
                 r.nr = i
                 r.policy = self.block_policy
         calc_skip_steps(self.rules)
+        for path in self.defined_anchors:
+            a = self.anchors[path]
+            a.set_rules(a.rules, self.block_policy)
         md5 = hashlib.md5()
         for r in self.translation_rules + self.rules:  # no translation: same sum as before
             md5.update(str(r).encode())
@@ -573,18 +603,50 @@ class Ruleset:
         self._compile()
 
     def _compile(self) -> None:
-        prog = []
-        for r in self.rules:
-            prog.append((
-                r, tuple(r.skip), r.ifname, r.ifnot, r.direction, r.af, r.proto,
-                _addr_test(r.src), _addr_test(r.dst), r.sport, r.dport,
-                (r.flags, r.flagset) if r.flagset else None,
-                (r.icmp_type, r.icmp_code)
-                if (r.icmp_type is not None or r.icmp_code is not None) else None,
-            ))
-        self._prog = prog
-        self._full = any(r.action == "match" or r.nat is not None or r.rdr is not None
-                         for r in self.rules)
+        self._prog = _program(self.rules)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Choose the walk: the plain loop, `_evaluate_full` (match rules, translation) or
+        the anchor walk (anchor rules or tags anywhere); called again after a runtime
+        anchor load or flush, since an anchor's rules may bring match rules or tags."""
+        every = list(self.rules)
+        for a in self.anchors.values():
+            every.extend(a.rules)
+        self.tagging = any(r.tag or r.match_tag for r in every)
+        self._nested = self.tagging or any(r.anchor is not None for r in self.rules)
+        self._full = self._nested or any(
+            r.action == "match" or r.nat is not None or r.rdr is not None for r in self.rules)
+
+    # -- anchors (pf_anchor, pfctl -a) --
+    def anchor(self, path: str) -> Anchor:
+        """The anchor at `path` ("a/b"), made with its parents if new, as pf_find_or_create_ruleset."""
+        a = self.anchors.get(path)
+        if a is not None:
+            return a
+        parent_path, _, leaf = path.rpartition("/")
+        parent = self.anchor(parent_path) if parent_path else self.anchor_root
+        a = Anchor(path)
+        parent.children[leaf] = a
+        self.anchors[path] = a
+        return a
+
+    def load_anchor(self, path: str, rules: list[Rule]) -> Anchor:
+        """`pfctl -a PATH -f FILE`: replace the anchor's rules (numbered from 0)."""
+        a = self.anchor(path)
+        a.set_rules(rules, self.block_policy)
+        self.refresh()
+        return a
+
+    def adopt_anchors(self, old: Ruleset) -> None:
+        """What a main-ruleset reload keeps: pf replaces only the main ruleset (and the
+        anchors the file defines inline or by `load anchor`); every other anchor keeps its
+        rules, whether or not the new file still has an anchor rule calling it."""
+        for path, oa in old.anchors.items():
+            if not oa.rules or path in self.defined_anchors:
+                continue
+            self.anchor(path).set_rules(oa.rules, self.block_policy, renumber=False)
+        self.refresh()
 
     def evaluate(self, pkt: Any, direction: int, ifname: str) -> Rule | None:
         """pf_test_rule's rule walk: the winning pass/block rule, or None (default pass).
@@ -698,6 +760,8 @@ class Ruleset:
         rule sees it. `quick` stops the walk on any rule, a match rule included.
         last_nat/last_rdr name the rules whose pools apply; the caller translates.
         """
+        if self._nested:
+            return self._evaluate_nested(pkt, direction, ifname)
         self.last_nat = self.last_rdr = None
         af = pkt.af
         proto = pkt.proto
@@ -792,6 +856,34 @@ class Ruleset:
         self.last_rdr = last_rdr
         return match
 
+    def _evaluate_nested(self, pkt: Any, direction: int, ifname: str) -> Rule | None:
+        """pf_match_rule with anchors and tags: the walk of `_evaluate_full`, stepping
+        into an anchor when its anchor rule matches (pf_step_into_anchor).
+
+        A `quick` rule inside an anchor ends the whole evaluation; a `quick` anchor rule
+        ends it after the anchor when the deciding rule was found directly in that
+        anchor (pf compares the deciding rule's anchor with it). `anchor "a/*"` walks the
+        children of "a" in name order. Deeper than ANCHOR_STACK_MAX blocks the packet
+        (pf's PF_TEST_FAIL). `tagged` compares the packet's tag as the rules so far left
+        it; `tag` on any matching rule sets it.
+        """
+        c = _Walk(pkt, direction, ifname, self.tag)
+        hook = self.transaddr or _preview_transaddr
+        rv = _walk(self._prog, c, None, hook)
+        self.last_nat = c.last_nat
+        self.last_rdr = c.last_rdr
+        self.tag = c.tag
+        if rv == _FAIL:
+            self.last_nat = self.last_rdr = None
+            return ANCHOR_OVERFLOW
+        match = c.match
+        if match is not None:
+            if match.nat is not None:
+                self.last_nat = match
+            if match.rdr is not None:
+                self.last_rdr = match
+        return match
+
     def translate_lookup(self, pkt: Any, direction: int, ifname: str) -> Rule | None:
         """FreeBSD's pf_get_translation: the translation rule for a packet, or None.
 
@@ -837,6 +929,199 @@ class Ruleset:
     def __str__(self) -> str:
         """`pfctl -sa` order: the translation rules (-sn) before the filter rules (-sr)."""
         return "\n".join(f"@{r.nr} {r}" for r in self.translation_rules + self.rules)
+
+
+def _program(rules: list[Rule]) -> list[tuple[Any, ...]]:
+    """The evaluation program: one tuple per rule of what the loop compares."""
+    return [(
+        r, tuple(r.skip), r.ifname, r.ifnot, r.direction, r.af, r.proto,
+        _addr_test(r.src), _addr_test(r.dst), r.sport, r.dport,
+        (r.flags, r.flagset) if r.flagset else None,
+        (r.icmp_type, r.icmp_code)
+        if (r.icmp_type is not None or r.icmp_code is not None) else None,
+    ) for r in rules]
+
+
+class Anchor:
+    """A named ruleset called by `anchor` rules (pf_anchor): its rules and children."""
+
+    __slots__ = ("children", "path", "prog", "rules")
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.rules: list[Rule] = []
+        self.prog: list[tuple[Any, ...]] = []
+        self.children: dict[str, Anchor] = {}
+
+    def set_rules(self, rules: list[Rule], policy: str, renumber: bool = True) -> None:
+        if renumber:
+            for i, r in enumerate(rules):
+                r.nr = i
+                r.policy = policy
+            calc_skip_steps(rules)
+        self.rules = rules
+        self.prog = _program(rules)
+
+    def sorted_children(self) -> list[Anchor]:
+        return [self.children[k] for k in sorted(self.children)]
+
+    def __str__(self) -> str:
+        """`pfctl -a PATH -sr`."""
+        return "\n".join(f"@{r.nr} {r}" for r in self.rules)
+
+
+ANCHOR_STACK_MAX = 64  # PF_ANCHOR_STACK_MAX
+
+# The rule a packet is blocked by when anchors nest deeper than ANCHOR_STACK_MAX.
+ANCHOR_OVERFLOW = Rule()
+ANCHOR_OVERFLOW.action = "block"
+ANCHOR_OVERFLOW.nr = -1
+
+_OK = 0
+_QUICK = 1
+_FAIL = 2
+
+
+class _Walk:
+    """One evaluation's context (pf_test_ctx): the packet as rules see it and results."""
+
+    __slots__ = ("af", "am", "depth", "direction", "dport", "dst", "icmp_reply", "ifname",
+                 "last_nat", "last_rdr", "match", "pkt", "proto", "sport", "src", "tag", "v")
+
+    def __init__(self, pkt: Any, direction: int, ifname: str, tag: int) -> None:
+        self.pkt = pkt
+        self.direction = direction
+        self.ifname = ifname
+        self.tag = tag
+        self.af = pkt.af
+        self.proto = proto = pkt.proto
+        self.src = int.from_bytes(pkt.src, "big")
+        self.dst = int.from_bytes(pkt.dst, "big")
+        self.sport = pkt.sport
+        self.dport = pkt.dport
+        self.icmp_reply = False
+        if getattr(pkt, "frag_off", 0):
+            self.v = _V_FRAG
+        elif proto == IPPROTO_TCP:
+            self.v = _V_TCP
+        elif proto == IPPROTO_UDP:
+            self.v = _V_UDP
+        elif proto in (IPPROTO_ICMP, IPPROTO_ICMPV6):
+            self.v = _V_ICMP
+            self.icmp_reply = pkt.icmp_type in (
+                ICMP6_REPLY_TYPES if proto == IPPROTO_ICMPV6 else ICMP4_REPLY_TYPES)
+        else:
+            self.v = _V_OTHER
+        self.match: Rule | None = None
+        self.am: Rule | None = None  # the anchor rule the deciding rule was found under
+        self.last_nat: Rule | None = None
+        self.last_rdr: Rule | None = None
+        self.depth = 0
+
+
+def _miss(e: tuple[Any, ...], c: _Walk) -> int:
+    """-1 when the rule's criteria match, else the index to go on at (0: the next)."""
+    r, sk, rif, rifnot, rdir, raf, rproto, sa, da, sp, dp, fl, ic = e
+    af = c.af
+    if rif is not None and (rif == c.ifname) is rifnot:
+        return sk[PF_SKIP_IFP]
+    if rdir and rdir != c.direction:
+        return sk[PF_SKIP_DIR]
+    if raf and raf != af:
+        return sk[PF_SKIP_AF]
+    if rproto and rproto != c.proto:
+        return sk[PF_SKIP_PROTO]
+    if sa is not None:
+        mask, net, neg, table = sa
+        if (((c.src & mask) == net) if table is None else table.contains(af, c.src)) is neg:
+            return sk[PF_SKIP_SRC_ADDR]
+    if da is not None:
+        mask, net, neg, table = da
+        if (((c.dst & mask) == net) if table is None else table.contains(af, c.dst)) is neg:
+            return sk[PF_SKIP_DST_ADDR]
+    v = c.v
+    pkt = c.pkt
+    if v == _V_TCP:
+        if fl is not None and (pkt.tcp_flags & fl[1]) != fl[0]:
+            return 0
+    elif v == _V_FRAG:
+        if sp is not None or dp is not None or ic is not None or (
+                fl is not None and c.proto == IPPROTO_TCP):
+            return 0
+        sp = dp = None
+    elif v == _V_ICMP:
+        if ic is not None and (
+                (ic[0] is not None and ic[0] != pkt.icmp_type)
+                or (ic[1] is not None and ic[1] != pkt.icmp_code)):
+            return 0
+        if c.icmp_reply and r.keep_state and not r.sloppy:
+            return 0
+    if sp is not None and not port_match(sp[0], sp[1], sp[2], c.sport):
+        return sk[PF_SKIP_SRC_PORT]
+    if dp is not None and not port_match(dp[0], dp[1], dp[2], c.dport):
+        return sk[PF_SKIP_DST_PORT]
+    if r.match_tag and (c.tag == r.match_tag) is r.match_tag_not:
+        return 0
+    return -1
+
+
+def _walk(prog: list[tuple[Any, ...]], c: _Walk, a: Rule | None,
+          hook: Callable[[Rule, Any, int, int, int, int], tuple[int, int, int, int]]) -> int:
+    """pf_match_rule over one ruleset; `a` is the anchor rule that called it."""
+    n = len(prog)
+    i = 0
+    while i < n:
+        e = prog[i]
+        r = e[0]
+        r.evaluations += 1
+        j = _miss(e, c)
+        if j >= 0:
+            i = j or i + 1
+            continue
+        if r.tag:
+            c.tag = r.tag
+        if r.anchor is None:
+            if r.action == "match":
+                if r.nat is not None or r.rdr is not None:
+                    if r.nat is not None:
+                        c.last_nat = r
+                    if r.rdr is not None:
+                        c.last_rdr = r
+                    c.src, c.sport, c.dst, c.dport = hook(r, c.pkt, c.src, c.sport, c.dst,
+                                                          c.dport)
+            else:
+                c.match = r
+                c.am = a
+            if r.quick:
+                return _QUICK
+        else:
+            rv = _step_into(r, c, hook)
+            if rv != _OK:
+                return rv
+        i += 1
+    return _OK
+
+
+def _step_into(r: Rule, c: _Walk,
+               hook: Callable[[Rule, Any, int, int, int, int], tuple[int, int, int, int]]) -> int:
+    """pf_step_into_anchor."""
+    if c.depth >= ANCHOR_STACK_MAX:
+        return _FAIL
+    anchor = r.anchor
+    assert anchor is not None
+    c.depth += 1
+    if r.anchor_wildcard:
+        rv = _OK
+        for child in anchor.sorted_children():
+            rv = _walk(child.prog, c, r, hook)
+            if rv != _OK:
+                break
+    else:
+        rv = _walk(anchor.prog, c, r, hook)
+        if rv == _OK and r.quick and c.am is r:
+            rv = _QUICK
+    c.depth -= 1
+    return rv
 
 
 def _addr_match(a: Addr, af: int, addr: int) -> bool:

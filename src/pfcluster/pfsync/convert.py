@@ -101,7 +101,8 @@ def export_state(st: State, now: float, dialect: str, timeouts: list[int], nstat
         _, _, b0, b1, q0, q1 = nat.skey
         k1 = wire.StateKey([pad_addr(b0), pad_addr(b1)], [q0, q1], 0, waf if keys6 else 0)
         nat_rule = (nat.rule.nr & U32) if nat.rule is not None else U32
-    flags = st.state_flags if layout.kinds["state_flags"] == "u16" else st.state_flags & 0xFF
+    # bits 16-31 hold the state's tag (pf.tags), which no pfsync_state layout carries
+    flags = st.state_flags & (0xFFFF if layout.kinds["state_flags"] == "u16" else 0xFF)
     return wire.State(
         id=st.id,
         ifname=st.ifname,
@@ -311,7 +312,7 @@ def _gen_packer(dialect: str) -> Any:
         else:
             items.append(_FIELD_EXPR.get(attr, "0"))
     u16 = layout.kinds["state_flags"] == "u16"
-    flags = "st.state_flags" if u16 else "st.state_flags & 0xFF"
+    flags = "st.state_flags & 0xFFFF" if u16 else "st.state_flags & 0xFF"
     name = f"pack_state_{dialect}"
     src = (
         f"def {name}(st, now, timeouts, nstates):\n"
