@@ -4,8 +4,6 @@ Filter, and the command line through a real control socket to that handler."""
 from __future__ import annotations
 
 import json
-import selectors
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +15,11 @@ from scapy.all import IP, TCP  # noqa: E402
 
 from pfcluster.cli.main import main  # noqa: E402
 from pfcluster.io.anchorctl import anchor_request  # noqa: E402
-from pfcluster.io.control import ControlServer  # noqa: E402
 from pfcluster.packet import parse  # noqa: E402
 from pfcluster.pf.filter import Filter  # noqa: E402
 from pfcluster.pf.router import ROUTE_BLOCK, ROUTE_PASS, route  # noqa: E402
 from pfcluster.pf.rules import parse_rules  # noqa: E402
+from test_daemon_control import Served  # noqa: E402
 
 MAIN = 'block all\nanchor "relayd/*"\nanchor "ftp-proxy"\n'
 
@@ -86,47 +84,17 @@ def test_a_broken_or_translating_file_changes_nothing(filt: Filter, tmp_path: Pa
                           True)["ok"]
 
 
-class _Served:
-    """A ControlServer whose handler is anchor_request on a Filter, in a thread."""
-
-    def __init__(self, path: Path, filt: Filter) -> None:
-        self.server = ControlServer(str(path), lambda req: anchor_request(filt, req, False))
-        self.sel = selectors.DefaultSelector()
-        self.sel.register(self.server, selectors.EVENT_READ, None)
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._loop, daemon=True)
-        self.thread.start()
-
-    def _loop(self) -> None:
-        while not self.stop.is_set():
-            for key, mask in self.sel.select(0.05):
-                if key.data is None:
-                    client = self.server.accept()
-                    if client is not None:
-                        self.sel.register(client, selectors.EVENT_READ, client)
-                    continue
-                client = key.data
-                if mask & selectors.EVENT_READ:
-                    self.server.readable(client)
-                self.server.writable(client)
-                if self.server.done(client):
-                    self.sel.unregister(client)
-                    self.server.drop(client)
-                elif client.outbuf or client.closing:
-                    self.sel.modify(client, selectors.EVENT_READ | selectors.EVENT_WRITE, client)
-                else:
-                    self.sel.modify(client, selectors.EVENT_READ, client)
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(5)
-        self.server.close()
+def _served(path: Path, filt: Filter) -> Served:
+    """test_daemon_control's served ControlServer with anchor_request on `filt`."""
+    served = Served(path)
+    served.server.handler = lambda req: anchor_request(filt, req, False)
+    return served
 
 
 def test_ctl_anchor_commands_through_the_control_socket(filt: Filter, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     sock = tmp_path / "ctl.sock"
-    served = _Served(sock, filt)
+    served = _served(sock, filt)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "ftp.conf").write_text("pass in quick proto tcp to port 21\n")
     run = CliRunner().invoke

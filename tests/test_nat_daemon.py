@@ -20,6 +20,8 @@ from nsfixtures import (
     client_fw_server,
     netlab,
     pfcluster_argv,
+    popen_pipe,
+    readline,
     sh,
     start_daemon,
 )
@@ -79,16 +81,13 @@ def test_nat_to_interface_address(netlab: Netlab, tmp_path: Path) -> None:
         # translating: the in test runs at PREROUTING (mangle table)
         mangle = sh(["ip", "netns", "exec", t.fw, "iptables-legacy", "-t", "mangle", "-S"]).stdout
         assert "PFCLUSTER-0-in" in mangle and "-A PREROUTING -j PFCLUSTER-0-in" in mangle
-        srv = subprocess.Popen(["ip", "netns", "exec", t.server, sys.executable, "-c",
-                                ACCEPT_ONE, t.server_ip, "8080", "10"],
-                               stdout=subprocess.PIPE, text=True)
-        netlab.procs.append(srv)  # type: ignore[arg-type]
-        assert srv.stdout is not None
-        assert srv.stdout.readline().strip() == "ready"
+        srv = popen_pipe(netlab, t.server, ACCEPT_ONE, t.server_ip, "8080", "10",
+                         stdin=subprocess.DEVNULL)
+        assert readline(srv) == "ready"
         res = netlab.exec(t.client, [sys.executable, "-c", SEND_ONE, t.server_ip, "8080"],
                           timeout=15)
         assert res.stdout.strip() == "got HELLO", res.stdout + res.stderr
-        peer = srv.stdout.readline().split()
+        peer = readline(srv).split()
         # the server saw the firewall's address and a port from the NAT range
         assert peer[0] == "peer" and peer[1] == fw_out, peer
         assert 50001 <= int(peer[2]) <= 65535
@@ -131,17 +130,14 @@ pass out on eth1 proto tcp
     sock = str(tmp_path / "fw.sock")
     daemon = start_daemon(netlab, t.fw, rules, sock)
     try:
-        srv = subprocess.Popen(["ip", "netns", "exec", t.server, sys.executable, "-c",
-                                ACCEPT_ONE, t.server_ip, "8080", "10"],
-                               stdout=subprocess.PIPE, text=True)
-        netlab.procs.append(srv)  # type: ignore[arg-type]
-        assert srv.stdout is not None
-        assert srv.stdout.readline().strip() == "ready"
+        srv = popen_pipe(netlab, t.server, ACCEPT_ONE, t.server_ip, "8080", "10",
+                         stdin=subprocess.DEVNULL)
+        assert readline(srv) == "ready"
         fw_in = t.client_ip.rsplit(".", 1)[0] + ".1"
         res = netlab.exec(t.client, [sys.executable, "-c", SEND_ONE, fw_in, "9000"],
                           timeout=15)
         assert res.stdout.strip() == "got HELLO", res.stdout + res.stderr
-        peer = srv.stdout.readline().split()
+        peer = readline(srv).split()
         assert peer[1] == t.client_ip  # rdr-to keeps the source
     finally:
         netlab.stop(daemon, signal.SIGTERM)

@@ -260,17 +260,23 @@ class StateListener(Protocol):
     def state_removed(self, st: State, now: float) -> None: ...
 
 
+def packet_ports(pkt: Packet) -> tuple[int, int]:
+    """The key's two port values of a packet as its source sends it: TCP/UDP ports, an
+    ICMP query's (id, type) or a reply's (type, id) -- pf's virtual ICMP ports."""
+    proto = pkt.proto
+    if proto in (IPPROTO_TCP, IPPROTO_UDP):
+        return pkt.sport, pkt.dport
+    if proto in (IPPROTO_ICMP, IPPROTO_ICMPV6):
+        icmp_dir, vid, vtype, _ = icmp_mapping(pkt)
+        return (vid, vtype) if icmp_dir == PF_IN else (vtype, vid)
+    return 0, 0
+
+
 def packet_key(direction: int, pkt: Packet) -> StateKey:
     """The state key a packet's own addresses make for a test in `direction` (slot 0 is
     the far side of the interface, slot 1 the near side), as _create_state builds it."""
     proto = pkt.proto
-    if proto in (IPPROTO_TCP, IPPROTO_UDP):
-        sp, dp = pkt.sport, pkt.dport
-    elif proto in (IPPROTO_ICMP, IPPROTO_ICMPV6):
-        icmp_dir, vid, vtype, _ = icmp_mapping(pkt)
-        sp, dp = (vid, vtype) if icmp_dir == PF_IN else (vtype, vid)
-    else:
-        sp = dp = 0
+    sp, dp = packet_ports(pkt)
     if direction == PF_IN:
         return (pkt.af, proto, pkt.src, pkt.dst, sp, dp)
     return (pkt.af, proto, pkt.dst, pkt.src, dp, sp)
@@ -902,13 +908,7 @@ class Filter:
     def _create_state(self, rule: Rule, direction: int, pkt: Packet, now: float,
                       xl: tuple[StateKey, StateKey, Rule] | None = None) -> State | None:
         proto = pkt.proto
-        if proto in (IPPROTO_TCP, IPPROTO_UDP):
-            sp, dp = pkt.sport, pkt.dport
-        elif proto in (IPPROTO_ICMP, IPPROTO_ICMPV6):
-            icmp_dir, vid, vtype, _ = icmp_mapping(pkt)
-            sp, dp = (vid, vtype) if icmp_dir == PF_IN else (vtype, vid)
-        else:
-            sp = dp = 0
+        sp, dp = packet_ports(pkt)
         # Share address and port objects between states: a table of a million states
         # holds far fewer distinct hosts than states.
         intern = self._intern

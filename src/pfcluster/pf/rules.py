@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import itertools
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pfcluster.pf.constants import (
     AF_INET,
@@ -1468,55 +1469,28 @@ class _Parser:
                                          "rpool port only applies to tcp/udp")
         if action == "binat":
             self.check_binat(spec)
-        srcs = spec.src or [_Host(Addr(), spec.tok)]
-        dsts = spec.dst or [_Host(Addr(), spec.tok)]
-        sports: list[_Port | None] = list(spec.sports) or [None]
-        dports: list[_Port | None] = list(spec.dports) or [None]
-        made = 0
-        bad: Tok | None = None
-        for ifname, ifnot in spec.ifaces:
-            for proto, _pt in spec.protos:
-                for sh in srcs:
-                    for sp in sports:
-                        for dh in dsts:
-                            for dp in dports:
-                                af = spec.af
-                                ok = True
-                                for h in (sh, dh):
-                                    if h.addr.af:
-                                        if af and af != h.addr.af:
-                                            ok = False
-                                            bad = bad or h.tok
-                                        af = af or h.addr.af
-                                if not ok:
-                                    continue
-                                r = Rule()
-                                r.line = spec.tok.line
-                                r.action = action
-                                r.natpass = spec.natpass
-                                r.log, r.log_all = spec.log, spec.log_all
-                                r.ifname, r.ifnot = ifname, ifnot
-                                r.proto = proto
-                                r.src, r.dst = sh.addr, dh.addr
-                                r.sport = sp.spec if sp else None
-                                r.dport = dp.spec if dp else None
-                                if ps is not None:
-                                    pool, af = self.make_pool(ps, role if role != "binat"
-                                                              else "nat", af, dp, True)
-                                    pool.role = role
-                                    if action == "rdr":
-                                        r.rdr = pool
-                                    else:
-                                        r.nat = pool
-                                if action == "binat" and not af:
-                                    raise self.error(spec.tok, "address family (inet/inet6) "
-                                                     "undefined")
-                                r.af = af
-                                self.rs.translation_rules.append(r)
-                                made += 1
-        if not made:
-            raise self.error(bad or spec.tok, "address family mismatch: rule expands to no "
-                             "valid combination")
+        for ifname, ifnot, proto, sh, sp, dh, dp, _ic, af in self.combinations(spec, False):
+            r = Rule()
+            r.line = spec.tok.line
+            r.action = action
+            r.natpass = spec.natpass
+            r.log, r.log_all = spec.log, spec.log_all
+            r.ifname, r.ifnot = ifname, ifnot
+            r.proto = proto
+            r.src, r.dst = sh.addr, dh.addr
+            r.sport = sp.spec if sp else None
+            r.dport = dp.spec if dp else None
+            if ps is not None:
+                pool, af = self.make_pool(ps, role if role != "binat" else "nat", af, dp, True)
+                pool.role = role
+                if action == "rdr":
+                    r.rdr = pool
+                else:
+                    r.nat = pool
+            if action == "binat" and not af:
+                raise self.error(spec.tok, "address family (inet/inet6) undefined")
+            r.af = af
+            self.rs.translation_rules.append(r)
 
     def check_binat(self, spec: _RuleSpec) -> None:
         """FreeBSD's binatrule checks: one source, one redirect address, same netmask."""
@@ -1686,38 +1660,41 @@ class _Parser:
                 if p not in (0, IPPROTO_TCP):
                     raise self.error(spec.flags_tok or spec.tok, "flags only apply to tcp")
 
+        for ifname, ifnot, proto, sh, sp, dh, dp, ic, af in self.combinations(spec, True):
+            r = self.make_rule(spec, ifname, ifnot, af, proto, sh, sp, dh, dp, ic, keep,
+                               state_type)
+            self.translate(spec, r, sh, sp, dh, dp)
+
+    def combinations(self, spec: _RuleSpec, filtering: bool) -> Iterator[tuple[Any, ...]]:
+        """pfctl's expand_rule: each (interface, ifnot, proto, src, sport, dst, dport, icmp
+        type, address family) of a rule whose addresses agree on a family (a filter rule's
+        icmp/icmp6 also with it); the family-mismatch error when none does."""
+        assert spec.tok is not None
         srcs = spec.src or [_Host(Addr(), spec.tok)]
         dsts = spec.dst or [_Host(Addr(), spec.tok)]
         sports: list[_Port | None] = list(spec.sports) or [None]
         dports: list[_Port | None] = list(spec.dports) or [None]
-        icmps: list[tuple[int, int | None] | None] = list(spec.icmp) or [None]
+        icmps: list[tuple[int, int | None] | None] = \
+            (list(spec.icmp) or [None]) if filtering else [None]
         made = 0
         bad: Tok | None = None
-        for ifname, ifnot in spec.ifaces:
-            for proto, _pt in spec.protos:
-                for sh in srcs:
-                    for sp in sports:
-                        for dh in dsts:
-                            for dp in dports:
-                                for ic in icmps:
-                                    af = spec.af
-                                    ok = True
-                                    for h in (sh, dh):
-                                        if h.addr.af:
-                                            if af and af != h.addr.af:
-                                                ok = False
-                                                bad = bad or h.tok
-                                            af = af or h.addr.af
-                                    if (proto == IPPROTO_ICMP and af == AF_INET6) or (
-                                            proto == IPPROTO_ICMPV6 and af == AF_INET):
-                                        ok = False
-                                        bad = bad or spec.af_tok or sh.tok
-                                    if not ok:
-                                        continue
-                                    r = self.make_rule(spec, ifname, ifnot, af, proto, sh, sp,
-                                                       dh, dp, ic, keep, state_type)
-                                    self.translate(spec, r, sh, sp, dh, dp)
-                                    made += 1
+        for (ifname, ifnot), (proto, _pt), sh, sp, dh, dp, ic in itertools.product(
+                spec.ifaces, spec.protos, srcs, sports, dsts, dports, icmps):
+            af = spec.af
+            ok = True
+            for h in (sh, dh):
+                if h.addr.af:
+                    if af and af != h.addr.af:
+                        ok = False
+                        bad = bad or h.tok
+                    af = af or h.addr.af
+            if filtering and ((proto == IPPROTO_ICMP and af == AF_INET6)
+                              or (proto == IPPROTO_ICMPV6 and af == AF_INET)):
+                ok = False
+                bad = bad or spec.af_tok or sh.tok
+            if ok:
+                made += 1
+                yield ifname, ifnot, proto, sh, sp, dh, dp, ic, af
         if not made:
             raise self.error(bad or spec.tok, "address family mismatch: rule expands to no "
                              "valid combination")
