@@ -125,6 +125,15 @@ def translates(ruleset: Any) -> bool:
                for r in rules)
 
 
+def scrubs(ruleset: Any) -> bool:
+    """Whether any rule carries scrub options: then the whole packet is copied from the
+    kernel (a rewritten verdict payload replaces the packet), but no PREROUTING layout."""
+    rules = list(getattr(ruleset, "rules", ()))
+    for a in getattr(ruleset, "anchors", {}).values():
+        rules.extend(a.rules)
+    return any(getattr(r, "scrub", None) is not None for r in rules)
+
+
 def skip_ifaces(cfg: DaemonConfig, ruleset: Any) -> list[str]:
     """Interfaces whose packets are never queued: the sync link and pf.conf's `set skip`."""
     sync = [cfg.syncdev] if cfg.sync_enabled else []
@@ -221,6 +230,7 @@ class Daemon:
         self.ruleset = self.loader(cfg.rules)  # a broken file stops us before touching anything
         # fixed for the daemon's life: translation needs the PREROUTING layout
         self.translating = translates(self.ruleset)
+        self.scrubbing = scrubs(self.ruleset)  # whole packets copied (fixed, as above)
         self.filter, engine = (core or make_core)(cfg, self.ruleset, self.started)
         self.engine: SyncEngine = engine
         # --sync-key: every frame we send is sealed, every frame we receive verified
@@ -289,7 +299,8 @@ class Daemon:
             self.dataplane = Dataplane(cfg.queue, self.filter, self.engine, self.replies,
                                        clock=self.clock, between_batches=self._between_batches,
                                        dispatch=self._dispatch,
-                                       copy_range=MAX_COPY_RANGE if self.translating
+                                       copy_range=MAX_COPY_RANGE
+                                       if self.translating or self.scrubbing
                                        else cfg.copy_range,
                                        fail_open=cfg.fail_open, split_hooks=self.translating,
                                        pflog=self.pflog)
@@ -580,6 +591,10 @@ class Daemon:
             return {"ok": False, "error": "the new rules translate addresses, which needs the "
                     "PREROUTING hook this daemon did not start with: restart it with them "
                     "(the old rules stay)"}
+        if scrubs(ruleset) and not self.scrubbing:
+            return {"ok": False, "error": "the new rules scrub packets, which needs whole "
+                    "packets copied, and this daemon did not start with scrub rules: restart "
+                    "it with them (the old rules stay)"}
         if keys is not None and self.sealer is not None and self.verifier is not None:
             self.sealer.keys = self.verifier.keys = keys
             log.info("sync key reloaded: sending with key %d, accepting %s", keys.send_id,

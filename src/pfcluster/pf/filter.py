@@ -67,6 +67,7 @@ from pfcluster.pf.log import bad_state_lines, print_flags, print_state, rule_log
 from pfcluster.pf.nat import Translator
 from pfcluster.pf.rules import graft, prepare_anchor
 from pfcluster.pf.ruleset import Rule, Ruleset
+from pfcluster.pf.scrub import Scrub
 from pfcluster.pf.srcnode import PFSNODE_HIWAT, SrcNode, SrcNodes
 from pfcluster.pf.state import (
     DIRECTION,
@@ -74,6 +75,7 @@ from pfcluster.pf.state import (
     SRC_STATE,
     NatInfo,
     NatState,
+    ScrubState,
     State,
     StateKey,
     StateTable,
@@ -191,7 +193,8 @@ TM_OTHER_MULTIPLE = int(PFTM.OTHER_MULTIPLE)
 class Verdict:
     """The decision for one packet on one interface."""
 
-    __slots__ = ("action", "log", "new_state", "reason", "reply", "rule", "state", "xlate")
+    __slots__ = ("action", "log", "new_state", "reason", "reply", "rule", "scrub", "state",
+                 "xlate")
 
     def __init__(
         self,
@@ -215,6 +218,8 @@ class Verdict:
         # Filter._icmp_error_xlate): (outer src, outer dst, inner src, inner sport,
         # inner dst, inner dport)
         self.xlate: tuple[Any, ...] | None = None
+        # a state-less pass's scrub options (a state's are on the state)
+        self.scrub: Scrub | None = None
 
     @property
     def passed(self) -> bool:
@@ -846,7 +851,9 @@ class Filter:
                 self.extra["passed-in"] += 1
             else:
                 self.extra["passed-out"] += 1
-            return Verdict(PASS, "match")
+            v = Verdict(PASS, "match")
+            v.scrub = self.ruleset.last_scrub  # the match rules' (pf's default rule)
+            return v
         rule.packets += 1
         rule.bytes += pkt.ip_len
         log = [rule_log_line(rule, direction, ifname, pkt)] if rule.log and self.log_enabled else []
@@ -863,6 +870,7 @@ class Filter:
             else:
                 self.extra["passed-out"] += 1
             v = Verdict(PASS, "match", rule, None, False, None, log)
+            v.scrub = self.ruleset.last_scrub
             if xl is not None:
                 v.xlate = keys_xlate(direction, pkt, xl[0], xl[1])
             return v
@@ -927,8 +935,14 @@ class Filter:
         else:
             key = (pkt.af, proto, dst, src, dp, sp)
         translated = xl is not None and xl[1] != key
-        st = (NatState if translated else State)(
-            key, direction, self.creatorid, self.next_state_id(), now, rule)
+        scrub = self.ruleset.last_scrub
+        if scrub is None:
+            st = (NatState if translated else State)(
+                key, direction, self.creatorid, self.next_state_id(), now, rule)
+        else:
+            st = ScrubState(key, direction, self.creatorid, self.next_state_id(), now, rule)
+            st.nat = None
+            st.scrub = scrub  # pf keeps the scrub options on the state
         if proto == IPPROTO_TCP:
             tcpmod.init_src_peer(st, pkt)
         elif proto == IPPROTO_UDP:

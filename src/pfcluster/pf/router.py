@@ -18,6 +18,10 @@ caller to send on in place of the original. On Linux the daemon runs the two tes
 two hooks (PREROUTING for `in`, FORWARD/OUTPUT for `out`) when the ruleset translates,
 since a destination must be rewritten before the route is chosen; each hook then calls
 this step with one of the interfaces None.
+
+Scrub: after each passing test (and its translation), the scrub options of the packet's
+state, or of the rules for a state-less pass, rewrite it as pf_scrub does in pf_test
+(pf/scrub.py); the bytes come back in `payload` the same way.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from pfcluster.packet import Packet
 from pfcluster.pf.constants import PF_IN, PF_OUT
 from pfcluster.pf.filter import PASS, Filter, Verdict
 from pfcluster.pf.rewrite import RewriteError, rewrite, rewrite_icmp_error
+from pfcluster.pf.scrub import scrub_packet
 from pfcluster.pf.state import State
 
 ROUTE_PASS = "pass"
@@ -113,12 +118,20 @@ def route(filt: Filter, in_if: str | None, out_if: str | None, pkt: Packet, now:
                 filt.pkt_tag = v_in.state.state_flags >> 16  # the state's tag, on the packet
             if v_in.xlate is not None:
                 payload = translate(pkt, v_in.xlate, payload)
+            st = v_in.state
+            sc = v_in.scrub if st is None else st.scrub
+            if sc is not None:
+                payload = scrub_packet(payload, pkt, sc)
         if out_if is not None:
             v_out = filt.test(PF_OUT, out_if, pkt, now)
             if v_out.action != PASS:
                 return RouteVerdict(ROUTE_BLOCK, v_in, v_out)
             if v_out.xlate is not None:
                 payload = translate(pkt, v_out.xlate, payload)
+            st = v_out.state
+            sc = v_out.scrub if st is None else st.scrub
+            if sc is not None:
+                payload = scrub_packet(payload, pkt, sc)
     except RewriteError:
         filt.extra["translate-short"] += 1
         return RouteVerdict(ROUTE_BLOCK, v_in, v_out)

@@ -59,6 +59,13 @@ from pfcluster.pf.ruleset import (
     Ruleset,
     Table,
 )
+from pfcluster.pf.scrub import (
+    PFSTATE_NODF,
+    PFSTATE_RANDOMID,
+    PFSTATE_SCRUB_TCP,
+    PFSTATE_SETTOS,
+    Scrub,
+)
 from pfcluster.pf.srcnode import SrcTrack
 from pfcluster.pf.tags import TagError, tag_id
 
@@ -138,6 +145,10 @@ SERVICES = _load_services()
 # Pool options (pfctl's pool_opts) and the rule options refused with a clear message.
 POOL_WORDS = ("bitmask", "random", "source-hash", "round-robin", "least-states",
               "static-port", "sticky-address")
+_SCRUB_WORDS = frozenset(("no-df", "random-id", "min-ttl", "max-mss", "set-tos", "reassemble",
+                          "fragment"))
+_TOS_NAMES = {"lowdelay": 0x10, "throughput": 0x08, "reliability": 0x04}
+
 UNSUPPORTED_OPTS = ("af-to", "route-to", "reply-to", "dup-to", "fastroute", "divert-to",
                     "divert-reply", "divert-packet", "rtable")
 
@@ -146,7 +157,7 @@ KEYWORDS = frozenset((
     "from", "to", "all", "any", "port", "flags", "icmp-type", "icmp6-type", "code", "keep",
     "no", "modulate", "synproxy", "state", "label", "table", "set", "persist", "const",
     "counters", "drop", "return", "return-rst", "return-icmp", "return-icmp6", "anchor",
-    "antispoof", "for", "tag", "tagged", "load",
+    "antispoof", "for", "tag", "tagged", "load", "scrub",
     "nat", "rdr", "binat", "nat-to", "rdr-to", "binat-to", *POOL_WORDS,
 ))
 
@@ -351,6 +362,7 @@ class _RuleSpec:
     tag: int = 0
     match_tag: int = 0
     match_tag_not: bool = False
+    scrub: Scrub | None = None
 
 
 @dataclass
@@ -460,6 +472,55 @@ class _Parser:
             raise self.unexpected(f"expected {what}")
         return self.advance()
 
+    def scrub_opts(self, paren: bool) -> Scrub:
+        """`scrub (opts)` on a pass/match rule, or an old `scrub` rule's bare options."""
+        sc = Scrub(legacy=not paren)
+        if paren:
+            self.expect("(", "expected '(' after scrub")
+        seen: set[str] = set()
+        while True:
+            if paren and self.accept(")"):
+                break
+            t = self.tok
+            if t.kind != "word" or t.text not in _SCRUB_WORDS:
+                if paren:
+                    raise self.unexpected("expected a scrub option or ')'")
+                break
+            if t.text == "fragment":
+                raise self.error(t, "'fragment' options are not supported: IP fragments "
+                                 "are not reassembled")
+            if t.text in seen:
+                raise self.error(t, f"{t.text} cannot be respecified")
+            seen.add(t.text)
+            self.advance()
+            if t.text == "no-df":
+                sc.flags |= PFSTATE_NODF
+            elif t.text == "random-id":
+                sc.flags |= PFSTATE_RANDOMID
+            elif t.text == "min-ttl":
+                sc.min_ttl = self.number("min-ttl", 1, 255)
+            elif t.text == "max-mss":
+                sc.max_mss = self.number("max-mss", 1, 65535)
+            elif t.text == "set-tos":
+                sc.set_tos = self.tos_value()
+                sc.flags |= PFSTATE_SETTOS
+            else:  # reassemble
+                self.expect("tcp", "expected 'tcp' after reassemble")
+                sc.flags |= PFSTATE_SCRUB_TCP
+            if paren:
+                self.accept(",")
+        if paren and not seen:
+            raise self.error(self.tok, "empty scrub options")
+        return sc
+
+    def tos_value(self) -> int:
+        """set-tos: a number (0x10) or lowdelay/throughput/reliability."""
+        t = self.tok
+        if t.kind == "word" and t.text in _TOS_NAMES:
+            self.advance()
+            return _TOS_NAMES[t.text]
+        return self.number("tos", 0, 255)
+
     def number(self, what: str = "number", lo: int = 0, hi: int = 2**32 - 1) -> int:
         t = self.tok
         if t.kind not in ("word", "string"):
@@ -519,8 +580,12 @@ class _Parser:
                 if open_tok is not None:
                     raise self.error(t, "macros cannot be defined inside an inline anchor")
                 self.macro()
-            elif t.kind == "word" and t.text in ("pass", "block", "match", "anchor"):
+            elif t.kind == "word" and t.text in ("pass", "block", "match", "anchor", "scrub"):
                 self.rule()
+            elif t.kind == "word" and t.text == "no" and self.peek2().kind == "word" \
+                    and self.peek2().text == "scrub":
+                raise self.error(t, "'no scrub' is not supported (write the scrub rules "
+                                 "so that they do not match instead)")
             elif t.kind == "word" and t.text == "antispoof":
                 self.antispoof()
             elif t.kind == "word" and (t.text in ("nat", "rdr", "binat") or (
@@ -689,6 +754,9 @@ class _Parser:
                 words.append(self.advance().text)
             if not words:
                 raise self.unexpected(f"expected a value for set {opt}")
+            if opt == "reassemble" and words[0] != "no":
+                raise self.error(t, "set reassemble: IP fragments are not reassembled here; "
+                                 "only 'set reassemble no' is accepted")
             rs.options[opt] = " ".join(words)
         else:
             raise self.error(t, f"unknown set option '{opt}'")
@@ -1167,6 +1235,9 @@ class _Parser:
         at = self.advance()
         spec.tok = at
         spec.action = at.text
+        legacy = at.text == "scrub"  # an old `scrub` rule: a match rule with scrub options
+        if legacy:
+            spec.action = "match"
         wild = False
         if at.text == "anchor":
             spec.anchor, wild, _nt = self.anchor_name()
@@ -1217,6 +1288,8 @@ class _Parser:
             if self.at("to"):
                 kw = self.advance()
                 spec.dst, spec.dports = self.ipportspec(kw)
+        if legacy:
+            spec.scrub = self.scrub_opts(False)
         while self.tok.kind == "word" or (self.at("!") and self.peek2().kind == "word"
                                           and self.peek2().text == "tagged"):
             t = self.tok
@@ -1254,6 +1327,11 @@ class _Parser:
                     raise self.error(t, "cannot respecify rdr-to")
                 self.advance()
                 spec.rdr = self.pool_spec(t)
+            elif t.text == "scrub":
+                if spec.scrub is not None:
+                    raise self.error(t, "cannot respecify scrub")
+                self.advance()
+                spec.scrub = self.scrub_opts(True)
             elif t.text == "tag":
                 spec.tag = self.tag_word(spec.tag, self.advance())
             elif t.text == "tagged":
@@ -1862,6 +1940,7 @@ class _Parser:
         r.tag = spec.tag
         r.match_tag = spec.match_tag
         r.match_tag_not = spec.match_tag_not
+        r.scrub = spec.scrub
         if spec.anchor is not None:
             r.anchor_wildcard = spec.anchor_wild
             r.anchor = self.rs.anchor(spec.anchor) if spec.anchor else self.rs.anchor_root

@@ -35,6 +35,7 @@ from pfcluster.pf.constants import (
     flags_str,
     proto_name,
 )
+from pfcluster.pf.scrub import Scrub
 from pfcluster.pf.tags import tag_name
 
 if TYPE_CHECKING:
@@ -313,7 +314,7 @@ class Rule:
         "ifnot", "keep_state", "label", "line", "log", "log_all", "match_tag",
         "match_tag_not", "max_states", "nat",
         "natpass", "no_sync", "nr", "packets", "pflow", "policy", "proto", "quick", "rdr",
-        "return_icmp", "return_icmp6", "return_mode", "skip", "sloppy", "sport", "src",
+        "return_icmp", "return_icmp6", "return_mode", "scrub", "skip", "sloppy", "sport", "src",
         "srctrack", "state_type", "states_cur", "states_tot", "tag", "timeouts",
     )
 
@@ -367,6 +368,7 @@ class Rule:
         self.tag = 0
         self.match_tag = 0
         self.match_tag_not = False
+        self.scrub: Scrub | None = None  # `scrub (...)` options (pfcluster.pf.scrub)
         self.evaluations = 0
         self.packets = 0
         self.bytes = 0
@@ -497,6 +499,12 @@ class Rule:
             out.append(f"nat-to {self.nat}")
         if self.rdr is not None:
             out.append(f"rdr-to {self.rdr}")
+        if self.scrub is not None:
+            if self.scrub.legacy:  # an old `scrub` rule, as FreeBSD's pfctl prints it
+                out[0] = "scrub"
+                out.extend(self.scrub.options())
+            else:
+                out.append(str(self.scrub))
         return " ".join(out)
 
     def __repr__(self) -> str:
@@ -557,6 +565,8 @@ class Ruleset:
         self.translation_rules: list[Rule] = []
         # Set by evaluate: the last matching rule, among the match rules and the deciding
         # rule, that carries nat-to (resp. rdr-to) -- the one whose pool applies.
+        # the scrub options the last walk accumulated (match rules and the deciding rule)
+        self.last_scrub: Scrub | None = None
         self.last_nat: Rule | None = None
         self.last_rdr: Rule | None = None
         # The NAT core's address/port choice for a match rule, so later rules see the
@@ -616,7 +626,8 @@ class Ruleset:
         self.tagging = any(r.tag or r.match_tag for r in every)
         self._nested = self.tagging or any(r.anchor is not None for r in self.rules)
         self._full = self._nested or any(
-            r.action == "match" or r.nat is not None or r.rdr is not None for r in self.rules)
+            r.action == "match" or r.nat is not None or r.rdr is not None
+            or r.scrub is not None for r in self.rules)
 
     # -- anchors (pf_anchor, pfctl -a) --
     def anchor(self, path: str) -> Anchor:
@@ -783,6 +794,7 @@ class Ruleset:
         prog = self._prog
         n = len(prog)
         match = last_nat = last_rdr = None
+        scrub: Scrub | None = None
         i = 0
         while i < n:
             r, sk, rif, rifnot, rdir, raf, rproto, sa, da, sp, dp, fl, ic = prog[i]
@@ -835,6 +847,8 @@ class Ruleset:
                 i = sk[PF_SKIP_DST_PORT]
                 continue
             if r.action == "match":
+                if r.scrub is not None:
+                    scrub = r.scrub if scrub is None else scrub.merge(r.scrub)
                 if r.nat is not None or r.rdr is not None:
                     if r.nat is not None:
                         last_nat = r
@@ -852,8 +866,11 @@ class Ruleset:
                 last_nat = match
             if match.rdr is not None:
                 last_rdr = match
+            if match.scrub is not None:
+                scrub = match.scrub if scrub is None else scrub.merge(match.scrub)
         self.last_nat = last_nat
         self.last_rdr = last_rdr
+        self.last_scrub = scrub
         return match
 
     def _evaluate_nested(self, pkt: Any, direction: int, ifname: str) -> Rule | None:
@@ -872,9 +889,10 @@ class Ruleset:
         rv = _walk(self._prog, c, None, hook)
         self.last_nat = c.last_nat
         self.last_rdr = c.last_rdr
+        self.last_scrub = scrub = c.scrub
         self.tag = c.tag
         if rv == _FAIL:
-            self.last_nat = self.last_rdr = None
+            self.last_nat = self.last_rdr = self.last_scrub = None
             return ANCHOR_OVERFLOW
         match = c.match
         if match is not None:
@@ -882,6 +900,8 @@ class Ruleset:
                 self.last_nat = match
             if match.rdr is not None:
                 self.last_rdr = match
+            if match.scrub is not None:
+                self.last_scrub = match.scrub if scrub is None else scrub.merge(match.scrub)
         return match
 
     def translate_lookup(self, pkt: Any, direction: int, ifname: str) -> Rule | None:
@@ -986,7 +1006,8 @@ class _Walk:
     """One evaluation's context (pf_test_ctx): the packet as rules see it and results."""
 
     __slots__ = ("af", "am", "depth", "direction", "dport", "dst", "icmp_reply", "ifname",
-                 "last_nat", "last_rdr", "match", "pkt", "proto", "sport", "src", "tag", "v")
+                 "last_nat", "last_rdr", "match", "pkt", "proto", "scrub", "sport", "src", "tag",
+                 "v")
 
     def __init__(self, pkt: Any, direction: int, ifname: str, tag: int) -> None:
         self.pkt = pkt
@@ -1013,6 +1034,7 @@ class _Walk:
         else:
             self.v = _V_OTHER
         self.match: Rule | None = None
+        self.scrub: Scrub | None = None
         self.am: Rule | None = None  # the anchor rule the deciding rule was found under
         self.last_nat: Rule | None = None
         self.last_rdr: Rule | None = None
@@ -1082,6 +1104,8 @@ def _walk(prog: list[tuple[Any, ...]], c: _Walk, a: Rule | None,
             c.tag = r.tag
         if r.anchor is None:
             if r.action == "match":
+                if r.scrub is not None:
+                    c.scrub = r.scrub if c.scrub is None else c.scrub.merge(r.scrub)
                 if r.nat is not None or r.rdr is not None:
                     if r.nat is not None:
                         c.last_nat = r

@@ -31,6 +31,7 @@ TM_FIRST_PACKET = int(PFTM.TCP_FIRST_PACKET)
 
 if TYPE_CHECKING:
     from pfcluster.pf.ruleset import Rule
+    from pfcluster.pf.scrub import Scrub
 
 StateKey = tuple[int, int, bytes, bytes, int, int]
 
@@ -178,6 +179,7 @@ class State(_Base):
     # None here; a NatState (a translated state) has its own slot: untranslated states,
     # nearly all of them, do not pay 8 bytes for it
     nat: NatInfo | None = None
+    scrub: Scrub | None = None  # a ScrubState's own slot
     ifname: str
     rule: Rule | None
     creation: float
@@ -297,6 +299,15 @@ class NatState(State):
     __slots__ = ("nat",)
 
     nat: NatInfo | None
+
+
+class ScrubState(NatState):
+    """A state with scrub options (pf's s->min_ttl, max_mss, set_tos, scrub flags), kept
+    apart like NatState so other states do not pay for the slot; `nat` may be None."""
+
+    __slots__ = ("scrub",)
+
+    scrub: Scrub | None
 
 
 class StateTable:
