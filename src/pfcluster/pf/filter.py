@@ -1001,9 +1001,11 @@ class Filter:
             table.add(sn.af, int.from_bytes(sn.addr, "big"), len(sn.addr) * 8)
             if opts.flush:
                 lc["overload-flush-states"] += 1
-                slot = 2 if st[DIRECTION] == PF_IN else 3
+                # pf_overload_task: the source is addr[0] of an `in` state's wire key,
+                # addr[1] of an `out` one's (a forwarded connection has both)
                 for other in list(self.states):
                     k = other.key
+                    slot = 2 if other[DIRECTION] == PF_IN else 3
                     if (other is not st and k[0] == sn.af and k[slot] == sn.addr
                             and (opts.flush_global or other.rule is rule)
                             and self.remove_state(other, now)):

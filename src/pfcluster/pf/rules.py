@@ -272,7 +272,14 @@ class _Lexer:
                     raise self.error(here.line, here.col, f"macro '{name}' not defined")
                 if depth >= 16:
                     raise self.error(here.line, here.col, f"macro '{name}' expands too deeply")
-                yield from self._lex(self.macros[name], line, col, here, depth + 1)
+                value = self.macros[name]
+                k = j
+                while k < n and text[k] == ":" and k + 1 < n and text[k + 1].isalnum():
+                    k += 1  # `$ext:network`: the suffix continues the word, as in pfctl
+                    while k < n and (text[k].isalnum() or text[k] == "_"):
+                        k += 1
+                yield from self._lex(value + text[j:k], line, col, here, depth + 1)
+                j = k
                 col += j - i
                 i = j
                 continue
@@ -1399,7 +1406,8 @@ class _Parser:
             spec.quick = True
         self.expect("for", "expected 'for'")
 
-        def iface() -> Tok:
+        def iface() -> tuple[Tok, bool]:
+            dynamic = self.accept("(")  # `(em0)`: the addresses followed, as pfctl's
             t = self.tok
             if t.kind not in ("word", "string") or t.text in KEYWORDS:
                 raise self.unexpected("expected an interface name")
@@ -1407,9 +1415,11 @@ class _Parser:
             self._modifiers(t, t.text)
             if ":" in t.text:
                 raise self.error(t, f"invalid interface name '{t.text}'")
-            if not self.ifaddrs.known(t.text) or t.text == "self":
+            if dynamic:
+                self.expect(")", "expected ')' after the interface name")
+            elif not self.ifaddrs.known(t.text) or t.text == "self":
                 raise self.error(t, f"no IP address found for {t.text}")
-            return t
+            return t, dynamic
         names = self.list_items(iface, "interface")
         if self.at("inet") or self.at("inet6"):
             spec.af_tok = self.advance()
@@ -1420,7 +1430,14 @@ class _Parser:
                 raise self.unexpected("expected a label string")
             self.advance()
             spec.label = lt.text
-        for t in names:
+        for t, dynamic in names:
+            if dynamic:  # pfctl: `from (IF:network)` on ! IF, `from (IF)` anywhere
+                self.expand(_RuleSpec(**{**spec.__dict__, "ifaces": [(t.text, True)], "src": [
+                    _Host(Addr("dyn", dyn=self.ifaddrs.dyn(t.text, "network")), t)]}))
+                if t.text not in ("lo", "lo0"):
+                    self.expand(_RuleSpec(**{**spec.__dict__, "src": [
+                        _Host(Addr("dyn", dyn=self.ifaddrs.dyn(t.text)), t)]}))
+                continue
             addrs = [a for a in self.ifaddrs.get(t.text) if not spec.af or a.af == spec.af]
             nets = [_Host(Addr("net", af=a.af, net=a.addr, plen=a.plen), t) for a in addrs
                     if not is_link_local(a.af, a.addr)]
