@@ -563,10 +563,10 @@ class Ruleset:
         self._prog: list[tuple[Any, ...]] = []
         # FreeBSD `nat`/`rdr`/`binat` rules, looked up before the filter (translate_lookup).
         self.translation_rules: list[Rule] = []
+        # The scrub options the last walk accumulated (match rules and the deciding rule).
+        self.last_scrub: Scrub | None = None
         # Set by evaluate: the last matching rule, among the match rules and the deciding
         # rule, that carries nat-to (resp. rdr-to) -- the one whose pool applies.
-        # the scrub options the last walk accumulated (match rules and the deciding rule)
-        self.last_scrub: Scrub | None = None
         self.last_nat: Rule | None = None
         self.last_rdr: Rule | None = None
         # The NAT core's address/port choice for a match rule, so later rules see the
