@@ -377,3 +377,24 @@ def test_a_reopened_connection_keeps_its_translation():
         sport=4321, dport=80, flags="S", seq=90000)), True, 3.0)
     assert rv.action == ROUTE_PASS and f.extra["state-reuse"] >= 1
     assert IP(out2)[TCP].sport == nport
+
+
+def test_an_import_whose_stack_key_a_closed_state_holds_replaces_it():
+    """A peer translated a reopened connection to a new port (its DEL_C for the old state
+    still on the way): the INS collides with the old state on the stack key only, and the
+    finished old state makes room, as for the wire key."""
+    from pfcluster.pf.constants import TCPS
+    from pfcluster.pfsync.convert import export_state, import_state
+
+    a, b = filt_for(NAT_RULES, "1/2", 0xA), filt_for(NAT_RULES, "2/2", 0xB)
+    through(b, syn(), True)
+    old = next(s for s in b.states if s.nat is not None)
+    old.src.state = old.dst.state = int(TCPS.TIME_WAIT)  # a finished connection
+    through(a, syn(), True)
+    new = next(s for s in a.states if s.nat is not None)
+    assert new.nat is not None and old.nat is not None
+    assert new.nat.skey == old.nat.skey and new.key != old.key  # other slices: other ports
+    rec = export_state(new, 1.0, "openbsd45", a.timeouts, 2)
+    st, rule_nr, _ = import_state(rec, 1.0, "openbsd45", b.timeouts)
+    assert b.import_state(st, rule_nr, 1.0)
+    assert b.extra["key-attach-reuse"] == 1 and not old.linked

@@ -1040,15 +1040,21 @@ class Filter:
 
         A key already held by a TCP state whose peers are both at or past FIN_WAIT_2 is
         a finished connection whose ports are being reused: the old state goes and the
-        new one takes the key. Any other collision refuses the new state. This matters
+        new one takes the key (either of a translated state's two keys). Any other collision refuses the new state. This matters
         most for states learnt from a peer: the firewall that saw the new SYN has already
         replaced its closed state, and its INS can reach us before its DEL_C for the old
         one (INS sections come first in a frame). The old state is then removed without
         a DEL_C of ours when the news came from a peer, which already knows.
         """
         table = self.states
-        old = table.by_key.get(st.key)
-        if old is not None:
+        by_key = table.by_key
+        olds = [by_key.get(st.key)]
+        nat = st.nat
+        if nat is not None:  # a translated state holds its stack key too
+            olds.append(by_key.get(nat.skey))
+        for old in olds:
+            if old is None or not old.linked:  # none, or the same old state twice
+                continue
             reuse = (old.key[1] == IPPROTO_TCP and old.src.state >= FIN_WAIT_2
                      and old.dst.state >= FIN_WAIT_2)
             if not reuse or table.by_id(st.creatorid, st.id) is not None:
