@@ -14,7 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from nsfixtures import Netlab, client_fw_server, netlab, popen_pipe, readline, wait_for
+from nsfixtures import (
+    Netlab,
+    client_fw_server,
+    netlab,
+    popen_pipe,
+    readline,
+    start_daemon,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.root]  # network namespaces, iptables, NFQUEUE
 __all__ = ["netlab"]
@@ -62,8 +70,6 @@ print("sent", flush=True)
 
 def test_max_mss_no_df_min_ttl_on_the_wire(netlab: Netlab, tmp_path: Path) -> None:
     from scapy.all import IP, TCP, UDP, rdpcap
-
-    from nsfixtures import start_daemon
 
     t = client_fw_server(netlab)
     rules = tmp_path / "pf.conf"
