@@ -95,9 +95,6 @@ class Edge:
             *pfcluster_argv("daemon", "--uninstall", "--queue", "0")])
 
 
-@pytest.mark.xfail(strict=True, reason="tags do not cross the daemon's split hooks: the in "
-                   "test at PREROUTING tags LAN_OUT, the out test at FORWARD starts untagged, "
-                   "so `pass out on $ext tagged LAN_OUT` never matches (see the report)")
 def test_lan_leaves_natted_to_the_uplink_address(netlab: Netlab, tmp_path: Path) -> None:
     e = Edge(netlab, tmp_path)
     t = e.t

@@ -412,3 +412,20 @@ def test_multi_receiver_takes_several_datagrams_and_flags_a_cut_one() -> None:
         assert m.receive() == 3
         assert m.lengths(3) == [10, -1, 100]
         assert bytes(m.view[0:10]) == b"x" * 10 and bytes(m.view[200:300]) == b"z" * 100
+
+
+def test_mark_is_read_and_a_verdict_can_set_it() -> None:
+    """A translating daemon carries the pf tag from PREROUTING to FORWARD in the mark."""
+    assert decode(packet_msg()).mark == 0
+    got = decode(packet_msg(extra=attr(nfq.NFQA_MARK, struct.pack("!I", 0x00057066))))
+    assert got.mark == 0x00057066
+    out = bytearray()
+    nfq.payload_verdict_into(out, 5, 9, NF_ACCEPT, None, 0x00037066)
+    assert len(out) == 16 + 4 + 12 + 8
+    assert struct.unpack_from("=IHH", out) == (len(out), MSG_VERDICT, nfq.NLM_F_REQUEST)
+    assert struct.unpack_from("=HH", out, 32) == (8, nfq.NFQA_MARK)
+    assert struct.unpack_from("!I", out, 36) == (0x00037066,)
+    both = bytearray()
+    nfq.payload_verdict_into(both, 5, 9, NF_ACCEPT, b"\x45abc", 1)
+    assert len(both) == 16 + 4 + 12 + 8 + 4 + 4
+    assert struct.unpack_from("=HH", both, 40) == (8, nfq.NFQA_PAYLOAD)

@@ -10,7 +10,8 @@ test, one from it only the `out` test.
 A translating ruleset (`split_hooks`): the daemon's iptables rules queue at PREROUTING
 (NF_INET_PRE_ROUTING 0) for the `in` test and at FORWARD/LOCAL_OUT for the `out` test,
 since a rewritten destination must be routed anew; a translated packet's verdict
-carries the rewritten packet (so the whole packet is copied: `copy_range` 65535).
+carries the rewritten packet (so the whole packet is copied: `copy_range` 65535), and a
+packet the `in` test tagged carries its tag to the `out` test in its mark.
 
 The queue is read through our own nfnetlink_queue binding (io/nfq.py): only the first
 `copy_range` bytes of a packet are copied to us (pf reads headers only; the kernel
@@ -45,6 +46,10 @@ from pfcluster.pfsync.events import Released
 log = logging.getLogger("pfcluster.dataplane")
 
 NF_INET_PRE_ROUTING = 0
+# pf tags between the two hooks of a translating daemon: the upper half of the skb mark
+# (the lower half is left as it was: GENERATED_MARK and the user's own marks live there)
+TAG_SHIFT = 16
+LOW_MARK = (1 << TAG_SHIFT) - 1
 NF_INET_LOCAL_IN = 1
 NF_INET_FORWARD = 2
 NF_INET_LOCAL_OUT = 3
@@ -291,7 +296,15 @@ class Dataplane:
             in_if = names.get(qp.indev) or self.ifname(qp.indev)
             out_if = None
         engine = self.engine
-        rv = route(self.filt, in_if, out_if, pkt, now, engine, packet_id)
+        filt = self.filt
+        # Two hooks (translation): the `in` half's pf tag reaches the `out` half in the
+        # upper 16 bits of the packet's mark, set by the PREROUTING verdict below
+        tag = qp.mark >> TAG_SHIFT if self.split_hooks and in_if is None else 0
+        rv = route(filt, in_if, out_if, pkt, now, engine, packet_id, tag)
+        mark = None
+        if self.split_hooks and out_if is None and filt.tagging \
+                and filt.pkt_tag != qp.mark >> TAG_SHIFT:
+            mark = (qp.mark & LOW_MARK) | (filt.pkt_tag << TAG_SHIFT)
         v = rv.v_in
         if v is not None and (v.log or v.reply):
             self._emit(v)
@@ -318,10 +331,10 @@ class Dataplane:
             if payload is not None:
                 self._held_payload[packet_id] = bytes(payload)
             return
-        if payload is None:
+        if payload is None and mark is None:
             c.passed += 1
             verdicts.accept(packet_id)
-        elif len(qp.payload) < qp.wire_len:
+        elif payload is not None and len(qp.payload) < qp.wire_len:
             # a partial copy cannot carry a rewrite: the kernel would cut the packet
             # to what we send back (nfqnl_mangle)
             c.blocked += 1
@@ -329,8 +342,9 @@ class Dataplane:
             verdicts.drop(packet_id)
         else:
             c.passed += 1
-            c.translated += 1
-            verdicts.accept_payload(packet_id, payload)
+            if payload is not None:
+                c.translated += 1
+            verdicts.accept_payload(packet_id, payload, mark)
 
     def _emit(self, v: Any) -> None:
         """pf's log lines and its own reply packet (RST, unreachable, challenge ACK)."""

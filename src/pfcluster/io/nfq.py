@@ -140,7 +140,8 @@ class QueuedPacket:
     `payload` is a view into the receive buffer: valid until the next receive.
     `wire_len` is the packet's full length (NFQA_CAP_LEN when the copy was cut short)."""
 
-    __slots__ = ("hook", "hw_protocol", "indev", "outdev", "packet_id", "payload", "wire_len")
+    __slots__ = ("hook", "hw_protocol", "indev", "mark", "outdev", "packet_id", "payload",
+                 "wire_len")
 
     def __init__(self) -> None:
         self.packet_id = 0
@@ -148,6 +149,7 @@ class QueuedPacket:
         self.hook = 0
         self.indev = 0
         self.outdev = 0
+        self.mark = 0  # the packet's skb mark (NFQA_MARK; 0 when the kernel sent none)
         self.payload = memoryview(b"")
         self.wire_len = 0
 
@@ -202,22 +204,29 @@ MAX_PAYLOAD = 0xFFFF - 4
 
 
 def payload_verdict_into(out: bytearray, queue: int, packet_id: int, verdict: int,
-                         payload: bytes | bytearray | memoryview) -> None:
-    """Append a single verdict carrying NFQA_PAYLOAD: the kernel replaces the queued
-    packet with ``payload`` (nfqnl_mangle trims or grows the skb to its length, so it
-    must be the whole packet) and marks its checksum as not verified."""
-    size = len(payload)
+                         payload: bytes | bytearray | memoryview | None,
+                         mark: int | None = None) -> None:
+    """Append a single verdict carrying NFQA_PAYLOAD and/or NFQA_MARK: the kernel
+    replaces the queued packet with ``payload`` (nfqnl_mangle trims or grows the skb to
+    its length, so it must be the whole packet; its checksum is then not verified) and
+    sets the packet's mark to ``mark``."""
+    size = len(payload) if payload is not None else 0
     if size > MAX_PAYLOAD:
         raise ValueError(f"verdict payload of {size} bytes > {MAX_PAYLOAD}")
     pad = (-size) & 3
-    out += _NLMSGHDR.pack(36 + size + pad, MSG_VERDICT, NLM_F_REQUEST, 0, 0)
+    length = 32 + (8 if mark is not None else 0) + (4 + size + pad if payload is not None else 0)
+    out += _NLMSGHDR.pack(length, MSG_VERDICT, NLM_F_REQUEST, 0, 0)
     out += _NFGEN.pack(socket.AF_UNSPEC, NFNETLINK_V0, queue)
     out += _NLA.pack(12, NFQA_VERDICT_HDR)
     out += _BE32X2.pack(verdict, packet_id)
-    out += _NLA.pack(4 + size, NFQA_PAYLOAD)
-    out += payload
-    if pad:
-        out += b"\0" * pad
+    if mark is not None:
+        out += _NLA.pack(8, NFQA_MARK)
+        out += _BE32.pack(mark & 0xFFFFFFFF)
+    if payload is not None:
+        out += _NLA.pack(4 + size, NFQA_PAYLOAD)
+        out += payload
+        if pad:
+            out += b"\0" * pad
 
 
 # --- decoders ------------------------------------------------------------------------
@@ -227,7 +236,7 @@ def parse_packet(buf: memoryview, off: int, end: int, out: QueuedPacket) -> Queu
     """Fill `out` from the NFQNL_MSG_PACKET message whose attributes span buf[off:end]
     (`off` just past the nfgenmsg). Raises NfqError on any length that does not fit."""
     packet_id = -1
-    indev = outdev = 0
+    indev = outdev = mark = 0
     payload = None
     cap_len = -1
     hook = hw = 0
@@ -245,7 +254,7 @@ def parse_packet(buf: memoryview, off: int, end: int, out: QueuedPacket) -> Queu
             if alen < 11:
                 raise NfqError(f"packet header attribute of {alen} bytes")
             packet_id, hw, hook = _unpack_pkt_hdr(buf, off + 4)
-        elif atype in (NFQA_IFINDEX_INDEV, NFQA_IFINDEX_OUTDEV, NFQA_CAP_LEN):
+        elif atype in (NFQA_IFINDEX_INDEV, NFQA_IFINDEX_OUTDEV, NFQA_CAP_LEN, NFQA_MARK):
             if alen < 8:
                 raise NfqError(f"attribute {atype} of {alen} bytes", _id(packet_id))
             value = _unpack_be32(buf, off + 4)[0]
@@ -253,6 +262,8 @@ def parse_packet(buf: memoryview, off: int, end: int, out: QueuedPacket) -> Queu
                 indev = value
             elif atype == NFQA_IFINDEX_OUTDEV:
                 outdev = value
+            elif atype == NFQA_MARK:
+                mark = value
             else:
                 cap_len = value
         off += (alen + 3) & ~3
@@ -267,6 +278,7 @@ def parse_packet(buf: memoryview, off: int, end: int, out: QueuedPacket) -> Queu
     out.hook = hook
     out.indev = indev
     out.outdev = outdev
+    out.mark = mark
     out.payload = payload
     out.wire_len = cap_len if cap_len >= 0 else len(payload)
     return out
@@ -369,13 +381,15 @@ class Verdicts:
         self.out += _BE32.pack(packet_id)
         self.singles += 1
 
-    def accept_payload(self, packet_id: int, payload: bytes | bytearray | memoryview) -> None:
-        """Accept `packet_id` with `payload` (the whole rewritten packet) in its place.
-        ValueError for a payload longer than a netlink attribute carries (MAX_PAYLOAD)."""
-        if len(payload) > MAX_PAYLOAD:
+    def accept_payload(self, packet_id: int, payload: bytes | bytearray | memoryview | None,
+                       mark: int | None = None) -> None:
+        """Accept `packet_id` with `payload` (the whole rewritten packet) in its place
+        and/or with a new skb `mark`. ValueError for a payload longer than a netlink
+        attribute carries (MAX_PAYLOAD)."""
+        if payload is not None and len(payload) > MAX_PAYLOAD:
             raise ValueError(f"verdict payload of {len(payload)} bytes > {MAX_PAYLOAD}")
         self.close_run()
-        payload_verdict_into(self.out, self.queue, packet_id, NF_ACCEPT, payload)
+        payload_verdict_into(self.out, self.queue, packet_id, NF_ACCEPT, payload, mark)
         self.singles += 1
 
     def hold(self, packet_id: int) -> None:
