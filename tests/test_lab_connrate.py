@@ -173,7 +173,10 @@ def test_config_checks_and_order() -> None:
     cfg = ConnRateConfig(paths=("split", "kernel", "symmetric"))
     cfg.check()
     assert cfg.ordered_paths() == ["kernel", "split", "symmetric"]
-    for bad in (ConnRateConfig(paths=("ecmp",)), ConnRateConfig(paths=()),
+    ConnRateConfig(paths=("kernel", "ecmp"), nat=True).check()  # both firewalls translate
+    assert ConnRateConfig().paths == ("kernel", "symmetric", "split")  # ecmp on request
+    for bad in (ConnRateConfig(paths=("bogus",)), ConnRateConfig(paths=("split", "split")),
+                ConnRateConfig(paths=()),
                 ConnRateConfig(conns=0, reuse_port=0), ConnRateConfig(parallel=0),
                 ConnRateConfig(port_range=(20000, 30000)),
                 ConnRateConfig(port_range=(40000, 40010))):
@@ -182,6 +185,8 @@ def test_config_checks_and_order() -> None:
     assert ratios({"kernel": {"conn_per_s": 100.0}, "symmetric": {"conn_per_s": 50.0},
                    "split": {"conn_per_s": 25.0}}) == {
         "symmetric_over_kernel": 0.5, "split_over_kernel": 0.25, "split_over_symmetric": 0.5}
+    assert ratios({"kernel": {"conn_per_s": 100.0}, "ecmp": {"conn_per_s": 20.0}}) == {
+        "ecmp_over_kernel": 0.2}
 
 
 def test_compare_has_thesis_merge_row() -> None:
