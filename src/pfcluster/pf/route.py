@@ -129,6 +129,59 @@ def verdict_mark(v: Any, pkt: Any, by_key: dict[Any, Any] | None = None) -> int:
     return packet_mark(st.route, False)
 
 
+# pf_state.rt on the wire: OpenBSD numbers PF_NOPFROUTE, PF_ROUTETO, PF_DUPTO, PF_REPLYTO
+# from 0; FreeBSD has PF_FASTROUTE at 1, so route-to is 2 and reply-to 4 there.
+_FREEBSD_RT = {RT_ROUTETO: 2, RT_DUPTO: 3, RT_REPLYTO: 4}
+_FREEBSD_RT_IN = {0: RT_NONE, 1: RT_NONE, **{w: k for k, w in _FREEBSD_RT.items()}}
+_OPENBSD_RT_IN = {RT_NONE: RT_NONE, RT_ROUTETO: RT_ROUTETO, RT_DUPTO: RT_DUPTO,
+                  RT_REPLYTO: RT_REPLYTO}
+
+
+def rt_to_wire(kind: int, freebsd: bool) -> int:
+    return _FREEBSD_RT.get(kind, 0) if freebsd else kind
+
+
+def rt_from_wire(value: int, freebsd: bool) -> int | None:
+    """Our RT_* kind of a received pf_state.rt; None for a value no pf sends."""
+    return (_FREEBSD_RT_IN if freebsd else _OPENBSD_RT_IN).get(value)
+
+
+_ZERO16 = bytes(16)
+
+
+def route_wire(st: Any, freebsd: bool) -> tuple[int, bytes, bytes]:
+    """(rt, rt_addr padded to 16 bytes, rt_ifname) of a state for a pfsync_state."""
+    r = st.route
+    if r is None:
+        return 0, _ZERO16, b""
+    t = r.target
+    addr = _ZERO16 if t.addr is None else t.addr + bytes(16 - len(t.addr))
+    return rt_to_wire(r.kind, freebsd), addr, t.ifname.encode("latin-1")
+
+
+def imported_route(kind: int, rt_addr: bytes, rt_ifname: str, af: int) -> StateRoute:
+    """The route of a state a peer sent: its target is numbered (given a mark) by
+    `resolve` against this firewall's own targets when a packet needs it."""
+    alen = 4 if af == AF_INET else 16
+    addr = rt_addr[:alen]
+    t = RouteTarget(rt_ifname, None if not any(addr) else addr, af)
+    return StateRoute(kind, t)
+
+
+def resolve(t: RouteTarget, targets: list[RouteTarget]) -> int:
+    """The mark of target `t` on this firewall, 0 when our rules name no such target.
+    An imported target is matched by interface and gateway, or by the gateway alone
+    when its dialect carries no interface (OpenBSD); the index found is kept on it."""
+    if t.index >= 0:
+        return t.mark
+    for mine in targets:
+        if mine.addr == t.addr and (not t.ifname or mine.ifname == t.ifname):
+            t.index = mine.index
+            t.ifname = mine.ifname
+            return t.mark
+    return 0
+
+
 def in_only(kind: int) -> bool:
     """Linux routes a packet before FORWARD, so only `in` rules can choose its route."""
     return kind in (RT_ROUTETO, RT_REPLYTO)
@@ -136,4 +189,5 @@ def in_only(kind: int) -> bool:
 
 __all__ = ["MAX_TARGETS", "ROUTE_MARK_BASE", "ROUTE_MARK_MASK", "ROUTE_TABLE_BASE",
            "RT_DUPTO", "RT_NONE", "RT_REPLYTO", "RT_ROUTETO", "RT_WORDS", "RoutePool",
-           "RouteTarget", "StateRoute", "in_only", "packet_mark", "verdict_mark"]
+           "RouteTarget", "StateRoute", "imported_route", "in_only", "packet_mark",
+           "resolve", "route_wire", "rt_from_wire", "rt_to_wire", "verdict_mark"]
