@@ -95,38 +95,42 @@ class StateRoute:
         self.target = target
 
 
-def packet_mark(route: StateRoute | None, forward: bool) -> int:
-    """The route mark of a packet of a routed state: route-to marks the packets going the
-    way of the packet that made the state (`forward`), reply-to the replies; 0: none."""
-    if route is None:
-        return 0
+def packet_target(route: StateRoute, forward: bool) -> RouteTarget | None:
+    """The target of a packet of a routed state: route-to sends the packets going the
+    way of the packet that made the state (`forward`), reply-to the replies."""
     if route.kind == RT_ROUTETO:
-        return route.target.mark if forward else 0
+        return route.target if forward else None
     if route.kind == RT_REPLYTO:
-        return 0 if forward else route.target.mark
-    return 0
+        return None if forward else route.target
+    return None
 
 
-def verdict_mark(v: Any, pkt: Any, by_key: dict[Any, Any] | None = None) -> int:
-    """The route mark for a packet the `in` test passed with verdict `v` (0: the main
-    routing table decides). Routed states come from `pass in` rules only, so a packet
-    matching one in its `in` test goes the first packet's way (route-to). A reply of
-    such a state comes in on another interface and matches it only in pf's `out` test,
-    which Linux runs after routing: `by_key` (the state table's dict) is looked up with
-    the packet's key as the `out` test would build it, for reply-to."""
+def verdict_target(v: Any, pkt: Any, by_key: dict[Any, Any] | None = None) -> RouteTarget | None:
+    """Where a packet the `in` test passed with verdict `v` is to be routed (None: the
+    main routing table decides). Routed states come from `pass in` rules only, so a
+    packet matching one in its `in` test goes the first packet's way (route-to). A reply
+    of such a state comes in on another interface and matches it only in pf's `out`
+    test, which Linux runs after routing: `by_key` (the state table's dict) is looked
+    up with the packet's key as the `out` test would build it, for reply-to."""
     r = v.route
     if r is not None:  # a state-less pass
-        return r.target.mark if r.kind == RT_ROUTETO else 0
+        return r.target if r.kind == RT_ROUTETO else None
     st = v.state
     if st is not None and st.route is not None:
         k = st.key
-        return packet_mark(st.route, pkt.src == k[2] and pkt.dst == k[3])
+        return packet_target(st.route, pkt.src == k[2] and pkt.dst == k[3])
     if by_key is None:
-        return 0
+        return None
     st = by_key.get((pkt.af, pkt.proto, pkt.dst, pkt.src, pkt.dport, pkt.sport))
     if st is None or st.route is None or st.direction != PF_IN:
-        return 0
-    return packet_mark(st.route, False)
+        return None
+    return packet_target(st.route, False)
+
+
+def verdict_mark(v: Any, pkt: Any, by_key: dict[Any, Any] | None = None) -> int:
+    """verdict_target's mark (0: none, or a peer's target not yet resolved)."""
+    t = verdict_target(v, pkt, by_key)
+    return 0 if t is None else t.mark
 
 
 # pf_state.rt on the wire: OpenBSD numbers PF_NOPFROUTE, PF_ROUTETO, PF_DUPTO, PF_REPLYTO
@@ -189,5 +193,6 @@ def in_only(kind: int) -> bool:
 
 __all__ = ["MAX_TARGETS", "ROUTE_MARK_BASE", "ROUTE_MARK_MASK", "ROUTE_TABLE_BASE",
            "RT_DUPTO", "RT_NONE", "RT_REPLYTO", "RT_ROUTETO", "RT_WORDS", "RoutePool",
-           "RouteTarget", "StateRoute", "imported_route", "in_only", "packet_mark",
-           "resolve", "route_wire", "rt_from_wire", "rt_to_wire", "verdict_mark"]
+           "RouteTarget", "StateRoute", "imported_route", "in_only", "packet_target",
+           "resolve", "route_wire", "rt_from_wire", "rt_to_wire", "verdict_mark",
+           "verdict_target"]
