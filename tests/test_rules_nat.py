@@ -216,9 +216,13 @@ ERRORS = [
      "addresses with different address families"),
     ("pass out af-to inet6 from 2001:db8::/96", "pf.conf:1:10: 'af-to' is not supported"),
     ("pass out route-to (em1 192.0.2.254) nat-to 192.0.2.1",
-     "pf.conf:1:10: 'route-to' is not supported"),
+     "pf.conf:1:10: 'route-to' is supported on 'pass in' rules only: Linux has routed a "
+     "packet before the out test sees it (FORWARD), so write it on the rule of the interface "
+     "the packet comes in on"),
     ("pass out nat-to 192.0.2.1 route-to (em1 192.0.2.254)",
-     "pf.conf:1:27: 'route-to' is not supported"),
+     "pf.conf:1:27: 'route-to' is supported on 'pass in' rules only: Linux has routed a "
+     "packet before the out test sees it (FORWARD), so write it on the rule of the interface "
+     "the packet comes in on"),
     ("pass in on em0 from 10.0.0.1 binat-to 192.0.2.1",
      "pf.conf:1:30: binat-to cannot be specified with a direction"),
     ("pass on em0 from <t> binat-to 192.0.2.1",

@@ -40,6 +40,7 @@ from typing import Any
 from pfcluster.io.iptables import GENERATED_MARK
 from pfcluster.io.nfq import DEFAULT_COPY_RANGE, NfQueue, QueuedPacket
 from pfcluster.packet import Packet, parse_into
+from pfcluster.pf.route import ROUTE_MARK_MASK, resolve, verdict_target
 from pfcluster.pf.router import ROUTE_BLOCK, ROUTE_DEFER, route
 from pfcluster.pfsync.events import Released
 
@@ -71,6 +72,8 @@ class DataplaneCounters:
     replies: int = 0
     translated: int = 0
     translate_short: int = 0
+    routed: int = 0  # packets marked for a route-to/reply-to target
+    route_unknown: int = 0  # dropped: a peer's state names a target our rules do not
     reply_errors: int = 0
     batches: int = 0
     max_batch: int = 0
@@ -174,6 +177,9 @@ class Dataplane:
     split_hooks: bool = False
     # --pflog: the writer of logged packets (io/pflog.py), or None
     pflog: Any = None
+    # route-to/reply-to targets (pf/route.py; io/policyroute.py installed their rules
+    # and tables): the `in` half marks what goes to one. Empty: no routing.
+    route_targets: list[Any] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.dispatch is None:
@@ -305,6 +311,19 @@ class Dataplane:
         if self.split_hooks and out_if is None and filt.tagging \
                 and filt.pkt_tag != qp.mark >> TAG_SHIFT:
             mark = (qp.mark & LOW_MARK) | (filt.pkt_tag << TAG_SHIFT)
+        if self.route_targets and out_if is None and rv.v_in is not None \
+                and rv.action != ROUTE_BLOCK:
+            target = verdict_target(rv.v_in, pkt, filt.states.by_key)
+            if target is not None:
+                rmark = resolve(target, self.route_targets)
+                if not rmark:  # fail closed: not where the rules said, so nowhere
+                    c.route_unknown += 1
+                    c.blocked += 1
+                    verdicts.drop(packet_id)
+                    return
+                base = qp.mark if mark is None else mark
+                mark = (base & ~ROUTE_MARK_MASK) | rmark
+                c.routed += 1
         v = rv.v_in
         if v is not None and (v.log or v.reply):
             self._emit(v)

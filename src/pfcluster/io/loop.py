@@ -114,9 +114,10 @@ def make_core(cfg: DaemonConfig, ruleset: Any, now: float) -> tuple[Any, SyncEng
 
 
 def translates(ruleset: Any) -> bool:
-    """Whether a ruleset rewrites addresses (nat-to, rdr-to, binat-to, FreeBSD nat/rdr):
-    then the `in` test must run before routing (the PREROUTING layout)."""
-    if getattr(ruleset, "translation_rules", None):
+    """Whether a ruleset rewrites addresses (nat-to, rdr-to, binat-to, FreeBSD nat/rdr)
+    or routes (route-to, reply-to): then the `in` test must run before routing (the
+    PREROUTING layout), to rewrite the destination or mark the packet for its table."""
+    if getattr(ruleset, "translation_rules", None) or getattr(ruleset, "route_targets", None):
         return True
     rules = list(getattr(ruleset, "rules", ()))
     for a in getattr(ruleset, "anchors", {}).values():
@@ -257,6 +258,7 @@ class Daemon:
         self.hold_times = HoldTimes()  # deferred packets' hold times
         self.track = TrackFile(cfg.track_file, cfg.track_demote)  # keepalived's view
         self.vrrp = Transitions()
+        self.policy_routes: Any = None  # route-to: io/policyroute.PolicyRoutes
 
     # --- setup / teardown -----------------------------------------------------
 
@@ -291,8 +293,9 @@ class Daemon:
             raise SetupError(f"raw socket for pf's replies: {exc.strerror or exc}") from exc
         if self.translating:
             if cfg.workers > 1:
-                raise SetupError("the rules translate addresses (nat-to/rdr-to): --workers "
-                                 "is not supported with translation yet; run one process")
+                raise SetupError("the rules translate addresses or route (nat-to/rdr-to/"
+                                 "route-to/reply-to): --workers is not supported with them "
+                                 "yet; run one process")
             self._learn_addresses()
         # the queue first: if another process holds it we stop here, its rules untouched
         try:
@@ -311,6 +314,7 @@ class Daemon:
                                  f"(netlink port {owner}); pick another --queue") from exc
             raise SetupError(f"cannot bind NFQUEUE {cfg.queue}: {exc}") from exc
         self.sel.register(self.dataplane.fileno(), selectors.EVENT_READ, (K_QUEUE, None))
+        self._install_routes()
         if self.install_iptables and cfg.worker is None:  # a supervisor owns a worker's
             rules = IptablesRules(cfg.queue, self.skip_ifaces(), cfg.fail_open,
                                   nat=self.translating)
@@ -336,6 +340,21 @@ class Daemon:
                  f"peer {cfg.syncpeer}" if cfg.syncpeer else "multicast", cfg.dialect,
                  cfg.protocol, cfg.queue, cfg.control,
                  "" if cfg.worker is None else f", worker {cfg.worker} of {cfg.workers}")
+
+    def _install_routes(self) -> None:
+        """route-to/reply-to: the targets' ip rules and tables (io/policyroute.py),
+        before iptables sends us the packets to mark."""
+        targets = list(getattr(self.ruleset, "route_targets", ()))
+        self.dataplane.route_targets = targets
+        if not targets or not self.install_iptables or self.cfg.worker is not None:
+            return
+        from pfcluster.io.policyroute import PolicyRouteError, PolicyRoutes
+
+        try:
+            self.policy_routes = PolicyRoutes()
+            self.policy_routes.install(targets)
+        except (PolicyRouteError, OSError) as exc:
+            raise SetupError(f"route-to: {exc}") from exc
 
     def _learn_addresses(self) -> None:
         """Interface addresses for `(em0)` pools, from the followed host view."""
@@ -402,6 +421,9 @@ class Daemon:
         if self.dataplane is not None:
             with contextlib.suppress(Exception):
                 self.dataplane.close()  # unbind: what the kernel still holds is dropped
+        if self.policy_routes is not None:  # nothing is marked any more: unused now
+            with contextlib.suppress(Exception):
+                self.policy_routes.close()
         if self.control is not None:
             with contextlib.suppress(Exception):
                 self.control.close()
@@ -587,6 +609,11 @@ class Daemon:
             keys = load_key_file(self.cfg.sync_key) if self.cfg.sync_key else None
         except Exception as exc:  # RuleSyntaxError, OSError, KeyError_: old ones stay
             return {"ok": False, "error": str(exc)}
+        old_t = [t.ident for t in getattr(self.ruleset, "route_targets", ())]
+        if [t.ident for t in getattr(ruleset, "route_targets", ())] != old_t:
+            return {"ok": False, "error": "the new rules' route-to/reply-to targets differ "
+                    "from those the daemon installed at start: restart it with them (the old "
+                    "rules stay)"}
         if translates(ruleset) and not self.translating:
             return {"ok": False, "error": "the new rules translate addresses, which needs the "
                     "PREROUTING hook this daemon did not start with: restart it with them "
@@ -601,6 +628,8 @@ class Daemon:
                      ", ".join(map(str, keys.ids)))
         carry_over(getattr(self.ruleset, "tables", {}), ruleset.tables)  # as pfctl -f
         self.filter.load(ruleset)
+        if self.dataplane is not None:
+            self.dataplane.route_targets = list(getattr(ruleset, "route_targets", ()))
         if self.translating:
             self._learn_addresses()
         old_skip = self.skip_ifaces()

@@ -65,6 +65,7 @@ from pfcluster.pf.constants import (
 )
 from pfcluster.pf.log import bad_state_lines, print_flags, print_state, rule_log_line
 from pfcluster.pf.nat import Translator
+from pfcluster.pf.route import StateRoute
 from pfcluster.pf.rules import graft, prepare_anchor
 from pfcluster.pf.ruleset import Rule, Ruleset
 from pfcluster.pf.scrub import Scrub
@@ -75,6 +76,7 @@ from pfcluster.pf.state import (
     SRC_STATE,
     NatInfo,
     NatState,
+    RouteState,
     ScrubState,
     State,
     StateKey,
@@ -193,8 +195,8 @@ TM_OTHER_MULTIPLE = int(PFTM.OTHER_MULTIPLE)
 class Verdict:
     """The decision for one packet on one interface."""
 
-    __slots__ = ("action", "log", "new_state", "reason", "reply", "rule", "scrub", "state",
-                 "xlate")
+    __slots__ = ("action", "log", "new_state", "reason", "reply", "route", "rule", "scrub",
+                 "state", "xlate")
 
     def __init__(
         self,
@@ -220,6 +222,8 @@ class Verdict:
         self.xlate: tuple[Any, ...] | None = None
         # a state-less pass's scrub options (a state's are on the state)
         self.scrub: Scrub | None = None
+        # a state-less route-to/reply-to pass's route (a state's is on the state)
+        self.route: StateRoute | None = None
 
     @property
     def passed(self) -> bool:
@@ -871,6 +875,8 @@ class Filter:
                 self.extra["passed-out"] += 1
             v = Verdict(PASS, "match", rule, None, False, None, log)
             v.scrub = self.ruleset.last_scrub
+            if rule.route is not None:
+                v.route = StateRoute(rule.route.kind, rule.route.pick())
             if xl is not None:
                 v.xlate = keys_xlate(direction, pkt, xl[0], xl[1])
             return v
@@ -936,7 +942,14 @@ class Filter:
             key = (pkt.af, proto, dst, src, dp, sp)
         translated = xl is not None and xl[1] != key
         scrub = self.ruleset.last_scrub
-        if scrub is None:
+        st: State
+        if rule.route is not None:
+            rst = RouteState(key, direction, self.creatorid, self.next_state_id(), now, rule)
+            rst.nat = None
+            rst.scrub = scrub
+            rst.route = StateRoute(rule.route.kind, rule.route.pick())
+            st = rst
+        elif scrub is None:
             st = (NatState if translated else State)(
                 key, direction, self.creatorid, self.next_state_id(), now, rule)
         else:

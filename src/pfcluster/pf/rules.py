@@ -16,6 +16,7 @@ import hashlib
 import ipaddress
 import itertools
 import re
+import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,14 @@ from pfcluster.pf.constants import (
 )
 from pfcluster.pf.ifaddrs import IfAddrs, UrpfCheck, is_link_local
 from pfcluster.pf.pool import DYNAMIC_OPTS, Pool
+from pfcluster.pf.route import (
+    MAX_TARGETS,
+    RT_DUPTO,
+    RT_REPLYTO,
+    RT_ROUTETO,
+    RoutePool,
+    RouteTarget,
+)
 from pfcluster.pf.ruleset import (
     ICMP6_TYPES,
     ICMP6_UNREACH_CODES,
@@ -149,8 +158,9 @@ _SCRUB_WORDS = frozenset(("no-df", "random-id", "min-ttl", "max-mss", "set-tos",
                           "fragment"))
 _TOS_NAMES = {"lowdelay": 0x10, "throughput": 0x08, "reliability": 0x04}
 
-UNSUPPORTED_OPTS = ("af-to", "route-to", "reply-to", "dup-to", "fastroute", "divert-to",
-                    "divert-reply", "divert-packet", "rtable")
+UNSUPPORTED_OPTS = ("af-to", "fastroute", "divert-to", "divert-reply", "divert-packet",
+                    "rtable")
+ROUTE_OPTS = {"route-to": RT_ROUTETO, "reply-to": RT_REPLYTO, "dup-to": RT_DUPTO}
 
 KEYWORDS = frozenset((
     "pass", "block", "match", "in", "out", "log", "quick", "on", "inet", "inet6", "proto",
@@ -370,6 +380,8 @@ class _RuleSpec:
     match_tag: int = 0
     match_tag_not: bool = False
     scrub: Scrub | None = None
+    route: RoutePool | None = None
+    route_tok: Tok | None = None
 
 
 @dataclass
@@ -420,6 +432,11 @@ class _Parser:
         self._ahead: list[Tok] = []
         self._explicit_timeouts: set[int] = set()
         self._auto_tables: set[str] = set()
+        # route-to/reply-to targets by (ifname, gateway), numbered in order of appearance
+        # (their marks and tables); shared with `load anchor` files. Anchors loaded at
+        # run time may not route: the daemon installs the tables once, at start.
+        self.targets: dict[tuple[str, bytes | None], RouteTarget] = {}
+        self.route_ok = not base
 
     # -- token helpers --
     def error(self, tok: Tok, msg: str) -> RuleSyntaxError:
@@ -567,6 +584,7 @@ class _Parser:
     def parse(self) -> Ruleset:
         self.statements(None)
         rs = self.rs
+        rs.route_targets = list(self.targets.values())
         rs.finish()
         return rs
 
@@ -686,6 +704,8 @@ class _Parser:
             why = e.strerror if isinstance(e, OSError) else "not text"
             raise self.error(ft, f"cannot read anchor file '{ft.text}': {why}") from None
         sub = _Parser(text, ft.text, path, self.rs.tables, self.ifaddrs)
+        sub.targets = self.targets
+        sub.route_ok = self.route_ok
         sub.statements(None)
         graft(self.rs, sub.rs)
 
@@ -1281,6 +1301,8 @@ class _Parser:
             if self.at("!") and self.peek2().kind == "punct" and self.peek2().text == "{":
                 raise self.error(self.peek2(), "a list cannot be negated; negate its entries")
             spec.ifaces = self.list_items(self.iface_item, "interface")
+        if self.tok.kind == "word" and self.tok.text in ROUTE_OPTS:
+            self.route_opt(spec)
         if self.at("inet") or self.at("inet6"):
             spec.af_tok = self.advance()
             spec.af = AF_INET if spec.af_tok.text == "inet" else AF_INET6
@@ -1343,6 +1365,8 @@ class _Parser:
                 spec.tag = self.tag_word(spec.tag, self.advance())
             elif t.text == "tagged":
                 spec.match_tag = self.tag_word(spec.match_tag, self.advance())
+            elif t.text in ROUTE_OPTS:
+                self.route_opt(spec)
             elif t.text in UNSUPPORTED_OPTS:
                 raise self.error(t, f"'{t.text}' is not supported")
             elif t.text in POOL_WORDS:
@@ -1369,6 +1393,66 @@ class _Parser:
                 raise self.error(open_tok, "a wildcard anchor cannot have inline rules")
             self.advance()
             self.inline_anchor(spec.anchor, open_tok)
+
+    def route_opt(self, spec: _RuleSpec) -> None:
+        """`route-to`/`reply-to` TARGET | { TARGET, ... } [round-robin], TARGET being
+        `(if gateway)` or `if` (docs/route-to.md says what Linux allows)."""
+        kw = self.advance()
+        kind = ROUTE_OPTS[kw.text]
+        if spec.route is not None:
+            raise self.error(kw, "route-to, reply-to and dup-to are exclusive, and written once")
+        if kind == RT_DUPTO:
+            raise self.error(kw, "'dup-to' is not supported: the daemon cannot send a copy "
+                             "of a packet out of another interface (route-to and reply-to "
+                             "are supported)")
+        if not self.route_ok:
+            raise self.error(kw, f"'{kw.text}' in an anchor loaded at run time is not "
+                             "supported: route targets are installed when the daemon starts; "
+                             "write the rule in the main ruleset")
+        targets = self.list_items(self.route_target, "route target")
+        if len({t.ident for t in targets}) != len(targets):
+            raise self.error(kw, "a route target is listed twice")
+        if self.accept("round-robin"):
+            pass
+        elif self.tok.kind == "word" and self.tok.text in POOL_WORDS:
+            raise self.error(self.tok, f"'{self.tok.text}' is not supported for {kw.text}: "
+                             "its targets are used round-robin")
+        spec.route = RoutePool(kind, targets)
+        spec.route_tok = kw
+
+    def route_target(self) -> RouteTarget:
+        paren = self.accept("(")
+        it = self.tok
+        if it.kind != "word" or it.text in KEYWORDS or it.text[:1].isdigit() or ":" in it.text:
+            raise self.unexpected("expected an interface name")
+        self.advance()
+        addr: bytes | None = None
+        af = AF_INET
+        if paren and not self.at(")"):
+            at = self.tok
+            if at.kind != "word":
+                raise self.unexpected("expected a gateway address")
+            self.advance()
+            for fam in (AF_INET, AF_INET6):
+                try:
+                    addr, af = socket.inet_pton(fam, at.text), fam
+                    break
+                except OSError:
+                    continue
+            else:
+                raise self.error(at, f"invalid gateway address '{at.text}' (a single "
+                                 "address: the next hop)")
+        if paren:
+            self.expect(")", "expected ')'")
+        key = (it.text, addr)
+        t = self.targets.get(key)
+        if t is None:
+            if len(self.targets) >= MAX_TARGETS:
+                raise self.error(it, f"too many route targets (at most {MAX_TARGETS})")
+            t = RouteTarget(it.text, addr, af)
+            t.index = len(self.targets)
+            self.targets[key] = t
+        return t
 
     def tag_word(self, had: int, kw: Tok) -> int:
         if had:
@@ -1710,7 +1794,8 @@ class _Parser:
         """`source-hash` key: 0x and 32 hex digits, or any other string (its MD5)."""
         kt = self.tok
         if kt.kind == "string" or (kt.kind == "word" and kt.text not in KEYWORDS
-                                   and kt.text not in UNSUPPORTED_OPTS):
+                                   and kt.text not in UNSUPPORTED_OPTS
+                                   and kt.text not in ROUTE_OPTS):
             self.advance()
             if kt.text[:2] == "0x":
                 if len(kt.text) != 34:
@@ -1732,6 +1817,8 @@ class _Parser:
         keep = spec.action == "pass" and spec.state != "no"
         state_type = (spec.state if spec.state in ("keep", "modulate", "synproxy") else
                       "keep") if keep else None
+        if spec.route is not None:
+            self.check_route(spec)
         if not keep and (spec.max_states or spec.timeouts or spec.srctrack):
             raise self.error(spec.state_tok or spec.tok, "state options need a stateful rule")
         if spec.icmp_kw is not None:
@@ -1759,6 +1846,22 @@ class _Parser:
             r = self.make_rule(spec, ifname, ifnot, af, proto, sh, sp, dh, dp, ic, keep,
                                state_type)
             self.translate(spec, r, sh, sp, dh, dp)
+
+    def check_route(self, spec: _RuleSpec) -> None:
+        """Linux routes a forwarded packet between PREROUTING and FORWARD: only the `in`
+        test runs before that, so only `pass in` rules can choose the route."""
+        assert spec.route is not None and spec.route_tok is not None
+        word = spec.route_tok.text
+        if spec.action != "pass":
+            raise self.error(spec.route_tok, f"'{word}' only applies to pass rules")
+        if spec.direction != PF_IN:
+            raise self.error(spec.route_tok, f"'{word}' is supported on 'pass in' rules only: "
+                             "Linux has routed a packet before the out test sees it (FORWARD), "
+                             "so write it on the rule of the interface the packet comes in on")
+        for t in spec.route.targets:
+            if spec.af and t.addr is not None and t.af != spec.af:
+                raise self.error(spec.route_tok, f"{word} gateway {t} does not match the "
+                                 "rule's address family")
 
     def combinations(self, spec: _RuleSpec, filtering: bool) -> Iterator[tuple[Any, ...]]:
         """pfctl's expand_rule: each (interface, ifnot, proto, src, sport, dst, dport, icmp
@@ -1958,6 +2061,7 @@ class _Parser:
         r.match_tag = spec.match_tag
         r.match_tag_not = spec.match_tag_not
         r.scrub = spec.scrub
+        r.route = spec.route
         if spec.anchor is not None:
             r.anchor_wildcard = spec.anchor_wild
             r.anchor = self.rs.anchor(spec.anchor) if spec.anchor else self.rs.anchor_root

@@ -35,6 +35,7 @@ from pfcluster.pf.constants import (
     flags_str,
     proto_name,
 )
+from pfcluster.pf.route import RoutePool, RouteTarget
 from pfcluster.pf.scrub import Scrub
 from pfcluster.pf.tags import tag_name
 
@@ -314,7 +315,7 @@ class Rule:
         "ifnot", "keep_state", "label", "line", "log", "log_all", "match_tag",
         "match_tag_not", "max_states", "nat",
         "natpass", "no_sync", "nr", "packets", "pflow", "policy", "proto", "quick", "rdr",
-        "return_icmp", "return_icmp6", "return_mode", "scrub", "skip", "sloppy", "sport", "src",
+        "return_icmp", "return_icmp6", "return_mode", "route", "scrub", "skip", "sloppy", "sport", "src",
         "srctrack", "state_type", "states_cur", "states_tot", "tag", "timeouts",
     )
 
@@ -369,6 +370,7 @@ class Rule:
         self.match_tag = 0
         self.match_tag_not = False
         self.scrub: Scrub | None = None  # `scrub (...)` options (pfcluster.pf.scrub)
+        self.route: RoutePool | None = None  # route-to/reply-to targets (pf/route.py)
         self.evaluations = 0
         self.packets = 0
         self.bytes = 0
@@ -499,6 +501,8 @@ class Rule:
             out.append(f"nat-to {self.nat}")
         if self.rdr is not None:
             out.append(f"rdr-to {self.rdr}")
+        if self.route is not None:
+            out.append(str(self.route))
         if self.scrub is not None:
             if self.scrub.legacy:  # an old `scrub` rule, as FreeBSD's pfctl prints it
                 out[0] = "scrub"
@@ -563,6 +567,8 @@ class Ruleset:
         self._prog: list[tuple[Any, ...]] = []
         # FreeBSD `nat`/`rdr`/`binat` rules, looked up before the filter (translate_lookup).
         self.translation_rules: list[Rule] = []
+        # route-to/reply-to targets, by index (their marks and routing tables)
+        self.route_targets: list[RouteTarget] = []
         # The scrub options the last walk accumulated (match rules and the deciding rule).
         self.last_scrub: Scrub | None = None
         # Set by evaluate: the last matching rule, among the match rules and the deciding

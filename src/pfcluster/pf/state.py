@@ -30,6 +30,7 @@ from pfcluster.pf.constants import PFTM, PFTM_MAX
 TM_FIRST_PACKET = int(PFTM.TCP_FIRST_PACKET)
 
 if TYPE_CHECKING:
+    from pfcluster.pf.route import StateRoute
     from pfcluster.pf.ruleset import Rule
     from pfcluster.pf.scrub import Scrub
 
@@ -180,6 +181,7 @@ class State(_Base):
     # nearly all of them, do not pay 8 bytes for it
     nat: NatInfo | None = None
     scrub: Scrub | None = None  # a ScrubState's own slot
+    route: StateRoute | None = None  # a RouteState's own slot (pf/route.py)
     ifname: str
     rule: Rule | None
     creation: float
@@ -308,6 +310,15 @@ class ScrubState(NatState):
     __slots__ = ("scrub",)
 
     scrub: Scrub | None
+
+
+class RouteState(ScrubState):
+    """A routed state (route-to/reply-to: pf's st->rt, rt_addr, rt_kif), apart like
+    ScrubState; `nat` and `scrub` may be None."""
+
+    __slots__ = ("route",)
+
+    route: StateRoute | None
 
 
 class StateTable:

@@ -27,6 +27,7 @@ from pfcluster.pf.constants import (
     PFTM_MAX,
 )
 from pfcluster.pf.filter import PORT_OBJECTS
+from pfcluster.pf.route import imported_route, route_wire, rt_from_wire
 from pfcluster.pf.state import (
     CREATORID,
     DIRECTION,
@@ -38,6 +39,7 @@ from pfcluster.pf.state import (
     NatInfo,
     NatState,
     Peer,
+    RouteState,
     State,
     state_expires,
 )
@@ -103,6 +105,7 @@ def export_state(st: State, now: float, dialect: str, timeouts: list[int], nstat
         nat_rule = (nat.rule.nr & U32) if nat.rule is not None else U32
     # bits 16-31 hold the state's tag (pf.tags), which no pfsync_state layout carries
     flags = st.state_flags & (0xFFFF if layout.kinds["state_flags"] == "u16" else 0xFF)
+    rt, rt_addr, rt_ifname = route_wire(st, dialect.startswith("freebsd"))
     return wire.State(
         id=st.id,
         ifname=st.ifname,
@@ -123,6 +126,9 @@ def export_state(st: State, now: float, dialect: str, timeouts: list[int], nstat
         state_flags=flags,
         timeout=st.timeout,
         sync_flags=_sync_flags(st),
+        rt=rt,
+        rt_addr=rt_addr,
+        rt_ifname=rt_ifname.decode("latin-1"),
     )
 
 
@@ -196,10 +202,16 @@ def _gen_importer(dialect: str) -> Any:
         "    else:",
         "        skey = None",
         f"    ifn = t[{ix['ifname']}]",
-        f"    st = (State if skey is None else NatState)(key, direction, t[{ix['creatorid']}],"
+        *_route_import_lines(ix),
+        f"    st = (RouteState if rtk else State if skey is None else NatState)(key, direction,"
+        f" t[{ix['creatorid']}],"
         f" t[{ix['id']}], now, None,"
         f" IFNAMES.get(ifn) or intern_ifname(ifn), (" + "".join(
             f"t[{base + j}], " for base in (src, dst) for j in range(len(PEER_TCP_FIELDS))) + "))",
+        "    if rtk:",
+        "        st.nat = st.scrub = None",
+        f"        st.route = imported_route(rtk, t[{ix['rt_addr']}], "
+        + (f"cstr(t[{ix['rt_ifname']}])" if "rt_ifname" in ix else "''") + ", af)",
         "    if skey is not None:",
         "        st.nat = NatInfo(skey)",
         f"    st.creation = now - t[{ix['creation']}]",
@@ -225,7 +237,9 @@ def _gen_importer(dialect: str) -> Any:
         "PFTM_MAX": PFTM_MAX, "PEER_MAX": PF_TCPS_PROXY_DST, "AF_INET": AF_INET, "State": State,
         "ACK": PFSTATE_ACK, "ADDRS": _ADDRS, "intern_addr": _intern_addr,
         "PORTS": PORT_OBJECTS, "IFNAMES": _IFNAMES, "intern_ifname": _intern_ifname,
-        "NatInfo": NatInfo, "NatState": NatState,
+        "NatInfo": NatInfo, "NatState": NatState, "RouteState": RouteState,
+        "imported_route": imported_route, "cstr": wire.cstr, "rt_from_wire": rt_from_wire,
+        "FREEBSD": dialect.startswith("freebsd"),
     }
     src_text = "\n".join(lines) + "\n"
     return compile_generated(src_text, f"<pfsync-generated importer {dialect}>", env, name)
@@ -257,6 +271,16 @@ def _intern_ifname(raw: bytes) -> str:
 _IMPORTERS: dict[str, Any] = {}
 
 
+def _route_import_lines(ix: dict[str, int]) -> list[str]:
+    """`rtk`, the state's route kind (pf/route.py RT_*), checked; 0 when the dialect
+    carries no `rt` (its routed states arrive unrouted: docs/route-to.md)."""
+    if "rt" not in ix:
+        return ["    rtk = 0"]
+    return [f"    rtk = rt_from_wire(t[{ix['rt']}], FREEBSD)",
+            "    if rtk is None:",
+            f"        raise Err(f'rt {{t[{ix['rt']}]}}')"]
+
+
 def state_importer(dialect: str) -> Any:
     """The (tuple, now, timeouts) -> (State, rule, wants_ack) importer for `dialect`."""
     imp = _IMPORTERS.get(dialect)
@@ -269,12 +293,12 @@ def state_importer(dialect: str) -> Any:
 # caller works out once per state (`cre`, `exp`, `rule`, `waf`, `flags`, `a0`, `a1`).
 _FIELD_EXPR: dict[str, str] = {
     "id": "st.id", "ifname": "IFN.get(st.ifname) or ifname_bytes(st.ifname)",
-    "rt_addr": "ZERO16", "rule": "rule", "anchor": "U32", "nat_rule": "nat_rule",
+    "rt_addr": "rtw[1]", "rule": "rule", "anchor": "U32", "nat_rule": "nat_rule",
     "creation": "cre", "expire": "exp", "packets": "st.packets0, st.packets1",
     "bytes": "st.bytes0, st.bytes1", "creatorid": f"st[{CREATORID}]", "af": "waf",
     "proto": "k[1]", "direction": f"st[{DIRECTION}]", "log": f"st[{LOG}]",
     "state_flags": "flags", "timeout": "st.timeout", "rtableid": "0", "set_prio": "0, 0",
-    "rt_ifname": "b''",
+    "rt_ifname": "rtw[2]", "rt": "rtw[0]",
     "sync_flags": f"(0 if r is None or r.srctrack is None else {PFSYNC_FLAG_SRCNODE})",
 }
 # A peer: the scrub values are zero (we do not scrub), then pf's Peer fields.
@@ -336,6 +360,7 @@ def _gen_packer(dialect: str) -> Any:
         "    rule = (r.nr & U32) if r is not None else U32\n"
         f"    waf = {AF_INET_WIRE} if k[0] == AF_INET else AF6\n"
         f"    flags = {flags}\n"
+        "    rtw = NORT if st.route is None else ROUTE_WIRE(st, FREEBSD)\n"
         f"    return Packed(PACK({', '.join(items)}))\n"
     )
     env: dict[str, Any] = {"ZERO16": bytes(16), "ZERO12": _ZERO12, "U32": U32,
@@ -343,7 +368,9 @@ def _gen_packer(dialect: str) -> Any:
                            "expires": state_expires, "AF_INET": AF_INET,
                            "PEERS": struct.Struct(f"{2 * PEER_LEN}I").unpack_from,
                            "IFN": _IFNAME_BYTES, "ifname_bytes": _ifname_bytes,
-                           "AF6": wire.af_to_wire(dialect, AF_INET6)}
+                           "AF6": wire.af_to_wire(dialect, AF_INET6),
+                           "NORT": (0, bytes(16), b""), "ROUTE_WIRE": route_wire,
+                           "FREEBSD": dialect.startswith("freebsd")}
     return compile_generated(src, f"<pfsync-generated packer {dialect}>", env, name)
 
 
