@@ -333,7 +333,7 @@ def test_dataplane_gives_the_released_verdict_before_the_releasing_one() -> None
     dp._ifnames = {1: "em0", 2: "em1"}
     dp.dispatch = dp._apply_releases
     dp.nfq, dp._deciding = None, True
-    dp.split_hooks, dp._held_payload = False, {}
+    dp.split_hooks, dp._held_payload, dp.route_targets = False, {}, []
     order: list[tuple[str, str]] = []
     dp.verdicts = _RecordingVerdicts({1: "first", 2: "second"}, order)
     dp._decide(_queued(1, udp(5000)), 0.0)
