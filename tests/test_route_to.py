@@ -51,7 +51,9 @@ def test_parse_print_round_trip(line: str, printed: str) -> None:
 @pytest.mark.parametrize(("line", "msg"), [
     ("pass out on em0 route-to (em2 192.0.2.9)", "'pass in' rules only: Linux has routed"),
     ("pass route-to em2", "'pass in' rules only"),
-    ("pass in dup-to (em2 192.0.2.9)", "'dup-to' is not supported"),
+    ("pass in dup-to em2", "dup-to needs a gateway"),
+    ("pass out dup-to (em2 192.0.2.9)", "'pass in' rules only"),
+    ("pass in dup-to (em2 192.0.2.9) route-to em1", "exclusive"),
     ("block in route-to em2", "only applies to pass rules"),
     ("pass in route-to (em2 foo)", "invalid gateway address 'foo'"),
     ("pass in route-to (em2 192.0.2.9) reply-to em1", "exclusive"),

@@ -40,7 +40,7 @@ from typing import Any
 from pfcluster.io.iptables import GENERATED_MARK
 from pfcluster.io.nfq import DEFAULT_COPY_RANGE, NfQueue, QueuedPacket
 from pfcluster.packet import Packet, parse_into
-from pfcluster.pf.route import ROUTE_MARK_MASK, resolve, verdict_target
+from pfcluster.pf.route import TARGET_MARK_BITS, resolve, verdict_route
 from pfcluster.pf.router import ROUTE_BLOCK, ROUTE_DEFER, route
 from pfcluster.pfsync.events import Released
 
@@ -177,8 +177,9 @@ class Dataplane:
     split_hooks: bool = False
     # --pflog: the writer of logged packets (io/pflog.py), or None
     pflog: Any = None
-    # route-to/reply-to targets (pf/route.py; io/policyroute.py installed their rules
-    # and tables): the `in` half marks what goes to one. Empty: no routing.
+    # route-to/reply-to/dup-to targets (pf/route.py; io/policyroute.py installed their
+    # rules and tables, io/iptables.py dup-to's TEE): the `in` half marks what goes to
+    # one. Empty: no routing.
     route_targets: list[Any] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -313,16 +314,17 @@ class Dataplane:
             mark = (qp.mark & LOW_MARK) | (filt.pkt_tag << TAG_SHIFT)
         if self.route_targets and out_if is None and rv.v_in is not None \
                 and rv.action != ROUTE_BLOCK:
-            target = verdict_target(rv.v_in, pkt, filt.states.by_key)
-            if target is not None:
-                rmark = resolve(target, self.route_targets)
-                if not rmark:  # fail closed: not where the rules said, so nowhere
+            vr = verdict_route(rv.v_in, pkt, filt.states.by_key)
+            if vr is not None:
+                target = vr[1]
+                if not resolve(target, self.route_targets):
+                    # fail closed: not where the rules said, so nowhere
                     c.route_unknown += 1
                     c.blocked += 1
                     verdicts.drop(packet_id)
                     return
                 base = qp.mark if mark is None else mark
-                mark = (base & ~ROUTE_MARK_MASK) | rmark
+                mark = (base & ~TARGET_MARK_BITS) | target.mark_for(vr[0])
                 c.routed += 1
         v = rv.v_in
         if v is not None and (v.log or v.reply):

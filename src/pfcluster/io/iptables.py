@@ -7,6 +7,8 @@ Layout (identical in iptables-legacy and ip6tables-legacy, table `filter`):
                                                          RSTs, ICMP, challenge ACKs)
                           -i/-o <skip iface> -j RETURN  (the sync interface, `set skip on`)
                           -p 240 -j RETURN              (pfsync is never queued)
+                          -m mark --mark M/0x2ff -j TEE --gateway GW --oif IF
+                          (dup-to, translation layout only: see below)
                           -j NFQUEUE --queue-num N [--queue-bypass]
                           (--workers W: --queue-balance N:N+W-1 instead of --queue-num)
 
@@ -20,6 +22,13 @@ which rewrites destinations), FORWARD and OUTPUT to PFCLUSTER-<queue> (the `out`
 which rewrites sources); INPUT is not queued, its `in` test ran at PREROUTING. A switch
 between the two layouts installs the new one before it removes the old one, so no packet
 is unfiltered in between (some are tested twice).
+
+dup-to (pf/route.py): the PREROUTING verdict marks a packet of a dup-to state with its
+target's dup mark; the packet reaches FORWARD (or, for the host itself, nothing: see
+docs/route-to.md) and the FORWARD chain's TEE rule, placed before the NFQUEUE rule, sends
+a copy to the target's gateway out of its interface. The copy leaves through LOCAL_OUT,
+where the same chain queues it to the daemon (its `out` test on the target's interface);
+TEE does not copy a copy (the kernel's duplicate flag is set while the copy is sent).
 
 Fail closed (the default): the rules outlive the daemon. Without `--queue-bypass` the
 kernel drops what is queued to a queue nobody reads, so a stopped or crashed daemon leaves
@@ -39,9 +48,13 @@ packet. Rules of other chains and tables are left as they are (`--noflush`).
 from __future__ import annotations
 
 import shlex
+import socket
 import subprocess
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
+
+from pfcluster.pf.route import DUP_MARK_MASK
 
 # fwmark the daemon puts (SO_MARK) on every packet it sends itself, so its own RSTs and
 # pfsync frames skip the queue, as pf skips packets tagged PF_TAG_GENERATED.
@@ -60,6 +73,17 @@ class IptablesError(RuntimeError):
 
 def chain_name(queue: int) -> str:
     return f"PFCLUSTER-{queue}"
+
+
+def dup_rules(targets: Iterable[Any]) -> list[tuple[int, str, str, str]]:
+    """IptablesRules.dups of a ruleset's route targets: those a dup-to rule names."""
+    out = []
+    for t in targets:
+        if t.dup and t.addr is not None:
+            fam = socket.AF_INET6 if len(t.addr) == 16 else socket.AF_INET
+            out.append((t.dup_mark, socket.inet_ntop(fam, t.addr), t.ifname,
+                        TOOLS[1] if fam == socket.AF_INET6 else TOOLS[0]))
+    return out
 
 
 def restore_tool(tool: str) -> str:
@@ -83,6 +107,8 @@ class IptablesRules:
     families: Sequence[str] = TOOLS
     # translation: table mangle, the in test at PREROUTING (see the module doc)
     nat: bool = False
+    # dup-to targets: (mark, gateway, interface, tool) -> one TEE rule each (nat only)
+    dups: Sequence[tuple[int, str, str, str]] = ()
     installed: bool = field(default=False, init=False)
 
     @property
@@ -118,9 +144,10 @@ class IptablesRules:
             raise IptablesError(f"{' '.join(cmd)}: {proc.stderr.strip()}")
         return proc
 
-    def chain_rules(self, chain: str | None = None) -> list[str]:
-        """The `-A` lines of our chain (iptables-save syntax), in order; `chain` =
-        in_chain gives the PREROUTING chain's, which cannot match an output device."""
+    def chain_rules(self, chain: str | None = None, tool: str = TOOLS[0]) -> list[str]:
+        """The `-A` lines of our chain (iptables-save syntax) for `tool`, in order;
+        `chain` = in_chain gives the PREROUTING chain's, which cannot match an output
+        device (nor copy a packet: its mark is set by the verdict of that chain)."""
         c = chain or self.chain
         lines = [f"-A {c} -m mark --mark {self.mark:#x} -j RETURN"]
         for ifname in dict.fromkeys(self.skip_ifaces):
@@ -128,6 +155,10 @@ class IptablesRules:
             if c != self.in_chain:
                 lines.append(f"-A {c} -o {ifname} -j RETURN")
         lines.append(f"-A {c} -p 240 -j RETURN")
+        if self.nat and c != self.in_chain:
+            lines += [f"-A {c} -m mark --mark {mark:#x}/{DUP_MARK_MASK:#x} -j TEE "
+                      f"--gateway {gw} --oif {ifname}"
+                      for mark, gw, ifname, t in self.dups if t == tool]
         if self.balance > 1:
             queue = (f"-A {c} -j NFQUEUE --queue-balance "
                      f"{self.queue}:{self.queue + self.balance - 1}")
@@ -138,14 +169,15 @@ class IptablesRules:
         lines.append(queue)
         return lines
 
-    def _restore_text(self, jumps: Iterable[tuple[str, str]] = ()) -> str:
+    def _restore_text(self, jumps: Iterable[tuple[str, str]] = (),
+                      tool: str = TOOLS[0]) -> str:
         """One commit: the chains declared (created, or flushed if they exist), their
         rules, then `-I HOOK 1 -j CHAIN` for each (hook, chain) in `jumps`."""
         chains = [self.in_chain, self.chain] if self.nat else [self.chain]
         lines = [f"*{self.table}"]
         lines += [f":{c} - [0:0]" for c in chains]
         for c in chains:
-            lines += self.chain_rules(c)
+            lines += self.chain_rules(c, tool)
         lines += [f"-I {hook} 1 -j {chain}" for hook, chain in jumps]
         return "\n".join([*lines, "COMMIT", ""])
 
@@ -154,7 +186,7 @@ class IptablesRules:
                          check=False).returncode == 0
 
     def _commit(self, tool: str, jumps: Iterable[tuple[str, str]] = ()) -> None:
-        self._run(restore_tool(tool), ["-w", "--noflush"], stdin=self._restore_text(jumps))
+        self._run(restore_tool(tool), ["-w", "--noflush"], stdin=self._restore_text(jumps, tool))
 
     def install(self) -> None:
         """Idempotent and atomic (see the module doc): rewrite the chain's contents and add

@@ -38,7 +38,7 @@ from pfcluster.io.anchorctl import anchor_request
 from pfcluster.io.config import MAX_WORKERS, DaemonConfig
 from pfcluster.io.control import ControlError, ControlServer
 from pfcluster.io.holdtimes import HoldTimes
-from pfcluster.io.iptables import IptablesError, IptablesRules, queue_owner
+from pfcluster.io.iptables import IptablesError, IptablesRules, dup_rules, queue_owner
 from pfcluster.io.keyfile import load_key_file
 from pfcluster.io.nfq import MAX_COPY_RANGE
 from pfcluster.io.sdnotify import sd_notify
@@ -317,7 +317,8 @@ class Daemon:
         self._install_routes()
         if self.install_iptables and cfg.worker is None:  # a supervisor owns a worker's
             rules = IptablesRules(cfg.queue, self.skip_ifaces(), cfg.fail_open,
-                                  nat=self.translating)
+                                  nat=self.translating,
+                                  dups=dup_rules(getattr(self.ruleset, "route_targets", ())))
             try:
                 rules.install()  # one atomic commit over a previous run's chain
             except IptablesError as exc:
@@ -609,9 +610,9 @@ class Daemon:
             keys = load_key_file(self.cfg.sync_key) if self.cfg.sync_key else None
         except Exception as exc:  # RuleSyntaxError, OSError, KeyError_: old ones stay
             return {"ok": False, "error": str(exc)}
-        old_t = [t.ident for t in getattr(self.ruleset, "route_targets", ())]
-        if [t.ident for t in getattr(ruleset, "route_targets", ())] != old_t:
-            return {"ok": False, "error": "the new rules' route-to/reply-to targets differ "
+        old_t = [(t.ident, t.dup) for t in getattr(self.ruleset, "route_targets", ())]
+        if [(t.ident, t.dup) for t in getattr(ruleset, "route_targets", ())] != old_t:
+            return {"ok": False, "error": "the new rules' route-to/reply-to/dup-to targets differ "
                     "from those the daemon installed at start: restart it with them (the old "
                     "rules stay)"}
         if translates(ruleset) and not self.translating:

@@ -1,11 +1,14 @@
-"""Policy routing: `route-to` and `reply-to` targets of pass rules (docs/route-to.md).
+"""Policy routing: `route-to`, `reply-to` and `dup-to` targets of pass rules
+(docs/route-to.md).
 
 pf sends the packets of a routed state out of the named interface to the named gateway
 instead of where the routing table says. On Linux the daemon does it with the skb mark:
 the `in` test's verdict marks the packet with its target's mark (ROUTE_MARK_BASE plus
 the target's index in the ruleset), an `ip rule fwmark` sends marked packets to a table
 of their own whose default route is the target. The state keeps the target, so its later
-packets (and a peer that imported the state) get the same mark.
+packets (and a peer that imported the state) get the same mark. `dup-to` marks with
+DUP_MARK_BASE instead; the daemon's iptables chain (io/iptables.py) sends a copy of a
+packet so marked to the target with TEE, and the packet itself takes the main table.
 """
 
 from __future__ import annotations
@@ -28,6 +31,13 @@ RT_WORDS = {RT_ROUTETO: "route-to", RT_DUPTO: "dup-to", RT_REPLYTO: "reply-to"}
 # never matches a route mark under ROUTE_MARK_MASK.
 ROUTE_MARK_BASE = 0x0100
 ROUTE_MARK_MASK = 0x01FF
+# dup-to: 0x0200 | index under 0x02ff. pf allows one of route-to/reply-to/dup-to per
+# rule, so a packet carries one of the two; under the other's mask each reads as a bare
+# index (bit 0x100 or 0x200 clear), and GENERATED_MARK has both bits clear.
+DUP_MARK_BASE = 0x0200
+DUP_MARK_MASK = 0x02FF
+# Bits a verdict clears before it sets a route or dup mark.
+TARGET_MARK_BITS = ROUTE_MARK_MASK | DUP_MARK_MASK
 MAX_TARGETS = 256
 # Routing tables of the targets: ROUTE_TABLE_BASE + index (away from main/local/default).
 ROUTE_TABLE_BASE = 0x7100
@@ -35,15 +45,17 @@ ROUTE_TABLE_BASE = 0x7100
 
 class RouteTarget:
     """One `(ifname gateway)` or bare `ifname` of a route-to/reply-to pool. `index` is
-    its place in the ruleset's target list (its mark and table), -1 until numbered."""
+    its place in the ruleset's target list (its mark and table), -1 until numbered;
+    `dup` is set when a dup-to rule names it (the daemon then installs its TEE rule)."""
 
-    __slots__ = ("addr", "af", "ifname", "index")
+    __slots__ = ("addr", "af", "dup", "ifname", "index")
 
     def __init__(self, ifname: str, addr: bytes | None, af: int = AF_INET) -> None:
         self.ifname = ifname
         self.addr = addr
         self.af = af
         self.index = -1
+        self.dup = False
 
     @property
     def ident(self) -> tuple[str, bytes | None]:
@@ -52,6 +64,14 @@ class RouteTarget:
     @property
     def mark(self) -> int:
         return ROUTE_MARK_BASE | self.index if self.index >= 0 else 0
+
+    @property
+    def dup_mark(self) -> int:
+        return DUP_MARK_BASE | self.index if self.index >= 0 else 0
+
+    def mark_for(self, kind: int) -> int:
+        """The mark of a packet of a `kind` (RT_*) state going to this target."""
+        return self.dup_mark if kind == RT_DUPTO else self.mark
 
     def __str__(self) -> str:
         if self.addr is None:
@@ -96,9 +116,10 @@ class StateRoute:
 
 
 def packet_target(route: StateRoute, forward: bool) -> RouteTarget | None:
-    """The target of a packet of a routed state: route-to sends the packets going the
-    way of the packet that made the state (`forward`), reply-to the replies."""
-    if route.kind == RT_ROUTETO:
+    """The target of a packet of a routed state: route-to and dup-to send (a copy of)
+    the packets going the way of the packet that made the state (`forward`), reply-to
+    the replies."""
+    if route.kind == RT_ROUTETO or route.kind == RT_DUPTO:
         return route.target if forward else None
     if route.kind == RT_REPLYTO:
         return None if forward else route.target
@@ -106,31 +127,41 @@ def packet_target(route: StateRoute, forward: bool) -> RouteTarget | None:
 
 
 def verdict_target(v: Any, pkt: Any, by_key: dict[Any, Any] | None = None) -> RouteTarget | None:
-    """Where a packet the `in` test passed with verdict `v` is to be routed (None: the
-    main routing table decides). Routed states come from `pass in` rules only, so a
-    packet matching one in its `in` test goes the first packet's way (route-to). A reply
-    of such a state comes in on another interface and matches it only in pf's `out`
-    test, which Linux runs after routing: `by_key` (the state table's dict) is looked
-    up with the packet's key as the `out` test would build it, for reply-to."""
+    """verdict_route's target."""
+    r = verdict_route(v, pkt, by_key)
+    return None if r is None else r[1]
+
+
+def verdict_route(v: Any, pkt: Any,
+                  by_key: dict[Any, Any] | None = None) -> tuple[int, RouteTarget] | None:
+    """(kind, target) of a packet the `in` test passed with verdict `v` (None: the main
+    routing table decides, no copy). Routed states come from `pass in` rules only, so a
+    packet matching one in its `in` test goes the first packet's way (route-to, dup-to).
+    A reply of such a state comes in on another interface and matches it only in pf's
+    `out` test, which Linux runs after routing: `by_key` (the state table's dict) is
+    looked up with the packet's key as the `out` test would build it, for reply-to."""
     r = v.route
     if r is not None:  # a state-less pass
-        return r.target if r.kind == RT_ROUTETO else None
+        return (r.kind, r.target) if r.kind != RT_REPLYTO else None
     st = v.state
     if st is not None and st.route is not None:
         k = st.key
-        return packet_target(st.route, pkt.src == k[2] and pkt.dst == k[3])
+        sr = st.route
+        t = packet_target(sr, pkt.src == k[2] and pkt.dst == k[3])
+        return None if t is None else (sr.kind, t)
     if by_key is None:
         return None
     st = by_key.get((pkt.af, pkt.proto, pkt.dst, pkt.src, pkt.dport, pkt.sport))
     if st is None or st.route is None or st.direction != PF_IN:
         return None
-    return packet_target(st.route, False)
+    t = packet_target(st.route, False)
+    return None if t is None else (st.route.kind, t)
 
 
 def verdict_mark(v: Any, pkt: Any, by_key: dict[Any, Any] | None = None) -> int:
-    """verdict_target's mark (0: none, or a peer's target not yet resolved)."""
-    t = verdict_target(v, pkt, by_key)
-    return 0 if t is None else t.mark
+    """verdict_route's mark (0: none, or a peer's target not yet resolved)."""
+    r = verdict_route(v, pkt, by_key)
+    return 0 if r is None else r[1].mark_for(r[0])
 
 
 # pf_state.rt on the wire: OpenBSD numbers PF_NOPFROUTE, PF_ROUTETO, PF_DUPTO, PF_REPLYTO
@@ -187,12 +218,14 @@ def resolve(t: RouteTarget, targets: list[RouteTarget]) -> int:
 
 
 def in_only(kind: int) -> bool:
-    """Linux routes a packet before FORWARD, so only `in` rules can choose its route."""
-    return kind in (RT_ROUTETO, RT_REPLYTO)
+    """Linux routes a packet before FORWARD, so only `in` rules can choose its route;
+    dup-to's mark is set by the same `in` verdict."""
+    return kind in (RT_ROUTETO, RT_REPLYTO, RT_DUPTO)
 
 
-__all__ = ["MAX_TARGETS", "ROUTE_MARK_BASE", "ROUTE_MARK_MASK", "ROUTE_TABLE_BASE",
-           "RT_DUPTO", "RT_NONE", "RT_REPLYTO", "RT_ROUTETO", "RT_WORDS", "RoutePool",
-           "RouteTarget", "StateRoute", "imported_route", "in_only", "packet_target",
-           "resolve", "route_wire", "rt_from_wire", "rt_to_wire", "verdict_mark",
+__all__ = ["DUP_MARK_BASE", "DUP_MARK_MASK", "MAX_TARGETS", "ROUTE_MARK_BASE",
+           "ROUTE_MARK_MASK", "ROUTE_TABLE_BASE", "RT_DUPTO", "RT_NONE", "RT_REPLYTO",
+           "RT_ROUTETO", "RT_WORDS", "TARGET_MARK_BITS", "RoutePool", "RouteTarget",
+           "StateRoute", "imported_route", "in_only", "packet_target", "resolve",
+           "route_wire", "rt_from_wire", "rt_to_wire", "verdict_mark", "verdict_route",
            "verdict_target"]

@@ -1401,10 +1401,6 @@ class _Parser:
         kind = ROUTE_OPTS[kw.text]
         if spec.route is not None:
             raise self.error(kw, "route-to, reply-to and dup-to are exclusive, and written once")
-        if kind == RT_DUPTO:
-            raise self.error(kw, "'dup-to' is not supported: the daemon cannot send a copy "
-                             "of a packet out of another interface (route-to and reply-to "
-                             "are supported)")
         if not self.route_ok:
             raise self.error(kw, f"'{kw.text}' in an anchor loaded at run time is not "
                              "supported: route targets are installed when the daemon starts; "
@@ -1412,6 +1408,11 @@ class _Parser:
         targets = self.list_items(self.route_target, "route target")
         if len({t.ident for t in targets}) != len(targets):
             raise self.error(kw, "a route target is listed twice")
+        if kind == RT_DUPTO and any(t.addr is None for t in targets):
+            raise self.error(kw, "dup-to needs a gateway, '(if address)': Linux sends the "
+                             "copy with TEE, which routes it to an address")
+        for t in targets:
+            t.dup = t.dup or kind == RT_DUPTO
         if self.accept("round-robin"):
             pass
         elif self.tok.kind == "word" and self.tok.text in POOL_WORDS:
