@@ -91,3 +91,22 @@ def test_reassemble_no_keeps_per_fragment_rules() -> None:
     # pf without reassembly: the first fragment has the port, the others do not
     assert verdicts(fs) == ["accept", "drop", "drop"]
     assert dp.counters.frag_held == 0
+
+
+@pytest.mark.usefixtures("fake_nfq")
+def test_scrub_does_not_drop_fragments() -> None:
+    dp = plane("match out on em1 scrub (no-df, min-ttl 70)\n" + RULES)
+    fs = frags(5353, 5)
+    FakeQueue.script = list(fs)
+    dp.on_readable()
+    assert verdicts(fs) == ["accept"] * 3
+
+
+@pytest.mark.usefixtures("fake_nfq")
+def test_translated_datagram_is_dropped() -> None:
+    dp = plane(RULES.replace("pass out on em1 proto udp",
+                             "pass out on em1 proto udp nat-to 203.0.113.1"))
+    fs = frags(5353, 6)
+    FakeQueue.script = list(fs)
+    dp.on_readable()
+    assert verdicts(fs) == ["drop"] * 3 and dp.counters.frag_translate == 1

@@ -32,8 +32,9 @@ while pf/frag.py collects its datagram's offsets; once the datagram is whole it 
 tested once (the first fragment's headers, the datagram's length) and every fragment
 gets that verdict; an overlap, a timeout or a limit drops them all. The kernel then
 forwards the original fragments, not a rebuilt datagram as pf would. A datagram whose
-verdict would rewrite it (NAT) or defer it is dropped resp. passed undeferred: fragments
-cannot carry a rewrite of ports they do not hold. `set reassemble no`: fragments meet the
+verdict would translate it (NAT) is dropped (fragments cannot carry a rewrite of ports
+they do not hold); scrub options are not applied to fragments; pfsync deferral does not
+hold a fragmented datagram's new state. `set reassemble no`: fragments meet the
 rules one by one, as before.
 """
 
@@ -274,13 +275,16 @@ class Dataplane:
                 self._frag_drop(rel)
                 continue
             self.counters.frag_datagrams += 1
-            rv = route(self.filt, in_if, out_if, whole, now, None, None, tag)
+            rv = route(self.filt, in_if, out_if, whole, now, None, None, tag, rewrite=False)
+            xlate = False
             for v in (rv.v_in, rv.v_out):
-                if v is not None and (v.log or v.reply):
-                    self._emit(v)
+                if v is not None:
+                    xlate = xlate or v.xlate is not None
+                    if v.log or v.reply:
+                        self._emit(v)
             if rv.action == ROUTE_BLOCK:
                 self._frag_drop(Release(rel.tokens, None, None))
-            elif rv.payload is not None:
+            elif xlate:
                 self.counters.frag_translate += 1
                 self._frag_drop(Release(rel.tokens, None, None))
             else:
