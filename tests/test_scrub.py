@@ -46,9 +46,10 @@ def test_parse_print_round_trip(line: str, printed: str) -> None:
     ("match all scrub (bogus)", "expected a scrub option"),
     ("match all scrub ()", "empty scrub options"),
     ("match all scrub (reassemble udp)", "expected 'tcp'"),
-    ("scrub in all fragment reassemble", "not reassembled"),
+    ("scrub in all fragment reassemble", "set reassemble yes"),
     ("no scrub in all", "'no scrub' is not supported"),
-    ("set reassemble yes", "not reassembled"),
+    ("set reassemble maybe", "expected 'yes' or 'no'"),
+    ("set reassemble yes no-df extra", "expected 'yes' or 'no'"),
     ("match all scrub (no-df) scrub (random-id)", "cannot respecify scrub"),
 ])
 def test_errors_are_clean(line: str, msg: str) -> None:
@@ -57,8 +58,12 @@ def test_errors_are_clean(line: str, msg: str) -> None:
     assert str(ei.value).startswith("t.conf:1:")
 
 
-def test_set_reassemble_no_is_accepted() -> None:
-    assert parse_rules("set reassemble no\npass all").rules
+def test_set_reassemble_yes_and_no_are_accepted() -> None:
+    assert parse_rules("set reassemble no\npass all").options["reassemble"] == "no"
+    assert parse_rules("set reassemble yes no-df\npass all").options["reassemble"] == "yes no-df"
+    assert parse_rules("set reassemble yes\npass all").reassemble
+    assert not parse_rules("set reassemble no\npass all").reassemble
+    assert parse_rules("pass all").reassemble  # OpenBSD's default
 
 
 def _scrubbed(pkt_bytes: bytes, sc: Scrub, rid: int = 0x1234) -> bytes:

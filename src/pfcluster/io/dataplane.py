@@ -26,6 +26,16 @@ Deferral: the packet id is the handle the engine keeps until a `Released` event 
 accept or drop; the binding never lets a batch verdict cover a held id. The kernel keeps
 the packet meanwhile (bounded by the queue length, which is why the engine's defer limit
 must stay below it).
+
+Fragments (`set reassemble yes`, the default): each IP fragment is held the same way
+while pf/frag.py collects its datagram's offsets; once the datagram is whole it is
+tested once (the first fragment's headers, the datagram's length) and every fragment
+gets that verdict; an overlap, a timeout or a limit drops them all. The kernel then
+forwards the original fragments, not a rebuilt datagram as pf would. A datagram whose
+verdict would translate it (NAT) is dropped (fragments cannot carry a rewrite of ports
+they do not hold); scrub options are not applied to fragments; pfsync deferral does not
+hold a fragmented datagram's new state. `set reassemble no`: fragments meet the
+rules one by one, as before.
 """
 
 from __future__ import annotations
@@ -40,6 +50,8 @@ from typing import Any
 from pfcluster.io.iptables import GENERATED_MARK
 from pfcluster.io.nfq import DEFAULT_COPY_RANGE, NfQueue, QueuedPacket
 from pfcluster.packet import Packet, parse_into
+from pfcluster.pf.constants import PFTM
+from pfcluster.pf.frag import FragCache, Release
 from pfcluster.pf.route import TARGET_MARK_BITS, resolve, verdict_route
 from pfcluster.pf.router import ROUTE_BLOCK, ROUTE_DEFER, route
 from pfcluster.pfsync.events import Released
@@ -78,6 +90,11 @@ class DataplaneCounters:
     batches: int = 0
     max_batch: int = 0
     errors: int = 0
+    frag_held: int = 0  # fragments held for reassembly
+    frag_datagrams: int = 0  # datagrams reassembled and tested
+    frag_passed: int = 0  # fragments released with an accept
+    frag_dropped: int = 0  # fragments released with a drop (rules, overlap, timeout, limits)
+    frag_translate: int = 0  # datagrams dropped: their verdict would rewrite them
     # the binding's and the kernel's counters are read from here when asked for
     queue: Any = field(default=None, repr=False, compare=False)
 
@@ -200,6 +217,85 @@ class Dataplane:
         self._deciding = False
         self._kernel_seen: dict[str, int] = {}
         self._kernel_next = 0.0
+        self.frags: FragCache | None = None
+        self._frag_rs: Any = None  # the ruleset the cache's limits came from
+
+    def _frag_cache(self) -> FragCache | None:
+        """The reassembly cache when the loaded ruleset reassembles (limits follow a
+        reload; `set reassemble no` drops what was held)."""
+        rs = getattr(self.filt, "ruleset", None)
+        if rs is self._frag_rs:
+            return self.frags
+        self._frag_rs = rs
+        if rs is None or not rs.reassemble:
+            if self.frags is not None:
+                for rel in self.frags.flush():
+                    self._frag_drop(rel)
+                self.frags = None
+            return None
+        timeout = float(rs.timeouts[PFTM.FRAG])
+        if self.frags is None:
+            self.frags = FragCache(rs.frag_limit, timeout)
+        else:
+            self.frags.limit = max(1, rs.frag_limit)
+            self.frags.timeout = timeout
+        return self.frags
+
+    def expire_frags(self, now: float) -> None:
+        """Drop datagrams not completed within `set timeout frag` (called by the loop)."""
+        fc = self.frags
+        if fc is not None and len(fc):
+            rels = fc.expire(now)
+            for rel in rels:
+                self._frag_drop(rel)
+            if rels and not self._deciding and self.nfq is not None:
+                self.nfq.flush()
+
+    def _frag_drop(self, rel: Release) -> None:
+        c = self.counters
+        if rel.reason is not None and hasattr(self.filt, "counters"):
+            self.filt.counters[rel.reason] += len(rel.tokens)
+        pid: Any
+        for pid in rel.tokens:
+            self.verdicts.release(pid, False)
+        c.frag_dropped += len(rel.tokens)
+        c.frag_held -= len(rel.tokens)
+        c.blocked += len(rel.tokens)
+
+    def _frag_pass(self, rel: Release) -> None:
+        c = self.counters
+        pid: Any
+        for pid in rel.tokens:
+            self.verdicts.release(pid, True)
+        c.frag_passed += len(rel.tokens)
+        c.frag_held -= len(rel.tokens)
+        c.passed += len(rel.tokens)
+
+    def _frag_hold(self, fc: FragCache, qp: QueuedPacket, pkt: Packet, in_if: str | None,
+                   out_if: str | None, tag: int, now: float) -> None:
+        """Hold a fragment; if it completes its datagram, decide the datagram."""
+        self.verdicts.hold(qp.packet_id)
+        self.counters.frag_held += 1
+        for rel in fc.add(pkt, qp.packet_id, now):
+            whole = rel.packet
+            if whole is None:
+                self._frag_drop(rel)
+                continue
+            self.counters.frag_datagrams += 1
+            rv = route(self.filt, in_if, out_if, whole, now, None, None, tag, rewrite=False)
+            xlate = False
+            for v in (rv.v_in, rv.v_out):
+                if v is not None:
+                    xlate = xlate or v.xlate is not None
+                    if v.log or v.reply:
+                        self._emit(v)
+            if rv.action == ROUTE_BLOCK:
+                self._frag_drop(Release(rel.tokens, None, None))
+            elif xlate:
+                self.counters.frag_translate += 1
+                self._frag_drop(Release(rel.tokens, None, None))
+            else:
+                self._frag_pass(rel)
 
     def fileno(self) -> int:
         assert self.nfq is not None
@@ -307,6 +403,11 @@ class Dataplane:
         # Two hooks (translation): the `in` half's pf tag reaches the `out` half in the
         # upper 16 bits of the packet's mark, set by the PREROUTING verdict below
         tag = qp.mark >> TAG_SHIFT if self.split_hooks and in_if is None else 0
+        if pkt.fragment:
+            fc = self._frag_cache()
+            if fc is not None:
+                self._frag_hold(fc, qp, pkt, in_if, out_if, tag, now)
+                return
         rv = route(filt, in_if, out_if, pkt, now, engine, packet_id, tag)
         mark = None
         if self.split_hooks and out_if is None and filt.tagging \

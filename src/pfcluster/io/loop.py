@@ -516,6 +516,8 @@ class Daemon:
             d = self.filter.next_deadline()
             if d is not None and d <= now:
                 self.filter.expire(now)
+            if self.dataplane is not None:
+                self.dataplane.expire_frags(now)
             self._flush()
             if self.pflog is not None and self.pflog.dirty:
                 self.pflog.flush()

@@ -98,12 +98,14 @@ def translate(pkt: Packet, xlate: tuple, buf: bytearray | None) -> bytearray:
 
 def route(filt: Filter, in_if: str | None, out_if: str | None, pkt: Packet, now: float,
           deferrer: Deferrer | None = None, handle: object = None,
-          tag: int = 0) -> RouteVerdict:
+          tag: int = 0, rewrite: bool = True) -> RouteVerdict:
     """Test `pkt` in on `in_if`, then out on `out_if` (either may be None: traffic to or
     from the host itself, or one hook of a translating daemon), translate it where a
     test says so, and offer a state the `out` test created to `deferrer`. `tag` is the
     packet's pf tag on entry: the out half of a split step passes the `filt.pkt_tag`
-    its in half left (tags cross the two halves only that way)."""
+    its in half left (tags cross the two halves only that way). `rewrite` False: decide
+    only (a reassembled datagram's fragments are forwarded as they came; the caller
+    reads the verdicts' xlate)."""
     v_in = v_out = None
     payload = None
     tagging = filt.tagging
@@ -116,21 +118,21 @@ def route(filt: Filter, in_if: str | None, out_if: str | None, pkt: Packet, now:
                 return RouteVerdict(ROUTE_BLOCK, v_in, None)
             if tagging and v_in.state is not None and not v_in.new_state:
                 filt.pkt_tag = v_in.state.state_flags >> 16  # the state's tag, on the packet
-            if v_in.xlate is not None:
+            if v_in.xlate is not None and rewrite:
                 payload = translate(pkt, v_in.xlate, payload)
             st = v_in.state
             sc = v_in.scrub if st is None else st.scrub
-            if sc is not None:
+            if sc is not None and rewrite:
                 payload = scrub_packet(payload, pkt, sc)
         if out_if is not None:
             v_out = filt.test(PF_OUT, out_if, pkt, now)
             if v_out.action != PASS:
                 return RouteVerdict(ROUTE_BLOCK, v_in, v_out)
-            if v_out.xlate is not None:
+            if v_out.xlate is not None and rewrite:
                 payload = translate(pkt, v_out.xlate, payload)
             st = v_out.state
             sc = v_out.scrub if st is None else st.scrub
-            if sc is not None:
+            if sc is not None and rewrite:
                 payload = scrub_packet(payload, pkt, sc)
     except RewriteError:
         filt.extra["translate-short"] += 1

@@ -511,8 +511,8 @@ class _Parser:
                     raise self.unexpected("expected a scrub option or ')'")
                 break
             if t.text == "fragment":
-                raise self.error(t, "'fragment' options are not supported: IP fragments "
-                                 "are not reassembled")
+                raise self.error(t, "'fragment' options are not supported: fragments are "
+                                 "reassembled by 'set reassemble yes' (the default)")
             if t.text in seen:
                 raise self.error(t, f"{t.text} cannot be respecified")
             seen.add(t.text)
@@ -781,9 +781,9 @@ class _Parser:
                 words.append(self.advance().text)
             if not words:
                 raise self.unexpected(f"expected a value for set {opt}")
-            if opt == "reassemble" and words[0] != "no":
-                raise self.error(t, "set reassemble: IP fragments are not reassembled here; "
-                                 "only 'set reassemble no' is accepted")
+            if opt == "reassemble" and (words[0] not in ("yes", "no") or len(words) > 2
+                                        or words[1:] not in ([], ["no-df"])):
+                raise self.error(t, "set reassemble: expected 'yes' or 'no' [no-df]")
             rs.options[opt] = " ".join(words)
         else:
             raise self.error(t, f"unknown set option '{opt}'")

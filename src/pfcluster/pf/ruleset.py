@@ -35,6 +35,7 @@ from pfcluster.pf.constants import (
     flags_str,
     proto_name,
 )
+from pfcluster.pf.frag import FRAG_LIMIT_DEFAULT
 from pfcluster.pf.route import RoutePool, RouteTarget
 from pfcluster.pf.scrub import Scrub
 from pfcluster.pf.tags import tag_name
@@ -596,6 +597,16 @@ class Ruleset:
         # evaluate (the filter sets it before, reads the rules' tag after).
         self.tagging = False
         self.tag = 0
+
+    @property
+    def reassemble(self) -> bool:
+        """`set reassemble yes|no`: OpenBSD's default is yes (pf/frag.py holds fragments)."""
+        return not self.options.get("reassemble", "yes").startswith("no")
+
+    @property
+    def frag_limit(self) -> int:
+        """`set limit frags` (pf's default PFFRAG_FRENT_HIWAT)."""
+        return self.limits.get("frags", FRAG_LIMIT_DEFAULT)
 
     def block_return(self, rule: Rule) -> str:
         """The block mode in force for a rule: its own, or the ruleset's block-policy."""

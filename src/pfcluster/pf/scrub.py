@@ -8,8 +8,8 @@ checksums, as pf/rewrite.py does for NAT: the IPv4 header checksum for tos, id, 
 ttl; the TCP checksum for the MSS option of a SYN (max-mss clamps only a larger MSS).
 
 `reassemble tcp` is parsed, stored and printed but does nothing here (pf's TCP
-normalization: timestamp modulation, no TTL decrease within a connection). IP fragment
-reassembly is not done: fragments pass or block as pf treats them without reassembly.
+normalization: timestamp modulation, no TTL decrease within a connection). IP fragments
+are reassembled by `set reassemble` (pf/frag.py), not by scrub.
 """
 
 from __future__ import annotations
