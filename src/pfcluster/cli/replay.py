@@ -25,8 +25,9 @@ import click
 from pfcluster.cli.errors import CommandError, ReportingCommand, load_rules_file
 from pfcluster.packet import MalformedPacket, addr_str, parse
 from pfcluster.pf import pfctl
-from pfcluster.pf.constants import IPPROTO_TCP, flags_str, proto_name
+from pfcluster.pf.constants import IPPROTO_TCP, PFRES_FRAG, PFRES_NAMES, PFTM, flags_str, proto_name
 from pfcluster.pf.filter import Filter, Verdict
+from pfcluster.pf.frag import FragCache, Release
 from pfcluster.pf.ifaddrs import IfAddrs
 from pfcluster.pf.router import ROUTE_BLOCK, route
 
@@ -150,6 +151,88 @@ def replay(rules_path: str, ifaces: list[tuple[str, Network]], as_json: bool,
             pflog.close()
 
 
+class _Judged:
+    """One packet's (or one datagram's) two tests, as replay prints them."""
+
+    __slots__ = ("action", "after_in", "after_out", "in_if", "logs", "out_if", "v_in", "v_out")
+
+    def __init__(self, action: str, in_if: str, out_if: str, v_in: Verdict,
+                 v_out: Verdict | None, after_in: dict[str, Any] | None,
+                 after_out: dict[str, Any] | None, logs: list[str]) -> None:
+        self.action, self.in_if, self.out_if = action, in_if, out_if
+        self.v_in, self.v_out = v_in, v_out
+        self.after_in, self.after_out, self.logs = after_in, after_out, logs
+
+
+def _judge(filt: Filter, ifaces: list[tuple[str, Network]], pkt: Any, raw: bytes,
+           ts: float, pflog: Any) -> _Judged:
+    in_if = pick_iface(ifaces, pkt.src, pkt.dst)
+    # the route is chosen after the `in` test, which may have rewritten the
+    # destination (rdr-to, or a reply to nat-to), as the daemon's PREROUTING does
+    rv = route(filt, in_if, None, pkt, ts)
+    if pflog is not None:
+        pflog.route(rv, in_if, None, raw, len(raw), ts, ts)
+    v_in = rv.v_in
+    assert v_in is not None
+    after_in: dict[str, Any] | None = packet_ends(pkt)
+    out_if = pick_iface(ifaces, pkt.dst, pkt.src)
+    v_out = after_out = None
+    logs = rv.log_lines()
+    translated = rv.payload is not None
+    if rv.action != ROUTE_BLOCK:
+        rv = route(filt, None, out_if, pkt, ts, tag=filt.pkt_tag)  # the in half's tag
+        if pflog is not None:
+            pflog.route(rv, None, out_if, bytes(pkt.raw), len(pkt.raw), ts, ts)
+        v_out = rv.v_out
+        after_out = packet_ends(pkt)
+        logs += rv.log_lines()
+        translated = translated or rv.payload is not None
+    if not translated:  # the addresses and ports are shown only when they moved
+        after_in = after_out = None
+    return _Judged(rv.action, in_if, out_if, v_in, v_out, after_in, after_out, logs)
+
+
+def _write(out: Any, as_json: bool, n: int, ts: float, what: str, j: _Judged,
+           extra: dict[str, Any] | None = None) -> None:
+    if as_json:
+        rec = {"n": n, "ts": ts, "action": j.action, "in": verdict_json(j.v_in, j.after_in),
+               "out": verdict_json(j.v_out, j.after_out), "log": j.logs}
+        if extra:
+            rec.update(extra)
+        out.write(json.dumps(rec) + "\n")
+        return
+    parts = [f"in {j.in_if}: {_short(j.v_in)}"]
+    if j.v_out is not None:
+        parts.append(f"out {j.out_if}: {_short(j.v_out)}")
+    last_ends = j.after_out or j.after_in
+    if last_ends is not None:  # translated
+        parts.append(f"as {last_ends['src']}.{last_ends['sport']} > "
+                     f"{last_ends['dst']}.{last_ends['dport']}")
+    if extra:
+        parts.append(f"fragment of datagram {extra['datagram']}")
+    out.write(f"{n} {ts:.6f} {j.action:<5} {what}  " + "; ".join(parts) + "\n")
+    for line in j.logs:
+        out.write(f"    {line}\n")
+
+
+def _frag_lines(out: Any, as_json: bool, rel: Release, j: _Judged | None,
+                why: str | None = None) -> None:
+    """One line per fragment of a datagram: its verdict, or a drop with the reason."""
+    tokens: list[tuple[int, float, str]] = sorted(rel.tokens)  # type: ignore[arg-type]
+    first = tokens[0][0]
+    for n, ts, what in tokens:
+        if j is not None:
+            _write(out, as_json, n, ts, what, j, {"fragment": True, "datagram": first})
+            continue
+        reason = why or PFRES_NAMES[rel.reason if rel.reason is not None else PFRES_FRAG]
+        if as_json:
+            out.write(json.dumps({"n": n, "ts": ts, "action": "block", "in": None, "out": None,
+                                  "log": [f"fragment: {reason}"], "fragment": True,
+                                  "datagram": first}) + "\n")
+        else:
+            out.write(f"{n} {ts:.6f} block {what}  fragment of datagram {first}: {reason}\n")
+
+
 def _replay(ruleset: Any, ifaces: list[tuple[str, Network]], as_json: bool, capture: str,
             iter_ip_packets: Any, pflog: Any) -> None:
     cut: list[Exception] = []
@@ -158,6 +241,7 @@ def _replay(ruleset: Any, ifaces: list[tuple[str, Network]], as_json: bool, capt
     n = 0
     last = 0.0
     malformed = 0
+    frags: FragCache | None = None
     for ts, raw in _until_cut(iter_ip_packets(capture), cut):
         n += 1
         if filt is None:
@@ -165,6 +249,8 @@ def _replay(ruleset: Any, ifaces: list[tuple[str, Network]], as_json: bool, capt
             filt = Filter(ruleset, now=ts, id_seed=int(ts))
             filt.nat.iface_addrs = iface_addresses(
                 ifaces, click.get_current_context().meta.get("iface_texts", {}))
+            if getattr(ruleset, "reassemble", False):
+                frags = FragCache(ruleset.frag_limit, float(filt.timeouts[PFTM.FRAG]))
         last = ts
         if ts >= filt.next_deadline():  # the purge's once-a-second slice, as the daemon runs it
             filt.expire(ts)
@@ -180,45 +266,18 @@ def _replay(ruleset: Any, ifaces: list[tuple[str, Network]], as_json: bool, capt
                 f".{pkt.dport} {proto_name(pkt.proto)}")
         if pkt.proto == IPPROTO_TCP:
             what += f" [{flags_str(pkt.tcp_flags) or '.'}]"
-        in_if = pick_iface(ifaces, pkt.src, pkt.dst)
-        # the route is chosen after the `in` test, which may have rewritten the
-        # destination (rdr-to, or a reply to nat-to), as the daemon's PREROUTING does
-        rv = route(filt, in_if, None, pkt, ts)
-        if pflog is not None:
-            pflog.route(rv, in_if, None, raw, len(raw), ts, ts)
-        v_in = rv.v_in
-        assert v_in is not None
-        after_in: dict[str, Any] | None = packet_ends(pkt)
-        out_if = pick_iface(ifaces, pkt.dst, pkt.src)
-        v_out = after_out = None
-        logs = rv.log_lines()
-        translated = rv.payload is not None
-        if rv.action != ROUTE_BLOCK:
-            rv = route(filt, None, out_if, pkt, ts, tag=filt.pkt_tag)  # the in half's tag
-            if pflog is not None:
-                pflog.route(rv, None, out_if, bytes(pkt.raw), len(pkt.raw), ts, ts)
-            v_out = rv.v_out
-            after_out = packet_ends(pkt)
-            logs += rv.log_lines()
-            translated = translated or rv.payload is not None
-        action = rv.action
-        if not translated:  # the addresses and ports are shown only when they moved
-            after_in = after_out = None
-        if as_json:
-            rec = {"n": n, "ts": ts, "action": action, "in": verdict_json(v_in, after_in),
-                   "out": verdict_json(v_out, after_out), "log": logs}
-            out.write(json.dumps(rec) + "\n")
-        else:
-            parts = [f"in {in_if}: {_short(v_in)}"]
-            if v_out is not None:
-                parts.append(f"out {out_if}: {_short(v_out)}")
-            last_ends = after_out or after_in
-            if last_ends is not None:  # translated
-                parts.append(f"as {last_ends['src']}.{last_ends['sport']} > "
-                             f"{last_ends['dst']}.{last_ends['dport']}")
-            out.write(f"{n} {ts:.6f} {action:<5} {what}  " + "; ".join(parts) + "\n")
-            for line in logs:
-                out.write(f"    {line}\n")
+        if frags is not None and pkt.fragment:
+            # held until its datagram is whole, then all its fragments get its verdict
+            # (the daemon's order); their lines come when the datagram is decided
+            for rel in frags.add(pkt, (n, ts, what), ts):
+                _frag_lines(out, as_json, rel,
+                            None if rel.packet is None else
+                            _judge(filt, ifaces, rel.packet, raw, ts, pflog))
+            continue
+        _write(out, as_json, n, ts, what, _judge(filt, ifaces, pkt, raw, ts, pflog))
+    if frags is not None:  # datagrams the capture never completed
+        for rel in frags.flush():
+            _frag_lines(out, as_json, rel, None, "incomplete datagram")
     if cut and n == 0:
         raise cut[0]  # nothing replayed (no header, not a capture...): only the error
     if filt is None:
