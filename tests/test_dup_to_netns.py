@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from nsfixtures import Netlab, netlab, popen_pipe, readline, sh, start_daemon
+from test_route_to_netns import SEND, SINK  # the same two-port sink and 200 kB sender
 
 pytestmark = [pytest.mark.root]  # network namespaces, iptables, NFQUEUE, TEE
 __all__ = ["netlab"]
@@ -29,39 +30,6 @@ pass in on eth0 proto tcp to port 5201 dup-to (eth2 {GWD})
 pass in on eth0 proto tcp to port 5202
 pass out on {{ eth1 eth2 }} proto tcp
 """
-
-SINK = r"""
-import socket, sys, threading
-def serve(port):
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind((sys.argv[1], port))
-    s.listen(4)
-    while True:
-        c, _ = s.accept()
-        n = 0
-        while True:
-            b = c.recv(65536)
-            if not b:
-                break
-            n += len(b)
-        c.sendall(b"ok")
-        c.close()
-        print("got", port, n, flush=True)
-for p in (5201, 5202):
-    threading.Thread(target=serve, args=(p,), daemon=True).start()
-print("ready", flush=True)
-sys.stdin.read()
-"""
-
-SEND = r"""
-import socket, sys
-c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
-c.sendall(b"x" * 200000)
-c.shutdown(socket.SHUT_WR)
-print(c.recv(2).decode(), flush=True)
-"""
-
 
 def link_packets(ns: str, ifname: str, way: str) -> int:
     out = sh(["ip", "-n", ns, "-s", "-j", "link", "show", ifname]).stdout
