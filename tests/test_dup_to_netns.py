@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import signal
-import sys
 from pathlib import Path
 
 import pytest
 
 from nsfixtures import Netlab, netlab, popen_pipe, readline, sh, start_daemon
-from test_route_to_netns import SEND, SINK  # the same two-port sink and 200 kB sender
+from test_route_to_netns import SINK, send_and_count  # the same sink, sender, counts
 
 pytestmark = [pytest.mark.root]  # network namespaces, iptables, NFQUEUE, TEE
 __all__ = ["netlab"]
@@ -58,16 +57,8 @@ def test_dup_to_copies_the_flow_to_the_listener(netlab: Netlab, tmp_path: Path) 
         assert f"-j TEE --gateway {GWD} --oif eth2" in mangle, mangle
         sink = popen_pipe(netlab, s, SINK, SERVER)
         assert readline(sink) == "ready"
-        counts = {}
-        for port in (5201, 5202):
-            before = (link_packets(s, "eth0", "rx"), link_packets(d, "eth0", "rx"))
-            res = netlab.exec(c, [sys.executable, "-c", SEND, SERVER, str(port)], timeout=15)
-            assert res.stdout.strip() == "ok", res.stdout + res.stderr
-            assert readline(sink) == f"got {port} 200000"
-            after = (link_packets(s, "eth0", "rx"), link_packets(d, "eth0", "rx"))
-            counts[port] = (after[0] - before[0], after[1] - before[1])
-        assert sink.stdin is not None
-        sink.stdin.close()
+        counts = send_and_count(netlab, c, sink, lambda: (
+            link_packets(s, "eth0", "rx"), link_packets(d, "eth0", "rx")))
     finally:
         rc = netlab.stop(daemon, signal.SIGTERM)
     log = (netlab.tmp / "daemon.log").read_text()

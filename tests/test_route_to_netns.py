@@ -11,6 +11,7 @@ import json
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,23 @@ print(c.recv(2).decode(), flush=True)
 """
 
 
+def send_and_count(lab: Netlab, client: str, sink: subprocess.Popen[str],
+                   count: Callable[[], tuple[int, int]]) -> dict[int, tuple[int, int]]:
+    """200 kB to ports 5201 and 5202 in turn; what `count` (two link counters) moved
+    for each. Closes the sink's stdin."""
+    counts = {}
+    for port in (5201, 5202):
+        before = count()
+        res = lab.exec(client, [sys.executable, "-c", SEND, SERVER, str(port)], timeout=15)
+        assert res.stdout.strip() == "ok", res.stdout + res.stderr
+        assert readline(sink) == f"got {port} 200000"
+        after = count()
+        counts[port] = (after[0] - before[0], after[1] - before[1])
+    assert sink.stdin is not None
+    sink.stdin.close()
+    return counts
+
+
 def tx_packets(lab: Netlab, ns: str, ifname: str) -> int:
     out = sh(["ip", "-n", ns, "-s", "-j", "link", "show", ifname]).stdout
     return int(json.loads(out)[0]["stats64"]["tx"]["packets"])
@@ -93,16 +111,8 @@ def test_route_to_takes_the_second_uplink(netlab: Netlab, tmp_path: Path) -> Non
         assert "fwmark 0x100/0x1ff" in ip_rules, ip_rules
         sink = popen_pipe(netlab, s, SINK, SERVER)
         assert readline(sink) == "ready"
-        counts = {}
-        for port in (5201, 5202):
-            before = (tx_packets(netlab, fw, "eth1"), tx_packets(netlab, fw, "eth2"))
-            res = netlab.exec(c, [sys.executable, "-c", SEND, SERVER, str(port)], timeout=15)
-            assert res.stdout.strip() == "ok", res.stdout + res.stderr
-            assert readline(sink) == f"got {port} 200000"
-            after = (tx_packets(netlab, fw, "eth1"), tx_packets(netlab, fw, "eth2"))
-            counts[port] = (after[0] - before[0], after[1] - before[1])
-        assert sink.stdin is not None
-        sink.stdin.close()
+        counts = send_and_count(netlab, c, sink, lambda: (
+            tx_packets(netlab, fw, "eth1"), tx_packets(netlab, fw, "eth2")))
     finally:
         rc = netlab.stop(daemon, signal.SIGTERM)
     log = (netlab.tmp / "daemon.log").read_text()
